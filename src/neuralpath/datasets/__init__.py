@@ -1,0 +1,172 @@
+"""Data sets as tensors: ``x, y = load(name, split)`` gives float32 images in [0, 1], (n, C, H, W), int64 labels,
+in the original order (CIFAR-10's JPEG copy: by class then file name, since the copy lost the original order).
+
+The first load of a data set decodes and verifies the source files and writes a uint8 cache
+(``<root>/cache/*.npy``); later loads memory-map it, so a second MNIST load takes well under a second.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import NeuralpathError, check_choice
+from ..io import save_npy
+from . import formats, sources
+from .sources import default_root
+
+NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+SPLITS = ("train", "test")
+CLASS_COUNTS = {("mnist", "train"): [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+                ("mnist", "test"): [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]}
+
+
+def _check(name, split):
+    check_choice("dataset", name, NAMES)
+    check_choice("split", split, SPLITS)
+
+
+def fetch(name: str, root=None, mirrors=None, progress: bool = True, log=print) -> dict:
+    """Put a verified copy of ``name`` into ``root`` (see :mod:`neuralpath.datasets.sources`). Idempotent."""
+    check_choice("dataset", name, NAMES)
+    root = Path(root) if root else default_root()
+    if name == "synthetic":
+        return {"synthetic": "generated on the fly, nothing to fetch"}
+    if name == "cifar10":
+        return sources.fetch_cifar(root, url=(mirrors[0] if mirrors else None), progress=progress, log=log)
+    return sources.fetch_idx(name, root, mirrors=mirrors, progress=progress, log=log)
+
+
+def source_label(name: str, root=None) -> str:
+    """Human label of the copy in use, e.g. 'CIFAR-10 (JPEG copy)'."""
+    if name == "cifar10":
+        kind, _ = sources.cifar_location(Path(root) if root else default_root())
+        return "CIFAR-10 (JPEG copy)" if kind == "jpeg" else "CIFAR-10"
+    return {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "synthetic": "synthetic"}[name]
+
+
+def _source_files(name, split, root):
+    if name in sources.IDX_SETS:
+        files = []
+        for fn in sources.IDX_SETS[name]["files"][split]:
+            p = sources.find_raw(name, root, fn)
+            if p is None:
+                raise FileNotFoundError(f"{name} {split}: {fn} not found in {sources.raw_dir(name, root)}; "
+                                        f"run `neuralpath data fetch {name} --root {root}`")
+            files.append(p)
+        return files
+    kind, where = sources.cifar_location(root)
+    if kind is None:
+        raise FileNotFoundError(f"cifar10: no copy in {root}; run `neuralpath data fetch cifar10 --root {root}`")
+    if kind == "official":
+        return [where / (f"data_batch_{i}" if split == "train" else "test_batch") for i in range(1, 6 if split == "train" else 2)]
+    return [where]
+
+
+def _decode(name, split, root, files):
+    if name in sources.IDX_SETS:
+        res = {r.name: r for r in sources.IDX_SETS[name]["resources"]}
+        for p in files:
+            sources.verify_file(p, res[p.name.removesuffix(".gz")])
+        return formats.read_idx_pair(*files)
+    kind, where = sources.cifar_location(root)
+    if kind == "official":
+        return formats.read_cifar_batches(where, split)
+    x, y, classes = formats.read_image_folder(where, split, channels=3, progress=True)
+    return x, y
+
+
+def _load_uint8(name, split, root):
+    root = Path(root)
+    files = _source_files(name, split, root)
+    key = hashlib.sha1(json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+    stem = root / "cache" / f"{name}-{split}-{key.hexdigest()[:12]}"
+    xp, yp = Path(str(stem) + "-x.npy"), Path(str(stem) + "-y.npy")
+    if xp.exists() and yp.exists():
+        try:
+            return np.load(xp, mmap_mode="r"), np.load(yp)
+        except (ValueError, OSError):
+            pass  # a damaged cache is rebuilt below
+    x, y = _decode(name, split, root, files)
+    save_npy(yp, np.ascontiguousarray(y))
+    save_npy(xp, np.ascontiguousarray(x))
+    return np.load(xp, mmap_mode="r"), np.load(yp)
+
+
+def synthetic(split: str = "train", n: int | None = None, shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):
+    """A seeded, tiny, learnable data set: class-dependent smooth means plus noise, clipped to [0, 1]."""
+    n = n if n is not None else (512 if split == "train" else 128)
+    g = torch.Generator().manual_seed(10_000 * seed + 17)
+    means = torch.rand((num_classes, *shape), generator=g)
+    g2 = torch.Generator().manual_seed(10_000 * seed + (1 if split == "train" else 2))
+    y = torch.randint(0, num_classes, (n,), generator=g2)
+    x = (means[y] + 0.25 * torch.randn((n, *shape), generator=g2)).clamp(0, 1)
+    return x.float(), y.long()
+
+
+def stratified_indices(y, limit: int, seed: int = 0) -> np.ndarray:
+    """A seeded, class-stratified subset of size ``limit`` (sorted: original order kept)."""
+    y = np.asarray(y)
+    n = len(y)
+    if limit >= n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    classes, counts = np.unique(y, return_counts=True)
+    quota = np.floor(counts / n * limit).astype(int)
+    rem = limit - quota.sum()  # give the remainder to the classes with the largest fractional parts
+    frac = counts / n * limit - quota
+    quota[np.argsort(-frac, kind="stable")[:rem]] += 1
+    idx = np.concatenate([rng.choice(np.flatnonzero(y == c), size=q, replace=False) for c, q in zip(classes, quota)])
+    return np.sort(idx)
+
+
+def load(name: str, split: str = "train", root=None, limit: int | None = None, seed: int = 0,
+         download: bool = False, **synthetic_kwargs):
+    """(x float32 (n, C, H, W) in [0, 1], y int64 (n,)).
+
+    ``limit``: a class-stratified subset of that size drawn with ``seed`` (original order kept).
+    ``download``: fetch missing files first (see :func:`fetch`); otherwise a missing file is a FileNotFoundError.
+    ``synthetic`` takes n, shape, num_classes, seed.
+    """
+    _check(name, split)
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
+        raise NeuralpathError(f"limit={limit!r} must be a positive integer or None")
+    if name == "synthetic":
+        x, y = synthetic(split, seed=seed, **synthetic_kwargs)
+        if limit is not None:
+            idx = torch.from_numpy(stratified_indices(y.numpy(), limit, seed))
+            x, y = x[idx], y[idx]
+        return x, y
+    if synthetic_kwargs:
+        raise NeuralpathError(f"unexpected arguments {sorted(synthetic_kwargs)} for dataset {name!r}")
+    root = Path(root) if root else default_root()
+    if download:
+        fetch(name, root, progress=False, log=lambda *_: None)
+    xu, yu = _load_uint8(name, split, root)
+    if limit is not None:
+        idx = stratified_indices(yu, limit, seed)
+        xu, yu = xu[idx], yu[idx]
+    x = torch.from_numpy(np.asarray(xu, dtype=np.float32)).div_(255.0)
+    return x, torch.from_numpy(np.array(yu, dtype=np.int64))
+
+
+def info(name: str | None = None, root=None) -> list:
+    """One dict per data set: where it is, which source, sizes if present."""
+    root = Path(root) if root else default_root()
+    out = []
+    for nm in ([name] if name else [n for n in NAMES if n != "synthetic"]):
+        check_choice("dataset", nm, NAMES)
+        rec = {"name": nm, "root": str(root), "label": source_label(nm, root)}
+        if nm == "synthetic":
+            rec["status"] = "generated on the fly"
+        else:
+            try:
+                rec["files"] = [str(p) for s in SPLITS for p in _source_files(nm, s, root)]
+                rec["status"] = "present"
+            except FileNotFoundError as e:
+                rec["status"] = f"missing: {e}"
+        out.append(rec)
+    return out

@@ -1,0 +1,18 @@
+"""One exception family, so the CLI can print a single clear line for any user error."""
+
+
+class NeuralpathError(ValueError):
+    """Bad input or an impossible request; the message says what, where, and what to do."""
+
+
+def check_choice(name: str, value, choices):
+    """Raise a one-line ValueError unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise NeuralpathError(f"{name}={value!r} is not known; choose one of {', '.join(map(str, choices))}")
+    return value
+
+
+def check_positive_int(name: str, value):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise NeuralpathError(f"{name}={value!r} must be a positive integer")
+    return value

@@ -1,0 +1,145 @@
+"""The deep gated network (DGN) shared by the fully connected and convolutional models (SPEC §2).
+
+A DGN of depth d has a feature network (d-1 hidden layers, a ReLU network whose pre-activations q^f give
+the gates) and a value network (d layers, the last one the linear output head):
+
+    feature:  q^f_l = Theta^f_l(T_l(z^f_{l-1})),  z^f_l = relu(q^f_l),    G_l = gate(q^f_l)       l = 1..d-1
+    value:    z^v_l = G_l * Theta^v_l(T_l(z^v_{l-1}))                                            l = 1..d-1
+              yhat  = Theta^v_d(T_d(z^v_{d-1}))
+
+T_l is a fixed linear "transition" before layer l: identity, flatten, or global average pooling.
+``tied=True`` makes Theta^f and Theta^v one set of modules with hard gates: the standard ReLU network,
+since G * q = 1{q>0} q = relu(q).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..errors import NeuralpathError, check_choice
+from ..gates import GATES, gate_fn
+
+INITS = ("glorot", "gaussian", "bernoulli")
+
+
+def init_layers(layers, init: str = "glorot", c: float = math.sqrt(2.0), generator: torch.Generator | None = None):
+    """Initialise Linear/Conv2d layers in place.
+
+    glorot:    uniform(-a, a), a = sqrt(6 / (fan_in + fan_out)), biases zero (Keras' defaults, the authors' runs)
+    gaussian:  N(0, sigma^2), sigma = c / sqrt(fan_in), biases zero (the theory's random weights)
+    bernoulli: +-sigma with probability 1/2 each, sigma = c / sqrt(fan_in), biases zero (Theorem 5.1)
+    """
+    check_choice("init", init, INITS)
+    with torch.no_grad():
+        for layer in layers:
+            w = layer.weight
+            rf = w[0, 0].numel() if w.dim() > 2 else 1
+            fan_in, fan_out = w.shape[1] * rf, w.shape[0] * rf
+            if init == "glorot":
+                a = math.sqrt(6.0 / (fan_in + fan_out))
+                w.uniform_(-a, a, generator=generator)
+            elif init == "gaussian":
+                w.normal_(0.0, c / math.sqrt(fan_in), generator=generator)
+            else:
+                sign = torch.randint(0, 2, w.shape, generator=generator, device=w.device).to(w.dtype) * 2 - 1
+                w.copy_(sign * (c / math.sqrt(fan_in)))
+            if layer.bias is not None:
+                layer.bias.zero_()
+
+
+class DGN(nn.Module):
+    """Base class: subclasses fill ``value_layers``, ``feature_layers`` and ``transitions``."""
+
+    value_layers: nn.ModuleList
+    feature_layers: nn.ModuleList
+    transitions: list  # transitions[l] in {"none", "flatten", "gap"}, applied to the input of layer l (0-based)
+
+    def _setup_gating(self, gate: str, beta: float, eps: float, tied: bool):
+        check_choice("gate", gate, GATES)
+        if tied and gate != "hard":
+            raise NeuralpathError(f"tied=True is the ReLU network and needs gate='hard', got gate={gate!r}")
+        self.gate_kind, self.beta, self.eps, self.tied = gate, float(beta), float(eps), bool(tied)
+        self._gate = gate_fn(gate, beta, eps)
+
+    @property
+    def depth(self) -> int:
+        return len(self.value_layers)
+
+    # -- input handling ---------------------------------------------------------------------------
+    def _prepare(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _check_finite(self, x: torch.Tensor):
+        if not torch.is_tensor(x):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}; convert with x.float()")
+        p = next(self.parameters())
+        if x.dtype != p.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the network has {p.dtype}; use net.to({x.dtype}) or x.to({p.dtype})")
+        if x.device != p.device:
+            raise TypeError(f"x is on {x.device} but the network is on {p.device}; move one of them")
+        if not bool(torch.isfinite(x).all()):
+            raise NeuralpathError("x contains NaN or inf values; clean the input (e.g. torch.nan_to_num) first")
+
+    def transition(self, l: int, z: torch.Tensor) -> torch.Tensor:
+        kind = self.transitions[l]
+        if kind == "flatten":
+            return z.flatten(1)  # (n, C, H, W) -> (n, C*H*W)
+        if kind == "gap":
+            return z.mean(dim=(2, 3))  # (n, C, H, W) -> (n, C)
+        return z
+
+    # -- the two networks -------------------------------------------------------------------------
+    def feature_forward(self, x: torch.Tensor):
+        """Pre-activations q^f_l and gates G_l of the feature network, l = 1..d-1."""
+        z = self._prepare(x)
+        qs, gs = [], []
+        for l, layer in enumerate(self.feature_layers):
+            q = layer(self.transition(l, z))
+            qs.append(q)
+            gs.append(self._gate(q))
+            z = torch.relu(q)
+        return qs, gs
+
+    def gates(self, x: torch.Tensor):
+        """List of d-1 gate tensors, (n, width) for dense layers and (n, C, H, W) for conv layers."""
+        return self.feature_forward(x)[1]
+
+    def value_forward(self, x: torch.Tensor, gates):
+        """Output of the value network with the given gates (the gates are not recomputed)."""
+        z = self._prepare(x)
+        for l, g in enumerate(gates):
+            z = g * self.value_layers[l](self.transition(l, z))
+        return self.value_layers[-1](self.transition(self.depth - 1, z))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tied:  # one pass: G * q = relu(q) with G = 1{q > 0}
+            z = self._prepare(x)
+            for l, layer in enumerate(self.value_layers[:-1]):
+                q = layer(self.transition(l, z))
+                z = q * (q.detach() > 0).to(q.dtype)
+            return self.value_layers[-1](self.transition(self.depth - 1, z))
+        return self.value_forward(x, self.gates(x))
+
+    # -- bookkeeping ------------------------------------------------------------------------------
+    def feature_parameters(self):
+        return [p for m in self.feature_layers for p in m.parameters()]
+
+    def value_parameters(self):
+        return [p for m in self.value_layers for p in m.parameters()]
+
+    def reset_parameters(self, init: str = "glorot", c: float = math.sqrt(2.0), generator=None, which: str = "all"):
+        """Re-initialise the value network, the feature network, or both ('value', 'feature', 'all')."""
+        check_choice("which", which, ("all", "value", "feature"))
+        if which in ("all", "value"):
+            init_layers(self.value_layers, init, c, generator)
+        if which in ("all", "feature") and not self.tied:
+            init_layers(self.feature_layers, init, c, generator)
+        return self
+
+    @property
+    def has_bias(self) -> bool:
+        return self.value_layers[0].bias is not None
