@@ -13,6 +13,7 @@ since G * q = 1{q>0} q = relu(q).
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -97,11 +98,13 @@ class DGN(nn.Module):
         """Pre-activations q^f_l and gates G_l of the feature network, l = 1..d-1."""
         z = self._prepare(x)
         qs, gs = [], []
-        for l, layer in enumerate(self.feature_layers):
-            q = layer(self.transition(l, z))
-            qs.append(q)
-            gs.append(self._gate(q))
-            z = torch.relu(q)
+        # a frozen feature network (FLNPF, FRNPF) builds no autograd graph at all
+        with torch.no_grad() if getattr(self, "features_frozen", False) else contextlib.nullcontext():
+            for l, layer in enumerate(self.feature_layers):
+                q = layer(self.transition(l, z))
+                qs.append(q)
+                gs.append(self._gate(q))
+                z = torch.relu(q)
         return qs, gs
 
     def gates(self, x: torch.Tensor):
@@ -123,6 +126,15 @@ class DGN(nn.Module):
                 z = q * (q.detach() > 0).to(q.dtype)
             return self.value_layers[-1](self.transition(self.depth - 1, z))
         return self.value_forward(x, self.gates(x))
+
+    def freeze_features(self, frozen: bool = True):
+        """Freeze (or unfreeze) the feature network: requires_grad off, and no graph built through it."""
+        if self.tied and frozen:
+            raise NeuralpathError("a tied (ReLU) network shares its weights: its feature network cannot be frozen")
+        for p in self.feature_parameters():
+            p.requires_grad_(not frozen)
+        self.features_frozen = frozen
+        return self
 
     # -- bookkeeping ------------------------------------------------------------------------------
     def feature_parameters(self):

@@ -1,0 +1,119 @@
+"""The blocked Gram engine under every kernel of neuralpath (NPK, NTK).
+
+``gram(featurize, pair, x1, x2)`` computes K[i, j] = pair(featurize(x1[I]), featurize(x2[J]))[i, j] tile by tile:
+- tiles of ``block`` rows x ``block`` columns; in the symmetric case (x2 is None) only tiles with J >= I are
+  computed and mirrored, so each pair is computed once;
+- per-input features are computed once and kept when they fit in ``feature_budget`` bytes, else per tile;
+- the result is a tensor in memory, or streamed into a ``.npy`` memmap (``out=``) written under a temporary
+  name and renamed when complete;
+- before any work it refuses, with a size estimate, a result that fits neither in memory (no ``out``) nor on the
+  output's disk;
+- with torch.distributed initialised and ``out`` given, tiles are split among ranks (round robin), each rank
+  writes its tiles into the one shared memmap, and rank 0 renames it after a barrier.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import NeuralpathError
+
+
+def _avail_memory() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 8 << 30
+
+
+def _dist():
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | None = None):
+    """Refuse before any work when an (n1, n2) result fits neither in memory (no out) nor on out's disk."""
+    need = n1 * n2 * itemsize
+    if out is None:
+        limit = memory_limit if memory_limit is not None else int(0.8 * _avail_memory())
+        if need > limit:
+            raise NeuralpathError(f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB "
+                                  "of memory is available; pass out=FILE.npy to stream it to disk, or use fewer inputs")
+    else:
+        parent = Path(out).resolve().parent
+        parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise NeuralpathError(f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but {parent} has only "
+                                  f"{free / 2**30:.2f} GiB free; choose another output folder or fewer inputs")
+    return need
+
+
+def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=torch.float32, progress: bool = False,
+         feature_budget: int = 1 << 30, feature_bytes_per_input: int | None = None, desc: str = "kernel",
+         memory_limit: int | None = None):
+    """Blocked Gram matrix; see the module docstring. Returns a tensor, or the out path when ``out`` is given."""
+    from tqdm import tqdm
+    sym = x2 is None
+    x2_ = x1 if sym else x2
+    n1, n2 = len(x1), len(x2_)
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    check_size(n1, n2, itemsize, out, memory_limit)
+    rank, world = _dist()
+    if out is None:
+        K = torch.empty((n1, n2), dtype=dtype)
+        target = K.numpy()
+    else:
+        out = Path(out)
+        tmp = out.with_name(f".{out.name}.partial.npy")
+        if rank == 0:
+            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")),
+                                      shape=(n1, n2)).flush()
+        if world > 1:
+            torch.distributed.barrier()
+        target = np.lib.format.open_memmap(tmp, mode="r+")
+    cache1 = cache2 = None
+    fb = feature_bytes_per_input
+    if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
+        cache1 = [featurize(x1[i:i + block]) for i in range(0, n1, block)]
+        cache2 = cache1 if sym else [featurize(x2_[j:j + block]) for j in range(0, n2, block)]
+    tiles = [(bi, bj) for bi in range((n1 + block - 1) // block) for bj in range((n2 + block - 1) // block)
+             if not sym or bj >= bi]
+    mine = tiles[rank::world]
+    bar = tqdm(total=len(mine), desc=desc, disable=not progress, leave=False)
+    f1_idx, f1 = None, None
+    for bi, bj in mine:
+        i0, j0 = bi * block, bj * block
+        if cache1 is not None:
+            a, b = cache1[bi], cache2[bj]
+        else:
+            if f1_idx != bi:
+                f1_idx, f1 = bi, featurize(x1[i0:i0 + block])
+            a = f1
+            b = f1 if (sym and bi == bj) else featurize(x2_[j0:j0 + block])
+        tile = pair(a, b).to(dtype).cpu().numpy()
+        target[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
+        if sym and bi != bj:
+            target[j0:j0 + tile.shape[1], i0:i0 + tile.shape[0]] = tile.T
+        bar.update(1)
+    bar.close()
+    if out is None:
+        return K
+    target.flush()
+    del target
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        os.replace(tmp, out)
+    if world > 1:
+        torch.distributed.barrier()
+    return out

@@ -1,0 +1,205 @@
+"""The neural path kernel in closed form (SPEC §1), for fully connected and convolutional DGNs.
+
+    H(x, x') = <phi_x, phi_x'> = <x, x'> * Lambda(x, x'),   Lambda = prod_{l=1}^{d-1} overlap_l(x, x'),
+    overlap_l(x, x') = sum_i G_x(i, l) G_x'(i, l)
+
+With biases (a bias is a weight from a constant-1 unit, so paths may start at any layer) the sum over paths
+becomes the Horner-like recursion, beta = 1 when the network has biases and 0 otherwise:
+
+    H_0 = <x, x'>,   H_l = (H_{l-1} + beta) * overlap_l,   H = H_{d-1} + beta
+
+Convolutions (3x3 'same', stride 1) never enumerate paths: the product of two inputs' signals is propagated
+through the all-ones connectivity of the network. With t_l(h, w) the channel-summed signal at layer l,
+
+    t_0(h, w) = sum_c x(c,h,w) x'(c,h,w)
+    t_l(h, w) = (box_k(t_{l-1})(h, w) + beta) * Omega_l(h, w),   Omega_l(h, w) = sum_c G_x(c,h,w,l) G_x'(c,h,w,l)
+
+where box_k sums a k x k neighbourhood (zero padding). Flattening sums t over positions; global average pooling
+does the same with weight 1/(HW)^2 (each path through the pool carries the fixed coefficient 1/(HW)); dense
+layers then follow the FC recursion.
+
+Scale: prod_l overlap_l overflows float32 for wide, deep nets (1e36 and beyond), so every overlap is divided by
+its layer's width (channels), every aggregation by its fan (k^2 or HW), and the log of the removed scale is kept
+exactly; ``npk`` multiplies it back at the end (and refuses with a clear error if that overflows the dtype), while
+``normalize='trace'|'cosine'`` cancel it and never overflow.
+
+Cost, n1 x n2 pairs: FC O(n1 n2 (d_in + sum_l w_l)) multiply-adds, all GEMMs; memory O((n1 + n2)(d_in + sum w_l))
+for the features plus the tile. Conv: O(n1 n2 HW sum_l C_l) GEMM work plus O(n1 n2 HW k^2) for the box filters
+per conv layer; tile memory O(b1 b2 HW).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import NeuralpathError, check_choice
+from ..nets.base import DGN
+from .gram import gram
+
+NORMALIZE = (None, "trace", "cosine")
+
+
+def _as_dtype(net: DGN, dtype):
+    p = next(net.parameters())
+    if dtype is None or dtype == p.dtype:
+        return net
+    return copy.deepcopy(net).to(dtype)
+
+
+def _check_inputs(net, x1, x2):
+    if not isinstance(net, DGN):
+        raise TypeError(f"net must be an FCDGN or ConvDGN, got {type(net).__name__}")
+    for name, x in (("x1", x1), ("x2", x2)):
+        if x is None:
+            continue
+        if not torch.is_tensor(x):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not bool(torch.isfinite(x).all()):
+            raise NeuralpathError(f"{name} contains NaN or inf values")
+    if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
+        raise NeuralpathError(f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
+                              "they must match the network's input")
+
+
+def _structure(net: DGN):
+    """Per layer: (transition, kind 'conv'|'dense', kernel size, beta)."""
+    steps = []
+    for l, layer in enumerate(net.value_layers):
+        kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "dense"
+        k = layer.kernel_size[0] if kind == "conv" else 1
+        if kind == "conv" and (layer.stride != (1, 1) or layer.padding != (k // 2, k // 2)):
+            raise NeuralpathError("the closed-form NPK supports stride-1 'same' convolutions only")
+        steps.append((net.transitions[l], kind, k, 1.0 if layer.bias is not None else 0.0))
+    return steps
+
+
+@torch.no_grad()
+def featurize(net: DGN, x):
+    """(prepared input, list of gates) for a block of inputs."""
+    x = x.to(next(net.parameters()).device, next(net.parameters()).dtype)
+    return net._prepare(x), net.gates(x)
+
+
+def _overlap(g1, g2):
+    """Per-layer overlap: (a, b) for dense gates, per position (a, b, H, W) for conv gates."""
+    if g1.dim() == 2:
+        return g1 @ g2.T
+    a, c, h, w = g1.shape
+    # (a, C, H, W), (b, C, H, W) -> (HW, a, C) @ (HW, C, b) -> (HW, a, b) -> (a, b, H, W)
+    o = torch.bmm(g1.flatten(2).permute(2, 0, 1), g2.flatten(2).permute(2, 1, 0))
+    return o.permute(1, 2, 0).reshape(a, g2.shape[0], h, w)
+
+
+def _box(t, k):
+    """Sum over a k x k neighbourhood with zero padding; t is (a, b, H, W)."""
+    a, b, h, w = t.shape
+    ones = torch.ones((1, 1, k, k), dtype=t.dtype, device=t.device)
+    return F.conv2d(t.reshape(a * b, 1, h, w), ones, padding=k // 2).reshape(a, b, h, w)
+
+
+def _overlap_diag(g1, g2):
+    """Row-wise overlap of paired inputs: (a, 1) for dense, (a, 1, H, W) per position for conv."""
+    return (g1 * g2).sum(1, keepdim=True)
+
+
+def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
+    """Scaled NPK block: returns (H_tilde (a, b), log_scale) with H = H_tilde * exp(log_scale).
+
+    With per_layer=True also returns the list of total per-layer overlaps (a, b). With diag=True, f1 and f2
+    hold paired inputs and the result is the (a, 1) column H(x1_i, x2_i).
+    """
+    (x1, g1), (x2, g2) = f1, f2
+    ov = _overlap_diag if diag else _overlap
+    t = ov(x1, x2)  # <x, x'> (a, b) for dense input; sum_c x x' per position (a, b, H, W) for images
+    log_s = 0.0
+    overlaps = []
+    steps = _structure(net)
+    d = len(steps)
+    for l, (trans, kind, k, beta) in enumerate(steps):
+        # aggregate the incoming signal over each unit's fan-in (all-ones connectivity)
+        if trans in ("flatten", "gap"):
+            hw = t.shape[-1] * t.shape[-2]
+            t = t.sum(dim=(-2, -1)) / hw  # flatten: sum over positions (normalised by HW)
+            log_s += math.log(hw)
+            if trans == "gap":  # each path through the pool carries 1/(HW): 1/(HW)^2 per pair
+                t = t / hw ** 2
+        if kind == "conv":
+            t = _box(t, k) / (k * k)
+            log_s += math.log(k * k)
+        bias = beta * math.exp(-log_s) if beta else 0.0
+        if l == d - 1:
+            t = t + bias
+            break
+        om = ov(g1[l], g2[l])
+        if per_layer:
+            overlaps.append(om if om.dim() == 2 else om.sum(dim=(-2, -1)))
+        width = g1[l].shape[1]
+        t = (t + bias) * (om / width)
+        log_s += math.log(width)
+    return (t, log_s, overlaps) if per_layer else (t, log_s)
+
+
+def _finish(t, log_s, dtype):
+    h = t * math.exp(log_s) if log_s < 700 else t * float("inf")
+    if not bool(torch.isfinite(h).all()):
+        raise NeuralpathError(f"the NPK overflows {dtype} (scale e^{log_s:.1f}); use normalize='trace' or 'cosine', "
+                              "or dtype=torch.float64")
+    return h
+
+
+def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024, out=None, progress: bool = False):
+    """Neural path kernel H(x1, x2) = <phi_x1, phi_x2> in closed form; never enumerates paths.
+
+    normalize: None (the kernel itself), 'trace' (H / trace H, symmetric case only) or 'cosine'
+    (H(x,x') / sqrt(H(x,x) H(x',x'))). dtype: compute and return in this dtype (e.g. torch.float64).
+    block/out/progress: see :func:`neuralpath.kernels.gram.gram` (out streams into a .npy memmap).
+    """
+    check_choice("normalize", normalize, NORMALIZE)
+    _check_inputs(net, x1, x2)
+    if normalize == "trace" and x2 is not None:
+        raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
+    net = _as_dtype(net, dtype)
+    dt = next(net.parameters()).dtype
+    scale = {}
+
+    def pair(a, b):
+        t, ls = npk_pair(net, a, b)
+        scale["log"] = ls
+        if normalize is None:
+            return _finish(t, ls, dt)
+        return t
+
+    n_units = sum(g.numel() for g in featurize(net, x1[:1])[1]) + x1[:1].numel()
+    K = gram(lambda x: featurize(net, x), pair, x1, x2, block=block, out=out, dtype=dt, progress=progress,
+             feature_bytes_per_input=n_units * torch.empty((), dtype=dt).element_size(), desc="NPK")
+    if normalize is None:
+        return K
+    if out is not None:
+        raise NeuralpathError("normalize= is not supported together with out=; normalise the memmap afterwards")
+    if normalize == "trace":
+        return K / K.diagonal().sum()
+    d1 = npk_diag(net, x1, scaled=True)
+    d2 = d1 if x2 is None else npk_diag(net, x2, scaled=True)
+    return K / torch.sqrt(d1[:, None] * d2[None, :])
+
+
+def npk_diag(net: DGN, x, scaled: bool = False, block: int = 4096):
+    """H(x_i, x_i) for every row, without the off-diagonal work (cost linear in n)."""
+    out = []
+    for i in range(0, len(x), block):
+        f = featurize(net, x[i:i + block])
+        t, ls = npk_pair(net, f, f, diag=True)
+        out.append((t if scaled else _finish(t, ls, t.dtype)).reshape(-1))
+    return torch.cat(out)
+
+
+def overlaps(net: DGN, x1, x2=None, dtype=None):
+    """Per-hidden-layer overlap matrices overlap_l(x1, x2) = sum_i G_x1(i,l) G_x2(i,l), each (n1, n2)."""
+    _check_inputs(net, x1, x2)
+    net = _as_dtype(net, dtype)
+    f1 = featurize(net, x1)
+    f2 = f1 if x2 is None else featurize(net, x2)
+    return [_overlap(a, b) if a.dim() == 2 else _overlap(a, b).sum(dim=(-2, -1)) for a, b in zip(f1[1], f2[1])]

@@ -1,0 +1,81 @@
+"""The five training regimes of the paper (SPEC §3): who is initialised how, what is copied, frozen and trained.
+
+| regime   | gates | feature network                                   | trained           |
+|----------|-------|---------------------------------------------------|-------------------|
+| relu     | hard  | tied to the value network (one set of weights)    | all               |
+| dlnpf    | soft  | independent initialisation                        | both, one loss    |
+| flnpf    | hard  | copy of a trained ReLU net's hidden layers, frozen | value, fresh init |
+| frnpf-di | hard  | copy of the value network's initial weights, frozen| value             |
+| frnpf-ii | hard  | independent random initialisation, frozen         | value             |
+(The authors' sgd-mnist notebook swaps the II/DI labels in its code; these are the definitions of the text.)
+"""
+from __future__ import annotations
+
+import torch
+
+from .errors import NeuralpathError, check_choice
+from .nets import ConvDGN, FCDGN
+
+REGIMES = ("relu", "dlnpf", "flnpf", "frnpf-ii", "frnpf-di")
+ARCHS = ("fc", "vconv", "gconv")
+
+
+def make_net(arch: str, *, in_shape=(1, 28, 28), out_dim: int = 10, width: int = 128, depth: int = 6,
+             gate: str = "hard", tied: bool = False, bias: bool = True, channels=None, hidden=None,
+             generator=None, init: str = "glorot", **kw):
+    """A DGN of the named architecture for images of shape ``in_shape``."""
+    check_choice("arch", arch, ARCHS)
+    c, h, w = in_shape
+    if arch == "fc":
+        return FCDGN(in_dim=c * h * w, width=width, depth=depth, out_dim=out_dim, gate=gate, tied=tied, bias=bias,
+                     generator=generator, init=init, **kw)
+    if h != w:
+        raise NeuralpathError(f"conv architectures need square images, got {h}x{w}")
+    extra = {}
+    if channels is not None:
+        extra["channels"] = tuple(channels)
+    if hidden is not None:
+        extra["hidden"] = tuple(hidden)
+    return ConvDGN(arch=arch, in_channels=c, out_dim=out_dim, gate=gate, tied=tied, bias=bias, image_size=h,
+                   generator=generator, init=init, **extra, **kw)
+
+
+def _same_shape(a, b) -> bool:
+    sa = {k: v.shape for k, v in a.items()}
+    sb = {k: v.shape for k, v in b.items()}
+    return sa == sb
+
+
+def build_regime(regime: str, arch: str, seed: int = 0, relu_state: dict | None = None, **net_kw):
+    """Build the network of one regime and return (net, trainable parameters).
+
+    ``relu_state`` (FLNPF only) is the state_dict of a trained tied ReLU network of the same shape; its hidden
+    layers' weights and biases become the frozen feature network.
+    """
+    check_choice("regime", regime, REGIMES)
+    g = torch.Generator().manual_seed(int(seed))
+    if regime == "relu":
+        net = make_net(arch, gate="hard", tied=True, generator=g, **net_kw)
+        return net, list(net.parameters())
+    if regime == "dlnpf":
+        net = make_net(arch, gate="soft", tied=False, generator=g, **net_kw)
+        return net, list(net.parameters())
+    net = make_net(arch, gate="hard", tied=False, generator=g, **net_kw)  # value and feature: independent draws
+    if regime == "frnpf-di":
+        for f, v in zip(net.feature_layers, net.value_layers):
+            f.load_state_dict(v.state_dict())
+    elif regime == "flnpf":
+        if relu_state is None:
+            raise NeuralpathError("regime 'flnpf' needs a trained ReLU network: pass --relu-checkpoint RUN_DIR_OR_FILE")
+        hidden = {k.removeprefix("value_layers."): v for k, v in relu_state.items()
+                  if k.startswith("value_layers.")}
+        n_hidden = len(net.feature_layers)
+        src = {k: v for k, v in hidden.items() if int(k.split(".")[0]) < n_hidden}
+        dst = net.feature_layers.state_dict()
+        if not _same_shape(src, dst):
+            raise NeuralpathError("the ReLU checkpoint's hidden layers do not match this architecture "
+                                  f"(checkpoint {sorted((k, tuple(v.shape)) for k, v in src.items())[:3]}..., "
+                                  f"expected {sorted((k, tuple(v.shape)) for k, v in dst.items())[:3]}...)")
+        net.feature_layers.load_state_dict(src)
+    net.freeze_features(True)
+    return net, net.value_parameters()
