@@ -6,6 +6,9 @@ deep learning", NeurIPS 2020 (arXiv 2006.10529).
 __version__ = "0.1.0"
 
 from . import datasets
+from .kernels.npk import npk, overlaps
+from .kernels.ntk import ntk
 from .nets import ConvDGN, FCDGN
+from .paths import npf, npv
 
-__all__ = ["FCDGN", "ConvDGN", "datasets", "__version__"]
+__all__ = ["FCDGN", "ConvDGN", "npf", "npv", "npk", "overlaps", "ntk", "datasets", "__version__"]

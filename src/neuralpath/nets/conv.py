@@ -67,7 +67,7 @@ class ConvDGN(DGN):
         return len(self.channels)
 
     def _prepare(self, x):
-        self._check_finite(x)
+        self._check_input(x)
         c, s = self.in_channels, self.image_size
         if x.dim() == 2 and x.shape[1] == c * s * s:
             x = x.view(-1, c, s, s)  # (n, C*H*W) -> (n, C, H, W)

@@ -42,7 +42,7 @@ class FCDGN(DGN):
                     gate=self.gate_kind, beta=self.beta, eps=self.eps, bias=self.has_bias, tied=self.tied)
 
     def _prepare(self, x):
-        self._check_finite(x)
+        self._check_input(x)
         if x.dim() >= 2 and x.dim() != 2:
             x = x.flatten(1)  # (n, C, H, W) -> (n, C*H*W)
         if x.dim() != 2 or x.shape[1] != self.in_dim:

@@ -1,0 +1,253 @@
+"""The empirical neural tangent kernel of deep gated networks (SPEC §2, §4).
+
+    K(x, x') = sum_k < d yhat_k(x) / d Theta, d yhat_k(x') / d Theta >      (traced over the k outputs)
+
+neural-tangents averages over outputs where this module sums (``trace=True``); ``trace=False`` returns the
+per-output (n1, n2, k, k) kernel. ``params`` picks Theta: 'value' (Theta^v, K^v), 'feature' (Theta^f, K^f: zero for
+hard gates, whose derivative vanishes) or 'all' (K = K^v + K^f). For the tied ReLU network there is one set of
+weights and the gates are hard, so 'value' and 'all' are its full NTK and 'feature' is zero.
+
+Implementations (every one agrees with every other in the tests, float64, 1e-8):
+
+``structured`` (default). Given the gates, the value network is linear in each layer's weights, so
+    K^v = sum_l (<a_l(x), a_l(x')> + beta) * sum_k <delta_l^k(x), delta_l^k(x')>          (dense layer l)
+with a_l the layer's input and delta_l^k = d yhat_k / d(pre-gate output of layer l), obtained by one forward pass
+and one batched backward sweep of k signals (transposed layers, no autograd). Convolutions use the per-example
+weight gradient sum_{hw} delta(co, hw) patch(ci, kh, kw, hw) (patches by unfold). The feature part uses the same
+form with the feature network's inputs and gamma_l = d yhat / d q^f_l. Cost for an n1 x n2 block: time
+O((n1 + n2) k [FP]) for the signals plus O(n1 n2 k sum_l (fan_in_l + fan_out_l)) (dense) or
+O(n1 n2 k P_l) (conv) for the contractions; memory O(b k sum_l width_l) per tile. Pick it always for FC and for
+conv nets: it never materialises a full Jacobian.
+
+``jacobian``. torch.func ``vmap(jacrev)`` per-example Jacobians, contracted: time N O [FP] + N^2 O^2 P, memory
+N O P. The reference; pick it only for small nets or to check.
+
+``vp``. NTK-vector products (torch.func vjp then jvp): J(x2)^T is formed by vjp on the n2 k output directions and
+pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Useful when P is large and n small.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, jacrev, jvp, vjp, vmap
+
+from ..errors import NeuralpathError, check_choice
+from ..nets.base import DGN
+from .gram import gram
+from .npk import _as_dtype, _check_inputs
+
+PARAMS = ("value", "feature", "all")
+METHODS = ("structured", "jacobian", "vp")
+
+
+# -- structured -------------------------------------------------------------------------------------------
+def _transpose_op(layer, delta, in_shape):
+    """Apply W^T (the adjoint of the layer's linear map, bias-free) to delta (B, *out)."""
+    if isinstance(layer, torch.nn.Conv2d):
+        return F.conv_transpose2d(delta, layer.weight, None, layer.stride, layer.padding)
+    return delta @ layer.weight
+
+
+def _transition_adjoint(kind, g, shape):
+    """Adjoint of the transition T_l applied to a gradient g w.r.t. T_l's output; shape is T_l's input shape."""
+    if kind == "flatten":
+        return g.reshape(g.shape[0], *shape)
+    if kind == "gap":
+        h, w = shape[-2], shape[-1]
+        return (g / (h * w))[:, :, None, None].expand(g.shape[0], *shape)
+    return g
+
+
+def _weight_grads(layer, a, delta):
+    """Per-example, per-output gradient of one layer: a (n, *in) its input, delta (n, k, *out) the signals.
+    Returns (weight part (n, k, P_w) for conv, or None for dense, and bias part (n, k, out_channels))."""
+    n, k = delta.shape[:2]
+    if isinstance(layer, torch.nn.Conv2d):
+        patches = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, Ci*kh*kw, HW)
+        d = delta.flatten(3)                                                                  # (n, k, Co, HW)
+        gw = torch.einsum("nkoh,nph->nkop", d, patches).reshape(n, k, -1)
+        gb = d.sum(-1)
+        return gw, gb
+    return None, delta
+
+
+def _signals(net: DGN, x, want_feature: bool):
+    """Forward + batched backward sweep. Returns per layer (layer, input a_l, signals delta_l (n, k, *out)) for
+    the value network, and the same for the feature network when want_feature."""
+    z = net._prepare(x)
+    n = z.shape[0]
+    d = net.depth
+    with torch.no_grad():
+        qf, gates = net.feature_forward(x)
+        # value forward, keeping each layer's input a_l and pre-gate output u_l
+        a_v, u_v = [], []
+        for l in range(d):
+            a = net.transition(l, z)
+            u = net.value_layers[l](a)
+            a_v.append(a)
+            u_v.append(u)
+            if l < d - 1:
+                z = gates[l] * u
+        k = u_v[-1].shape[1]
+        # delta_d = e_k: (n, k, k)
+        delta = torch.eye(k, dtype=z.dtype, device=z.device).expand(n, k, k)
+        deltas = [None] * d
+        rhos = [None] * (d - 1)  # rho_l = d yhat / d z^v_l
+        deltas[d - 1] = delta
+        for l in range(d - 1, 0, -1):
+            layer = net.value_layers[l]
+            flat = deltas[l].reshape(n * k, *deltas[l].shape[2:])
+            g = _transpose_op(layer, flat, a_v[l].shape[1:])
+            g = _transition_adjoint(net.transitions[l], g, u_v[l - 1].shape[1:])
+            rho = g.reshape(n, k, *u_v[l - 1].shape[1:])
+            rhos[l - 1] = rho
+            deltas[l - 1] = gates[l - 1][:, None] * rho
+        value = [(net.value_layers[l], a_v[l], deltas[l]) for l in range(d)]
+        feature = []
+        if want_feature and net.gate_kind == "soft" and not net.tied:
+            zf = z0 = net._prepare(x)
+            a_f = []
+            for l in range(d - 1):
+                a_f.append(net.transition(l, zf))
+                zf = torch.relu(qf[l])
+            s = torch.sigmoid(net.beta * qf[-1])
+            gam = [None] * (d - 1)
+            for l in range(d - 2, -1, -1):
+                s = torch.sigmoid(net.beta * qf[l])
+                dsig = (1 + net.eps) * net.beta * s * (1 - s)
+                g = (u_v[l] * dsig)[:, None] * rhos[l]
+                if l < d - 2:
+                    nxt = net.feature_layers[l + 1]
+                    flat = gam[l + 1].reshape(n * k, *gam[l + 1].shape[2:])
+                    back = _transpose_op(nxt, flat, a_f[l + 1].shape[1:])
+                    back = _transition_adjoint(net.transitions[l + 1], back, qf[l].shape[1:])
+                    g = g + (qf[l] > 0).to(g.dtype)[:, None] * back.reshape(n, k, *qf[l].shape[1:])
+                gam[l] = g
+            feature = [(net.feature_layers[l], a_f[l], gam[l]) for l in range(d - 1)]
+            del z0
+    return value, feature
+
+
+def _featurize(net, x, params):
+    value, feature = _signals(net, x, want_feature=params in ("feature", "all"))
+    groups = []
+    if params in ("value", "all"):
+        groups += value
+    if params in ("feature", "all"):
+        groups += feature
+    out = []
+    for layer, a, delta in groups:
+        gw, gb = _weight_grads(layer, a, delta)
+        if gw is None:  # dense: keep the factors, contract them pairwise
+            out.append(("dense", a.reshape(a.shape[0], -1), delta, layer.bias is not None))
+        else:
+            out.append(("conv", gw, gb if layer.bias is not None else None))
+    return out
+
+
+def _pair_structured(f1, f2, trace: bool):
+    K = None
+    for e1, e2 in zip(f1, f2):
+        if e1[0] == "dense":
+            _, a1, d1, has_b = e1
+            _, a2, d2, _ = e2
+            aa = a1 @ a2.T + (1.0 if has_b else 0.0)
+            if trace:
+                part = aa * (d1.reshape(d1.shape[0], -1) @ d2.reshape(d2.shape[0], -1).T)
+            else:
+                part = aa[:, :, None, None] * torch.einsum("aki,bji->abkj", d1, d2)
+        else:
+            _, g1, b1 = e1
+            _, g2, b2 = e2
+            if b1 is not None:
+                g1, g2 = torch.cat([g1, b1], -1), torch.cat([g2, b2], -1)
+            if trace:
+                part = g1.reshape(g1.shape[0], -1) @ g2.reshape(g2.shape[0], -1).T
+            else:
+                part = torch.einsum("akp,bjp->abkj", g1, g2)
+        K = part if K is None else K + part
+    return K
+
+
+# -- torch.func references --------------------------------------------------------------------------------
+def _param_dict(net: DGN, params):
+    names = dict(net.named_parameters())
+    if net.tied:
+        sel = {k: v for k, v in names.items()} if params in ("value", "all") else {}
+    else:
+        keep = {"value": ("value_layers.",), "feature": ("feature_layers.",),
+                "all": ("value_layers.", "feature_layers.")}[params]
+        sel = {k: v for k, v in names.items() if k.startswith(keep)}
+    return {k: v.detach() for k, v in sel.items()}
+
+
+def _fn(net):
+    frozen = getattr(net, "features_frozen", False)
+
+    def f(p, x):  # one example -> (k,)
+        net.features_frozen = False  # the torch.func transforms must see through the feature network
+        try:
+            return functional_call(net, p, (x[None],))[0]
+        finally:
+            net.features_frozen = frozen
+    return f
+
+
+def _ntk_jacobian(net, x1, x2, params, trace):
+    p = _param_dict(net, params)
+    f = _fn(net)
+    j1 = vmap(jacrev(f), (None, 0))(p, x1)
+    j2 = j1 if x2 is None else vmap(jacrev(f), (None, 0))(p, x2)
+    K = None
+    for name in p:
+        a, b = j1[name].flatten(2), j2[name].flatten(2)  # (n, k, P_name)
+        part = torch.einsum("akp,bjp->abkj", a, b)
+        K = part if K is None else K + part
+    return K
+
+
+def _ntk_vp(net, x1, x2, params, trace):
+    p = _param_dict(net, params)
+    f = _fn(net)
+    x2_ = x1 if x2 is None else x2
+    fb = lambda q: vmap(f, (None, 0))(q, x2_)  # noqa: E731  (n2, k)
+    out2, pullback = vjp(fb, p)
+    n2, k = out2.shape
+    cot = torch.eye(n2 * k, dtype=out2.dtype, device=out2.device).reshape(n2 * k, n2, k)
+    jt = vmap(pullback)(cot)[0]  # per output direction: a tangent in parameter space
+    fa = lambda q: vmap(f, (None, 0))(q, x1)  # noqa: E731
+    cols = vmap(lambda t: jvp(fa, (p,), (t,))[1])(jt)  # (n2*k, n1, k)
+    return cols.reshape(n2, k, x1.shape[0], k).permute(2, 0, 3, 1)  # (n1, n2, k1, k2)
+
+
+def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structured", trace: bool = True,
+        dtype=None, block: int = 256, out=None, progress: bool = False):
+    """Empirical NTK of a DGN, (n1, n2) traced over outputs (trace=False: (n1, n2, k, k)).
+
+    params: 'value' | 'feature' | 'all';  method: 'structured' | 'jacobian' | 'vp' (see the module docstring).
+    The structured method runs through the blocked Gram engine (block, out=FILE.npy, progress).
+    """
+    check_choice("params", params, PARAMS)
+    check_choice("method", method, METHODS)
+    _check_inputs(net, x1, x2)
+    net = _as_dtype(net, dtype)
+    dt = next(net.parameters()).dtype
+    dev = next(net.parameters()).device
+    x1 = x1.to(dev, dt)
+    x2 = None if x2 is None else x2.to(dev, dt)
+    if params == "feature" and (net.tied or net.gate_kind == "hard"):
+        k = net.out_dim
+        n2 = len(x1) if x2 is None else len(x2)
+        shape = (len(x1), n2) if trace else (len(x1), n2, k, k)
+        return torch.zeros(shape, dtype=dt)  # hard gates: d G / d Theta^f = 0 exactly
+    if method == "structured":
+        if not trace:
+            f1 = _featurize(net, x1, params)
+            f2 = f1 if x2 is None else _featurize(net, x2, params)
+            return _pair_structured(f1, f2, trace=False)
+        return gram(lambda x: _featurize(net, x, params), lambda a, b: _pair_structured(a, b, True), x1, x2,
+                    block=block, out=out, dtype=dt, progress=progress, desc="NTK")
+    if out is not None:
+        raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
+    K = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(net, x1, x2, params, trace)
+    return K.diagonal(dim1=2, dim2=3).sum(-1) if trace else K
