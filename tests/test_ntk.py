@@ -1,0 +1,88 @@
+import pytest
+import torch
+
+import neuralpath as npx
+from neuralpath.errors import NeuralpathError
+from neuralpath.testing import KernelTestBase
+
+from conftest import randomize_biases
+
+F64 = torch.float64
+
+
+def nets():
+    torch.manual_seed(0)
+    return [
+        randomize_biases(npx.FCDGN(in_dim=6, width=5, depth=4, out_dim=3, tied=True).double()),
+        randomize_biases(npx.FCDGN(in_dim=6, width=5, depth=4, out_dim=3, gate="soft").double()),
+        npx.FCDGN(in_dim=6, width=5, depth=3, out_dim=2, gate="soft", bias=False).double(),
+        randomize_biases(npx.FCDGN(in_dim=6, width=5, depth=4, out_dim=3, gate="hard").double()),
+        randomize_biases(npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5,
+                                     gate="soft").double()),
+        randomize_biases(npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5,
+                                     gate="soft").double()),
+        randomize_biases(npx.ConvDGN("gconv", in_channels=1, out_dim=2, channels=(3,), hidden=(), image_size=4,
+                                     tied=True).double()),
+    ]
+
+
+def xs(net, n, seed):
+    g = torch.Generator().manual_seed(seed)
+    shape = (net.in_dim,) if isinstance(net, npx.FCDGN) else (net.in_channels, net.image_size, net.image_size)
+    return torch.rand((n, *shape), generator=g, dtype=F64)
+
+
+@pytest.mark.parametrize("net", nets(), ids=lambda n: f"{type(n).__name__}-{n.gate_kind}-tied{n.tied}")
+@pytest.mark.parametrize("params", ["value", "feature", "all"])
+def test_every_method_agrees_with_every_other(net, params):
+    x1, x2 = xs(net, 4, 0), xs(net, 3, 1)
+    ref = npx.ntk(net, x1, x2, params=params, method="jacobian", trace=False)
+    scale = max(ref.abs().max().item(), 1.0)
+    for method in ("structured", "vp"):
+        K = npx.ntk(net, x1, x2, params=params, method=method, trace=False)
+        assert (K - ref).abs().max().item() <= 1e-8 * scale
+        Kt = npx.ntk(net, x1, x2, params=params, method=method)
+        assert (Kt - ref.diagonal(dim1=2, dim2=3).sum(-1)).abs().max().item() <= 1e-8 * scale
+    if params == "feature" and (net.gate_kind == "hard" or net.tied):
+        assert ref.abs().max().item() == 0.0
+    if params == "all":
+        parts = npx.ntk(net, x1, x2, params="value") + npx.ntk(net, x1, x2, params="feature")
+        assert torch.allclose(npx.ntk(net, x1, x2, params="all"), parts, rtol=1e-10)
+
+
+def test_structured_matches_autograd_gradient_inner_products():
+    """Independent check: explicit per-example gradients with loss.backward()."""
+    net = randomize_biases(npx.FCDGN(in_dim=4, width=3, depth=3, out_dim=2, gate="soft").double())
+    x = xs(net, 3, 5)
+    grads = []
+    for i in range(3):
+        row = []
+        for k in range(2):
+            net.zero_grad()
+            net(x[i:i + 1])[0, k].backward()
+            row.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        grads.append(torch.stack(row))
+    G = torch.stack(grads)  # (n, k, P)
+    K = torch.einsum("akp,bkp->ab", G, G)
+    assert torch.allclose(npx.ntk(net, x, params="all"), K, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_arguments():
+    net = npx.FCDGN(in_dim=4, width=3, depth=3, out_dim=2)
+    x = torch.rand(2, 4)
+    with pytest.raises(ValueError, match="params='weights'"):
+        npx.ntk(net, x, params="weights")
+    with pytest.raises(ValueError, match="method='fast'"):
+        npx.ntk(net, x, method="fast")
+    with pytest.raises(NeuralpathError, match="out="):
+        npx.ntk(net, x, method="jacobian", out="k.npy")
+
+
+class TestNTKBattery(KernelTestBase):
+    rtol = 1e-9
+
+    def kernel(self, net, x1, x2=None, **kw):
+        return npx.ntk(net, x1, x2, params="all", **kw)
+
+    def cases(self):
+        return [(n, xs(n, 6, 0), xs(n, 4, 1)) for n in nets()[1:2] + nets()[5:6]]
