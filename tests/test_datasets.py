@@ -61,7 +61,7 @@ def test_corrupt_mnist_refused(mnist_root, tmp_path, layout, damage, cli):
                 data[5000] ^= 0xFF
             data = bytes(data)
         if layout == "gz":
-            (raw / (name + ".gz")).write_bytes(gzip.compress(data))
+            (raw / (name + ".gz")).write_bytes(gzip.compress(data, compresslevel=1))
         else:
             (raw / name).write_bytes(data)
     with pytest.raises(NeuralpathError, match="t10k-images"):
