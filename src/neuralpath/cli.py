@@ -80,6 +80,106 @@ def train(out, resume, **kw):
                f"{res['final_test_acc']:.4f}; records in {out}")
 
 
+# -- kernel ---------------------------------------------------------------------------------------------
+def _kernel_options(f):
+    opts = [
+        click.option("--checkpoint", default=None, help="A run folder (its best.pt) or a checkpoint file."),
+        click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv (fresh network)."),
+        click.option("--regime", default="relu", show_default=True, help="Regime of a fresh network."),
+        click.option("--width", type=int, default=128, show_default=True),
+        click.option("--depth", type=int, default=6, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--dataset", default=None, help="Data set (default: the checkpoint's, else mnist)."),
+        click.option("--split", default="train", show_default=True),
+        click.option("--n", "n", type=int, default=1000, show_default=True, help="Stratified subset size."),
+        click.option("--data-root", default=None),
+        click.option("--block", type=int, default=1024, show_default=True, help="Tile size of the Gram engine."),
+        click.option("--dtype", default="float32", show_default=True, help="float32 | float64"),
+        click.option("--device", default="auto", show_default=True),
+        click.option("--out", required=True, help="Output .npy file (streamed as a memmap, renamed when done)."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device):
+    import torch
+    from . import checkpoints, datasets
+    from .errors import check_choice
+    from .regimes import build_regime
+    from .train import TrainConfig, net_kwargs, resolve_device
+    check_choice("dtype", dtype, ("float32", "float64"))
+    if checkpoint:
+        ck = checkpoints.load(checkpoint)
+        cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in TrainConfig.__dataclass_fields__})
+        dataset = dataset or cfg.dataset
+    else:
+        cfg = TrainConfig(arch=arch, regime=regime, width=width, depth=depth, seed=seed, dataset=dataset or "mnist")
+        dataset = cfg.dataset
+    x, y = datasets.load(dataset, split, root=data_root, limit=n, seed=0)
+    # an FLNPF checkpoint already holds its frozen feature network: build the same shape (hard, untied), then load
+    build = "frnpf-ii" if (checkpoint and cfg.regime == "flnpf") else cfg.regime
+    net, _ = build_regime(build, cfg.arch, cfg.seed, None, **net_kwargs(cfg, x.shape[1:], 10))
+    if checkpoint:
+        net.load_state_dict(ck["model"])
+    net = net.to(resolve_device(device), getattr(torch, dtype))
+    return net, x
+
+
+@cli.group()
+def kernel():
+    """Kernels of a trained or fresh network on a data set: npk, ntk."""
+
+
+@kernel.command("npk")
+@_kernel_options
+@click.option("--normalize", default=None, help="none | trace | cosine")
+def kernel_npk(block, out, normalize, **kw):
+    """Neural path kernel of a network's gates, written to --out (.npy)."""
+    from .kernels.npk import npk
+    net, x = _kernel_setup(**kw)
+    if normalize in (None, "none"):
+        path = npk(net, x, block=block, out=out, progress=sys.stderr.isatty())
+    else:
+        from .io import save_npy
+        path = out
+        save_npy(out, npk(net, x, normalize=normalize, block=block).cpu().numpy())
+    click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}")
+
+
+@kernel.command("ntk")
+@_kernel_options
+@click.option("--params", default="value", show_default=True, help="value | feature | all")
+def kernel_ntk(block, out, params, **kw):
+    """Empirical NTK (structured, summed over outputs), written to --out (.npy)."""
+    from .kernels.ntk import ntk
+    net, x = _kernel_setup(**kw)
+    path = ntk(net, x, params=params, block=block, out=out, progress=sys.stderr.isatty())
+    click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}")
+
+
+# -- reproduce ------------------------------------------------------------------------------------------
+@cli.group()
+def reproduce():
+    """Experiments of the paper, with its numbers beside ours."""
+
+
+@reproduce.command("theorem")
+@click.option("--budget", default="quick", show_default=True, help="quick | full")
+@click.option("--data-root", default=None)
+@click.option("--out", default="runs/theorem", show_default=True)
+def reproduce_theorem(budget, data_root, out):
+    """Theorem 5.1: E[K^v] = d sigma^(2(d-1)) H, and one draw converging like w^(-1/2)."""
+    from .errors import check_choice
+    from .experiments import theorem
+    check_choice("budget", budget, ("quick", "full"))
+    theorem.run(out, quick=budget == "quick", data_root=data_root, progress=sys.stderr.isatty())
+    from pathlib import Path
+    click.echo((Path(out) / "theorem.md").read_text())
+    click.echo(f"records: {Path(out) / 'theorem.jsonl'}   plot: {Path(out) / 'theorem.png'}")
+
+
 def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
