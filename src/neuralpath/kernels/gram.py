@@ -40,6 +40,30 @@ def _dist():
     return 0, 1
 
 
+class _TileWriter:
+    """Writes tiles into a .npy file with positional writes (no mapping), so resident memory stays at the tile size
+    however large the kernel is; supports ``w[i0:i1, j0:j1] = tile``."""
+
+    def __init__(self, path, n2, itemsize):
+        with open(path, "rb") as f:
+            np.lib.format.read_magic(f)
+            np.lib.format.read_array_header_1_0(f)
+            self.offset = f.tell()
+        self.fd = os.open(path, os.O_WRONLY)
+        self.n2, self.itemsize = n2, itemsize
+
+    def __setitem__(self, key, tile):
+        rows, cols = key
+        tile = np.ascontiguousarray(tile)
+        for r in range(tile.shape[0]):
+            pos = self.offset + ((rows.start + r) * self.n2 + cols.start) * self.itemsize
+            os.pwrite(self.fd, tile[r].tobytes(), pos)
+
+    def close(self):
+        os.fsync(self.fd)
+        os.close(self.fd)
+
+
 def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | None = None):
     """Refuse before any work when an (n1, n2) result fits neither in memory (no out) nor on out's disk."""
     need = n1 * n2 * itemsize
@@ -80,7 +104,7 @@ def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=tor
                                       shape=(n1, n2)).flush()
         if world > 1:
             torch.distributed.barrier()
-        target = np.lib.format.open_memmap(tmp, mode="r+")
+        target = _TileWriter(tmp, n2, itemsize)
     cache1 = cache2 = None
     fb = feature_bytes_per_input
     if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
@@ -108,8 +132,7 @@ def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=tor
     bar.close()
     if out is None:
         return K
-    target.flush()
-    del target
+    target.close()
     if world > 1:
         torch.distributed.barrier()
     if rank == 0:
