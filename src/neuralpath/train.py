@@ -9,6 +9,7 @@ on (seed, e).
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import platform
 import time
@@ -158,7 +159,6 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
     if (out / "result.json").exists() and not resume:
         raise NeuralpathError(f"{out} already holds a finished run; use --resume to reuse it or pick another --out")
     if resume and (out / "result.json").exists():
-        import json
         return json.loads((out / "result.json").read_text())
     if not resume and (out / "last.pt").exists():
         raise NeuralpathError(f"{out} holds an unfinished run; pass --resume to continue it or pick another --out")
@@ -188,7 +188,7 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
         torch.set_rng_state(ck["rng"])
         start, best = int(ck["epoch"]) + 1, dict(ck["best"])
         recs = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] < start]
-        write_text(out / "metrics.jsonl", "".join(__import__("json").dumps(r, sort_keys=True) + "\n" for r in recs))
+        write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
     else:
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "config.json", cdict)

@@ -105,12 +105,11 @@ def _signals(net: DGN, x, want_feature: bool):
         value = [(net.value_layers[l], a_v[l], deltas[l]) for l in range(d)]
         feature = []
         if want_feature and net.gate_kind == "soft" and not net.tied:
-            zf = z0 = net._prepare(x)
+            zf = net._prepare(x)
             a_f = []
             for l in range(d - 1):
                 a_f.append(net.transition(l, zf))
                 zf = torch.relu(qf[l])
-            s = torch.sigmoid(net.beta * qf[-1])
             gam = [None] * (d - 1)
             for l in range(d - 2, -1, -1):
                 s = torch.sigmoid(net.beta * qf[l])
@@ -124,7 +123,6 @@ def _signals(net: DGN, x, want_feature: bool):
                     g = g + (qf[l] > 0).to(g.dtype)[:, None] * back.reshape(n, k, *qf[l].shape[1:])
                 gam[l] = g
             feature = [(net.feature_layers[l], a_f[l], gam[l]) for l in range(d - 1)]
-            del z0
     return value, feature
 
 
