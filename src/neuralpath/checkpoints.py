@@ -15,7 +15,7 @@ def save(path, obj: dict):
         torch.save(obj, tmp)
 
 
-def load(path, map_location="cpu") -> dict:
+def load(path, map_location="cpu", require=("model", "config")) -> dict:
     """Load a neuralpath checkpoint (a run folder's best.pt/last.pt, or a file). Never unpickles arbitrary code."""
     path = Path(path)
     if path.is_dir():
@@ -33,6 +33,6 @@ def load(path, map_location="cpu") -> dict:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise NeuralpathError(f"{path}: refused to load checkpoint (not a plain-tensor neuralpath checkpoint: "
                               f"{first[:200]})") from None
-    if not isinstance(obj, dict) or "model" not in obj or "config" not in obj:
-        raise NeuralpathError(f"{path}: not a neuralpath checkpoint (no 'model'/'config' entries)")
+    if not isinstance(obj, dict) or any(k not in obj for k in require):
+        raise NeuralpathError(f"{path}: not a neuralpath checkpoint (no {'/'.join(map(repr, require))} entries)")
     return obj

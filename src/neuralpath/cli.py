@@ -160,9 +160,50 @@ def kernel_ntk(block, out, params, **kw):
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
-@cli.group()
-def reproduce():
-    """Experiments of the paper, with its numbers beside ours."""
+def _progress():
+    return True if sys.stderr.isatty() else None
+
+
+def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, vectorise=True):
+    from .errors import NeuralpathError
+    from .experiments import table
+    if isinstance(rows, str):
+        rows = [r.strip() for r in rows.split(",") if r.strip()]
+        if not rows:
+            raise NeuralpathError("--rows is empty; give e.g. --rows fc-adam,fc-sgd")
+    md = table.run(out, rows=rows, seeds=seeds, budget=budget, epochs=epochs, limit_train=limit_train,
+                   limit_test=limit_test, data_root=data_root, device=device, progress=_progress(),
+                   log=lambda m: click.echo(m, err=True), vectorise=vectorise)
+    click.echo(md)
+
+
+@cli.group(invoke_without_command=True)
+@click.option("--out", default="runs/reproduce", show_default=True, help="Folder of the default (quick FC) table.")
+@click.option("--data-root", default=None)
+@click.pass_context
+def reproduce(ctx, out, data_root):
+    """Experiments of the paper, with its numbers beside ours.
+
+    With no sub-command: the quick budget of the FC rows of the table (5 regimes x 2 seeds, real MNIST)."""
+    if ctx.invoked_subcommand is None:
+        _table("fc-sgd,fc-adam", 2, "quick", None, None, None, data_root, out, "auto")
+
+
+@reproduce.command("table")
+@click.option("--rows", default=",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
+              show_default=True, help="Comma-separated rows.")
+@click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per regime.")
+@click.option("--budget", default="quick", show_default=True, help="quick | paper")
+@click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
+@click.option("--limit-train", type=int, default=None, help="Override: stratified training subset size.")
+@click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")
+@click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--one-at-a-time", is_flag=True, help="Train FC runs one by one instead of as a vectorised ensemble.")
+@click.option("--out", default="runs/table", show_default=True)
+def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, device, one_at_a_time, out):
+    """The paper's table: 5 regimes per row, our mean ± std beside the paper's; records, table.md and a bar chart."""
+    _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time)
 
 
 @reproduce.command("theorem")
@@ -178,6 +219,109 @@ def reproduce_theorem(budget, data_root, out):
     from pathlib import Path
     click.echo((Path(out) / "theorem.md").read_text())
     click.echo(f"records: {Path(out) / 'theorem.jsonl'}   plot: {Path(out) / 'theorem.png'}")
+
+
+def _show(md, *files):
+    click.echo(md)
+
+
+@reproduce.command("nu")
+@click.option("--budget", default="quick", show_default=True, help="quick (2 runs, 10 epochs, 4000 images) | paper")
+@click.option("--runs", type=int, default=None, help="Override the number of runs.")
+@click.option("--epochs", type=int, default=None, help="Override the epochs.")
+@click.option("--data-root", default=None)
+@click.option("--out", default="runs/nu", show_default=True)
+def reproduce_nu(budget, runs, epochs, data_root, out):
+    """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
+    from .experiments import nu
+    _show(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, progress=_progress(),
+                 log=lambda m: click.echo(m, err=True)))
+
+
+@reproduce.command("ntk-split")
+@click.option("--budget", default="quick", show_default=True, help="quick (10 epochs, 6000 images) | paper (60 epochs)")
+@click.option("--epochs", type=int, default=None)
+@click.option("--data-root", default=None)
+@click.option("--out", default="runs/ntk-split", show_default=True)
+def reproduce_ntk_split(budget, epochs, data_root, out):
+    """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
+    from .experiments import ntk_split
+    _show(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, progress=_progress(),
+                        log=lambda m: click.echo(m, err=True)))
+
+
+@reproduce.command("continuous")
+@click.option("--budget", default="quick", show_default=True, help="quick | paper")
+@click.option("--arch", default="gconv", show_default=True, help="gconv (the paper's) | vconv | fc (MNIST)")
+@click.option("--stages", type=int, default=None)
+@click.option("--step", type=int, default=None, help="ReLU epochs between stages.")
+@click.option("--stage-epochs", type=int, default=None, help="Epochs each stage trains.")
+@click.option("--limit-train", type=int, default=None)
+@click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="runs/continuous", show_default=True)
+def reproduce_continuous(budget, arch, stages, step, stage_epochs, limit_train, data_root, device, out):
+    """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
+    from .experiments import continuous
+    _show(continuous.run(out, budget, arch=arch, stages=stages, step=step, stage_epochs=stage_epochs,
+                         limit_train=limit_train, data_root=data_root, device=device, progress=_progress(),
+                         log=lambda m: click.echo(m, err=True)))
+
+
+@reproduce.command("kernels")
+@click.option("--budget", default="quick", show_default=True, help="quick (10k/2k images, 3 epochs) | paper")
+@click.option("--arch", default="fc", show_default=True, help="fc (MNIST) | vconv | gconv (CIFAR-10)")
+@click.option("--n-train", type=int, default=None)
+@click.option("--n-test", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--data-root", default=None)
+@click.option("--out", default="runs/kernels", show_default=True)
+def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, out):
+    """Kernel ridge regression and an SVM on the NPK of evolving gates, and on the final NTK."""
+    from .experiments import kernel_machines
+    _show(kernel_machines.run(out, budget, arch=arch, n_train=n_train, n_test=n_test, epochs=epochs,
+                              data_root=data_root, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+
+
+@kernel.command("fit")
+@click.option("--checkpoint", default=None, help="A run folder (its best.pt) or checkpoint; default: a fresh network.")
+@click.option("--arch", default="fc", show_default=True)
+@click.option("--regime", default="relu", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dataset", default=None)
+@click.option("--kernel", "kind", default="npk", show_default=True, help="npk | ntk")
+@click.option("--method", default="krr", show_default=True, help="krr | svm")
+@click.option("--n-train", type=int, default=10000, show_default=True)
+@click.option("--n-test", type=int, default=2000, show_default=True)
+@click.option("--data-root", default=None)
+@click.option("--out", default=None, help="Append the result record to this JSON-lines file.")
+def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root, out):
+    """Fit kernel ridge regression or an SVM on a network's NPK or NTK; print the test accuracy."""
+    import time
+    from . import datasets
+    from .errors import check_choice
+    from .experiments.kernel_machines import kernels_for
+    from .io import append_jsonl
+    from .kernels.machines import accuracy, fit_predict
+    check_choice("kernel", kind, ("npk", "ntk"))
+    check_choice("method", method, ("krr", "svm"))
+    net, xtr = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
+                             "float64", "cpu")
+    ds = dataset or "mnist"
+    if checkpoint:
+        from . import checkpoints
+        ds = dataset or checkpoints.load(checkpoint)["config"].get("dataset", "mnist")
+    _, ytr = datasets.load(ds, "train", root=data_root, limit=n_train, seed=0)
+    xte, yte = datasets.load(ds, "test", root=data_root, limit=n_test, seed=0)
+    t = time.time()
+    K, Kt = kernels_for(net, xtr, xte, kind)
+    pred, info = fit_predict(method, K, ytr, Kt)
+    rec = {"kernel": kind, "method": method, "checkpoint": checkpoint, "n_train": n_train, "n_test": n_test,
+           "test_acc": accuracy(pred, yte), "seconds": time.time() - t, **info}
+    if out:
+        append_jsonl(out, rec)
+    click.echo(f"{kind.upper()} + {method.upper()}: test accuracy {100 * rec['test_acc']:.2f}% "
+               f"({n_train} train / {n_test} test, {rec['seconds']:.1f} s)" + (f"; record in {out}" if out else ""))
 
 
 def main(argv=None):

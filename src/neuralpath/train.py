@@ -96,22 +96,43 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def load_data(cfg: TrainConfig):
-    """((x_tr, y_tr), (x_val, y_val) or None, (x_te, y_te)) for a config."""
+def load_train_full(cfg: TrainConfig):
+    """The whole training split of the config's data set (subsets are chosen by :func:`train_val_indices`)."""
     kw = dict(root=cfg.data_root)
     if cfg.dataset == "synthetic":
         kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
-    xtr, ytr = datasets.load(cfg.dataset, "train", limit=cfg.limit_train, seed=cfg.seed if cfg.limit_train else 0, **kw)
-    xte, yte = datasets.load(cfg.dataset, "test", limit=cfg.limit_test, seed=0, **kw)
-    val = None
-    if cfg.val_split > 0:
-        n_val = max(1, int(round(cfg.val_split * len(ytr))))
-        vi = torch.from_numpy(datasets.stratified_indices(ytr.numpy(), n_val, seed=12345 + cfg.seed))
-        mask = torch.ones(len(ytr), dtype=torch.bool)
-        mask[vi] = False
-        val = (xtr[vi], ytr[vi])
-        xtr, ytr = xtr[mask], ytr[mask]
-    return (xtr, ytr), val, (xte, yte)
+    return datasets.load(cfg.dataset, "train", **kw)
+
+
+def load_test(cfg: TrainConfig):
+    kw = dict(root=cfg.data_root)
+    if cfg.dataset == "synthetic":
+        kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
+    return datasets.load(cfg.dataset, "test", limit=cfg.limit_test, seed=0, **kw)
+
+
+def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
+    """Indices into the full training split: (train, validation or None). The subset (``limit_train``) is
+    stratified and seeded by the run's seed; the validation split (``val_split``) by 12345 + seed."""
+    y = y_full.numpy()
+    sub = np.arange(len(y))
+    if cfg.limit_train:
+        sub = datasets.stratified_indices(y, cfg.limit_train, seed=cfg.seed)
+    if cfg.val_split <= 0:
+        return torch.from_numpy(sub), None
+    n_val = max(1, int(round(cfg.val_split * len(sub))))
+    vi = datasets.stratified_indices(y[sub], n_val, seed=12345 + cfg.seed)
+    mask = np.ones(len(sub), dtype=bool)
+    mask[vi] = False
+    return torch.from_numpy(sub[mask]), torch.from_numpy(sub[vi])
+
+
+def load_data(cfg: TrainConfig):
+    """((x_tr, y_tr), (x_val, y_val) or None, (x_te, y_te)) for a config."""
+    x, y = load_train_full(cfg)
+    tr, va = train_val_indices(cfg, y)
+    val = None if va is None else (x[va], y[va])
+    return (x[tr], y[tr]), val, load_test(cfg)
 
 
 def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
@@ -133,16 +154,35 @@ def make_optimizer(name, params, lr):
 
 
 @torch.no_grad()
-def evaluate(net, x, y, device, batch: int = 1000):
+def evaluate(net, x, y, device, batch: int = 1000, halves: bool = False):
+    """(mean loss, accuracy) on (x, y); with ``halves`` also the accuracies on the even and odd rows, which the
+    tables use for a clean protocol (select the epoch on one half, report the other)."""
     net.eval()
     loss, correct = 0.0, 0
+    ok = []
     for i in range(0, len(y), batch):
         xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
         out = net(xb)
         loss += F.cross_entropy(out, yb, reduction="sum").item()
-        correct += (out.argmax(1) == yb).sum().item()
+        hit = out.argmax(1) == yb
+        correct += hit.sum().item()
+        ok.append(hit.cpu())
     net.train()
-    return loss / len(y), correct / len(y)
+    if not halves:
+        return loss / len(y), correct / len(y)
+    ok = torch.cat(ok).double()
+    return loss / len(y), correct / len(y), ok[0::2].mean().item(), ok[1::2].mean().item()
+
+
+def clean_accuracy(records) -> float | None:
+    """Test accuracy without selecting on the reported data: pick the epoch by the even half of the test set and
+    report the odd half, and the other way round; the mean of the two."""
+    recs = [r for r in records if "test_acc_even" in r]
+    if not recs:
+        return None
+    a = max(recs, key=lambda r: r["test_acc_even"])["test_acc_odd"]
+    b = max(recs, key=lambda r: r["test_acc_odd"])["test_acc_even"]
+    return (a + b) / 2
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -215,9 +255,10 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
         if not math.isfinite(train_loss):
             raise NeuralpathError(f"training diverged: loss is {train_loss} in epoch {epoch}; the last good checkpoint "
                                   f"is kept in {out / 'last.pt'} (try a smaller --lr)")
-        test_loss, test_acc = evaluate(net, xte, yte, device)
+        test_loss, test_acc, acc_even, acc_odd = evaluate(net, xte, yte, device, halves=True)
         rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": tot_correct.item() / n,
-               "test_loss": test_loss, "test_acc": test_acc, "seconds": time.time() - t0}
+               "test_loss": test_loss, "test_acc": test_acc, "test_acc_even": acc_even, "test_acc_odd": acc_odd,
+               "seconds": time.time() - t0}
         is_best = test_acc > best["best_test_acc"]
         if is_best:
             best.update(best_test_acc=test_acc, best_epoch=epoch)
@@ -235,7 +276,7 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
                                             "epoch": epoch, "best": best, "rng": torch.get_rng_state()})
         bar.set_postfix(loss=f"{train_loss:.3f}", test=f"{test_acc:.4f}")
     bar.close()
-    result = dict(best, final_test_acc=test_acc if cfg.epochs >= start else read_jsonl(out / "metrics.jsonl")[-1]["test_acc"],
+    result = dict(best, clean_test_acc=clean_accuracy(read_jsonl(out / "metrics.jsonl")), final_test_acc=test_acc if cfg.epochs >= start else read_jsonl(out / "metrics.jsonl")[-1]["test_acc"],
                   epochs=cfg.epochs, config=cdict, versions=versions(), device=str(device),
                   data=datasets.source_label(cfg.dataset, cfg.data_root))
     write_json(out / "result.json", result)

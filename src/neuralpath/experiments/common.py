@@ -1,0 +1,53 @@
+"""Helpers shared by the experiments: records, plots, data with a synthetic fallback."""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .. import datasets
+from ..io import append_jsonl, atomic_path, read_jsonl
+
+
+def mnist_or_synthetic(split, data_root, limit=None, seed=0):
+    """(x, y, label): real MNIST, or synthetic 28x28 data when MNIST is not fetched (labelled as such)."""
+    try:
+        x, y = datasets.load("mnist", split, root=data_root, limit=limit, seed=seed)
+        return x, y, datasets.source_label("mnist", data_root)
+    except (FileNotFoundError, ValueError):
+        x, y = datasets.synthetic(split, n=limit or 2000, shape=(1, 28, 28), seed=seed)
+        return x, y, "synthetic (MNIST not fetched: run `neuralpath data fetch mnist`)"
+
+
+def done_keys(path, key):
+    """Keys of the records already in a JSON-lines file (resumable experiments skip them)."""
+    return {key(r) for r in read_jsonl(path)} if Path(path).exists() else set()
+
+
+def add(path, rec):
+    append_jsonl(path, rec)
+
+
+def mean_std(vals):
+    vals = [v for v in vals if v is not None]
+    if not vals:
+        return None, None
+    return statistics.fmean(vals), statistics.pstdev(vals)
+
+
+def savefig(fig, path):
+    import matplotlib.pyplot as plt
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def pyplot():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def dumps(x):
+    return json.dumps(x, sort_keys=True)

@@ -1,0 +1,134 @@
+"""Kernel machines on a precomputed kernel (NPK or NTK): Cholesky solves with a reported jitter, kernel ridge
+regression, an SVM, and the kernel-target alignment.
+
+Every solve is a Cholesky factorisation in float64. A kernel Gram matrix is PSD in exact arithmetic but can be
+numerically singular (duplicate images, saturated gates): :func:`cholesky` adds the smallest jitter
+j * mean(diag K), j in {0, 1e-12, 1e-11, ..., 1e-4}, that makes the factorisation succeed, and reports it. A matrix
+that still fails (indefinite beyond round-off, NaN/inf) is an error naming the jitter tried. No explicit inverse
+is ever formed.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..errors import NeuralpathError, check_choice
+
+JITTERS = (0.0,) + tuple(10.0 ** -e for e in range(12, 3, -1))
+
+
+def _as64(K, name="K"):
+    K = torch.as_tensor(np.asarray(K) if not torch.is_tensor(K) else K).to(torch.float64)
+    if K.dim() != 2 or K.shape[0] != K.shape[1]:
+        raise NeuralpathError(f"{name} must be a square matrix, got shape {tuple(K.shape)}")
+    if not torch.isfinite(K).all():
+        raise NeuralpathError(f"{name} has NaN or inf entries; recompute it (float64, or a normalised kernel)")
+    return K
+
+
+def cholesky(K, jitters=JITTERS):
+    """(L, jitter): L L^T = K + jitter * mean(diag K) * I, with the smallest jitter that factorises."""
+    K = _as64(K)
+    scale = K.diagonal().abs().mean().item() or 1.0
+    eye = torch.eye(K.shape[0], dtype=K.dtype)
+    for j in jitters:
+        L, info = torch.linalg.cholesky_ex(K + (j * scale) * eye if j else K)
+        if int(info) == 0:
+            return L, j
+    raise NeuralpathError(f"the kernel matrix ({K.shape[0]} x {K.shape[0]}) is not positive definite even with "
+                          f"jitter {jitters[-1]:g} x mean(diag); it is indefinite or badly scaled (check for NaN "
+                          "gates, or use normalize='cosine')")
+
+
+def psd_solve(K, Y, jitters=JITTERS):
+    """(X, jitter) with (K + jitter * mean(diag K) I) X = Y by Cholesky."""
+    L, j = cholesky(K, jitters)
+    Y = torch.as_tensor(Y, dtype=torch.float64)
+    vec = Y.dim() == 1
+    X = torch.cholesky_solve(Y[:, None] if vec else Y, L)
+    return (X[:, 0] if vec else X), j
+
+
+def quadratic_form_inverse(K, y, jitters=JITTERS):
+    """(y^T K^-1 y, jitter) via a Cholesky solve: the nu_t of SPEC §5 when K is the trace-normalised NPK."""
+    L, j = cholesky(K, jitters)
+    y = torch.as_tensor(y, dtype=torch.float64)
+    z = torch.linalg.solve_triangular(L, y[:, None], upper=False)
+    return float((z * z).sum()), j
+
+
+def one_hot(y, k=None):
+    y = torch.as_tensor(y).long()
+    k = k or int(y.max()) + 1
+    return torch.nn.functional.one_hot(y, k).double()
+
+
+def alignment(K, y) -> float:
+    """Kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) with Y the one-hot labels (Cristianini et al.)."""
+    K = torch.as_tensor(K, dtype=torch.float64)
+    Y = one_hot(y)
+    T = Y @ Y.T
+    return float((K * T).sum() / (K.norm() * T.norm()))
+
+
+class KernelRidge:
+    """One-vs-all kernel ridge regression on one-hot targets; the ridge is lam * mean(diag K_train)
+    (scale-free, so raw NPKs of any depth work). ``fit`` picks lam from ``lams`` unless ``lam`` is given: fitted on
+    90% and scored on 10% of a random subset of at most ``select_n`` training points (bounding the selection's cost)."""
+
+    def __init__(self, lam: float | None = None, lams=(1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), select_n: int = 3000):
+        self.lam, self.lams, self.select_n = lam, lams, select_n
+
+    def _solve(self, K, Y, lam):
+        scale = K.diagonal().mean().item() or 1.0
+        A = K + lam * scale * torch.eye(K.shape[0], dtype=K.dtype)
+        return psd_solve(A, Y)
+
+    def fit(self, K, y, seed: int = 0):
+        K = _as64(K, "K_train")
+        y = torch.as_tensor(y).long()
+        self.k = int(y.max()) + 1
+        if self.lam is None:
+            n = min(len(y), self.select_n)
+            perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
+            hold, fit = perm[: max(1, n // 10)], perm[max(1, n // 10):]
+            best = (-1.0, None)
+            for lam in self.lams:
+                a, _ = self._solve(K[fit][:, fit], one_hot(y[fit], self.k), lam)
+                acc = (K[hold][:, fit] @ a).argmax(1).eq(y[hold]).double().mean().item()
+                if acc > best[0]:
+                    best = (acc, lam)
+            self.lam, self.holdout_acc = best[1], best[0]
+        self.alpha, self.jitter = self._solve(K, one_hot(y, self.k), self.lam)
+        return self
+
+    def predict(self, K_test_train):
+        return (torch.as_tensor(K_test_train, dtype=torch.float64) @ self.alpha).argmax(1)
+
+
+def svm(K_train, y, K_test_train, C: float = 1.0):
+    """Predictions of scikit-learn's SVC on the precomputed kernel, normalised by mean(diag K_train)."""
+    try:
+        from sklearn.svm import SVC
+    except ImportError as e:  # pragma: no cover - the kernels extra installs it
+        raise NeuralpathError("the SVM needs scikit-learn: pip install 'neuralpath[kernels]'") from e
+    K = _as64(K_train, "K_train")
+    s = K.diagonal().mean().item() or 1.0
+    clf = SVC(C=C, kernel="precomputed").fit((K / s).numpy(), np.asarray(y))
+    return torch.from_numpy(clf.predict((torch.as_tensor(K_test_train, dtype=torch.float64) / s).numpy()))
+
+
+def fit_predict(method, K_train, y_train, K_test_train):
+    check_choice("method", method, ("krr", "svm"))
+    if method == "svm":
+        return svm(K_train, y_train, K_test_train), {}
+    m = KernelRidge().fit(K_train, y_train)
+    return m.predict(K_test_train), {"lam": m.lam, "jitter": m.jitter, "holdout_acc": m.holdout_acc}
+
+
+def accuracy(pred, y) -> float:
+    return float(torch.as_tensor(pred).eq(torch.as_tensor(y)).double().mean())
+
+
+__all__ = ["cholesky", "psd_solve", "quadratic_form_inverse", "alignment", "KernelRidge", "svm", "fit_predict",
+           "accuracy", "JITTERS"]
