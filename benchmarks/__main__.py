@@ -5,6 +5,11 @@
     python -m benchmarks step     frozen-gate DGN (FLNPF/FRNPF) optimiser step vs ReLU step, FC 6x128, batch 32
     python -m benchmarks stream   the full 60,000 x 60,000 MNIST NPK streamed to a memmap (long: ~minutes)
     python -m benchmarks convnpk  pairs per second of the full-size GCONV NPK
+    python -m benchmarks ensemble one table row (5 regimes x 5 seeds, FC 6x128, batch 32): run by run vs the vectorised
+                                  ensemble, per step, extrapolated to the paper's 100 epochs (Adam) or 300 (SGD)
+    python -m benchmarks ntk10k   the value-network NTK of 10,000 MNIST images (FC 6x128, 10 logits), streamed
+    python -m benchmarks peer     structured NTK vs torch.func vs neural-tangents 0.6.5 (optional environment)
+    python -m benchmarks data     share of a training epoch spent getting batches (indexing the in-memory tensors)
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 import argparse
@@ -105,9 +110,157 @@ def bench_convnpk(args):
     return dict(bench="convnpk", n=n, seconds=t, pairs_per_s=n * (n + 1) / 2 / t)
 
 
+def bench_ensemble(args):
+    import torch.nn.functional as F
+    from neuralpath.ensemble import FCEnsemble
+    x = mnist(60000).flatten(1)
+    y = torch.randint(0, 10, (60000,))
+    steps = args.n or 150
+    opt_name = args.optimizer
+
+    def make(regs, seeds):
+        relu_state = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
+        return [build_regime(r, "fc", s, relu_state if r == "flnpf" else None, in_shape=(1, 28, 28))[0]
+                for r, s in zip(regs, seeds)]
+
+    def opt_for(params):
+        return (torch.optim.Adam(params, lr=1e-4, eps=1e-7, fused=True) if opt_name == "adam"
+                else torch.optim.SGD(params, lr=1e-2))
+
+    def ens_step_time(regs, seeds):
+        ens = FCEnsemble(make(regs, seeds), regs)
+        opt = opt_for(ens.parameters())
+        R, nt, nf = ens.R, ens.nt, ens.nf
+        table = ens.frozen_gate_table(x) if nf else None
+        rows = torch.arange(nf)[:, None]
+
+        def step():
+            idx = torch.randint(0, 60000, (R, 32))
+            flat = idx.reshape(-1)
+            xb, yb = x.index_select(0, flat).view(R, 32, -1), y.index_select(0, flat).view(R, 32)
+            out = ens.forward(xb, table[rows, idx[nt:nt + nf]] if nf else None)
+            loss = F.cross_entropy(out.reshape(R * 32, -1), yb.reshape(-1), reduction="sum") / 32
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps
+
+    def single_step_time(regime):
+        net, params = build_regime(regime, "fc", 0, build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
+                                   if regime == "flnpf" else None, in_shape=(1, 28, 28))
+        opt = torch.optim.Adam(params, lr=1e-4, eps=1e-7) if opt_name == "adam" else torch.optim.SGD(params, lr=1e-2)
+
+        def step():
+            idx = torch.randint(0, 60000, (32,))
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        return timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps
+
+    seeds = list(range(5))
+    p1 = [r for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") for _ in seeds]
+    t1 = ens_step_time(p1, seeds * 4)
+    t2 = ens_step_time(["flnpf"] * 5, seeds)
+    single = {r: single_step_time(r) for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf", "flnpf")}
+    epochs = 100 if opt_name == "adam" else 300
+    steps_row = 1875 * epochs
+    row_single = 5 * sum(single.values()) * steps_row
+    row_ens = (t1 + t2) * steps_row
+    return dict(bench="ensemble", optimizer=opt_name, ensemble_phase1_step_s=t1, ensemble_phase2_step_s=t2,
+                single_step_s=single, row_one_at_a_time_min=row_single / 60, row_ensemble_min=row_ens / 60,
+                speedup=row_single / row_ens, note="training steps only; evaluation adds ~1 test pass per run-epoch")
+
+
+def bench_ntk10k(args):
+    n = args.n or 10000
+    net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
+    x = mnist(n)
+    out = args.out or "/tmp/neuralpath-ntk10k.npy"
+    t = time.perf_counter()
+    npx.ntk(net, x, params="value", out=out, block=1024, progress=True)
+    return dict(bench="ntk10k", n=n, seconds=time.perf_counter() - t, peak_rss_gib=peak_rss_gib(), out=out)
+
+
+def _peer_python():
+    import os
+    from pathlib import Path
+    cand = [os.environ.get("NEURALPATH_PEER_PYTHON"), str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python")]
+    return next((c for c in cand if c and Path(c).exists()), None)
+
+
+def bench_peer(args):
+    import subprocess
+    import tempfile
+    import numpy as np
+    net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
+    ns = [64, 128, 256, 512, 1024, 2048] if not args.n else [args.n]
+    x = mnist(max(ns)).flatten(1)
+    recs = []
+    for n in ns:
+        xs = x[:n]
+        t_s = timeit(lambda: npx.ntk(net, xs, params="all"), args.repeat)
+        rec = {"impl": "neuralpath structured", "n": n, "seconds": t_s}
+        recs.append(rec)
+        if n <= 512:
+            recs.append({"impl": "torch.func jacobian", "n": n,
+                         "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="jacobian"), 1)})
+        if n <= 128:
+            recs.append({"impl": "torch.func ntk-vector products", "n": n,
+                         "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="vp"), 1, warmup=0)})
+    py = _peer_python()
+    peer = {"skipped": "neural-tangents environment absent (bash scripts/peer-env.sh)"}
+    if py:
+        with tempfile.TemporaryDirectory() as d:
+            z = {f"W{i}": l.weight.detach().numpy() for i, l in enumerate(net.value_layers)}
+            z.update({f"b{i}": l.bias.detach().numpy() for i, l in enumerate(net.value_layers)})
+            np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array(ns), **z)
+            r = subprocess.run([py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz",
+                                f"{d}/out.json"], capture_output=True, text=True, timeout=3000)
+            if r.returncode != 0:
+                peer = {"error": r.stderr.strip().splitlines()[-1][:300]}
+            else:
+                peer = json.loads(open(f"{d}/out.json").read())
+                kn = peer.get("kernel_n")
+                if kn:
+                    k_nt = np.load(f"{d}/out.json.kernel.npy")
+                    ours = npx.ntk(net.double(), x[:kn].double(), params="all").numpy() / net.out_dim  # nt averages
+                    peer["max_rel_diff_vs_neuralpath"] = float(np.abs(k_nt - ours).max() / np.abs(ours).max())
+                    net.float()
+    return dict(bench="peer", records=recs, neural_tangents=peer)
+
+
+def bench_data(args):
+    """Share of an FC epoch spent getting batches: time the indexing alone, and the full steps."""
+    import torch.nn.functional as F
+    x = mnist(60000).flatten(1)
+    y = torch.randint(0, 10, (60000,))
+    net, params = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
+    opt = torch.optim.Adam(params, lr=1e-4, eps=1e-7)
+    order = torch.randperm(60000)
+    steps = args.n or 600
+
+    def fetch_only():
+        for i in range(0, 32 * steps, 32):
+            idx = order[i:i + 32]
+            x[idx], y[idx]
+
+    def full():
+        for i in range(0, 32 * steps, 32):
+            idx = order[i:i + 32]
+            xb, yb = x[idx], y[idx]
+            loss = F.cross_entropy(net(xb), yb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    tf, tt = timeit(fetch_only, args.repeat), timeit(full, args.repeat)
+    return dict(bench="data", steps=steps, fetch_s=tf, step_total_s=tt, data_share=tf / tt)
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
-    p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk"])
+    p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data"])
+    p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--out", default=None)

@@ -70,13 +70,17 @@ def data_info(name, root):
 @click.option("--save-every", type=int, default=0, show_default=True, help="Keep epoch_K.pt every K epochs.")
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--per-rank-batch", is_flag=True,
+              help="Under torchrun: --batch-size is per process (default: the global batch, split among processes).")
 def train(out, resume, **kw):
     """Train one network in one regime; writes metrics.jsonl, checkpoints and result.json to --out."""
     from .train import TrainConfig
     from .train import train as run
     cfg = TrainConfig(**kw)
     res = run(cfg, out, resume=resume)
-    click.echo(f"best test accuracy {res['best_test_acc']:.4f} (epoch {res['best_epoch']}), final "
+    from . import distributed
+    if distributed.is_main():
+        click.echo(f"best test accuracy {res['best_test_acc']:.4f} (epoch {res['best_epoch']}), final "
                f"{res['final_test_acc']:.4f}; records in {out}")
 
 
@@ -123,7 +127,12 @@ def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, 
     net, _ = build_regime(build, cfg.arch, cfg.seed, None, **net_kwargs(cfg, x.shape[1:], 10))
     if checkpoint:
         net.load_state_dict(ck["model"])
-    net = net.to(resolve_device(device), getattr(torch, dtype))
+    from . import distributed
+    dev = resolve_device(device)
+    _, world, local = distributed.init(dev.type)
+    if world > 1 and dev.type == "cuda":
+        dev = torch.device("cuda", local)
+    net = net.to(dev, getattr(torch, dtype))
     return net, x
 
 
@@ -136,7 +145,9 @@ def kernel():
 @_kernel_options
 @click.option("--normalize", default=None, help="none | trace | cosine")
 def kernel_npk(block, out, normalize, **kw):
-    """Neural path kernel of a network's gates, written to --out (.npy)."""
+    """Neural path kernel of a network's gates, written to --out (.npy). Under torchrun the tiles are split among
+    the processes, which write into the one output file."""
+    from . import distributed
     from .kernels.npk import npk
     net, x = _kernel_setup(**kw)
     if normalize in (None, "none"):
@@ -144,8 +155,11 @@ def kernel_npk(block, out, normalize, **kw):
     else:
         from .io import save_npy
         path = out
-        save_npy(out, npk(net, x, normalize=normalize, block=block).cpu().numpy())
-    click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}")
+        K = npk(net, x, normalize=normalize, block=block).cpu().numpy()
+        if distributed.is_main():
+            save_npy(out, K)
+    if distributed.is_main():
+        click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}")
 
 
 @kernel.command("ntk")
@@ -156,7 +170,9 @@ def kernel_ntk(block, out, params, **kw):
     from .kernels.ntk import ntk
     net, x = _kernel_setup(**kw)
     path = ntk(net, x, params=params, block=block, out=out, progress=sys.stderr.isatty())
-    click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}")
+    from . import distributed
+    if distributed.is_main():
+        click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}")
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
@@ -327,7 +343,11 @@ def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n
 def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     try:
-        cli.main(args=argv, prog_name="neuralpath", standalone_mode=False)
+        try:
+            cli.main(args=argv, prog_name="neuralpath", standalone_mode=False)
+        finally:
+            from . import distributed
+            distributed.shutdown()
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)

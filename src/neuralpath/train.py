@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints, datasets
+from . import checkpoints, datasets, distributed
 from .errors import NeuralpathError, check_choice, check_positive_int
 from .io import append_jsonl, read_jsonl, write_json, write_text
 from .regimes import ARCHS, REGIMES, build_regime
@@ -52,6 +52,7 @@ class TrainConfig:
     device: str = "auto"
     save_every: int = 0              # also keep epoch_K.pt every K epochs (0: never)
     relu_checkpoint: str | None = None
+    per_rank_batch: bool = False     # torchrun: batch_size per process (default: global batch, split among ranks)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -203,6 +204,14 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
     if not resume and (out / "last.pt").exists():
         raise NeuralpathError(f"{out} holds an unfinished run; pass --resume to continue it or pick another --out")
     device = resolve_device(cfg.device)
+    rank, world, local = distributed.init(device.type)
+    main = rank == 0
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+    per_rank = cfg.batch_size if (world == 1 or cfg.per_rank_batch) else cfg.batch_size // world
+    if world > 1 and not cfg.per_rank_batch and cfg.batch_size % world:
+        raise NeuralpathError(f"batch_size={cfg.batch_size} is the global batch and must divide among {world} "
+                              "processes; change --batch-size or pass --per-rank-batch")
     relu_state = None
     if cfg.regime == "flnpf":
         ck = checkpoints.load(cfg.relu_checkpoint)
@@ -218,6 +227,10 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
     net, params = build_regime(cfg.regime, cfg.arch, cfg.seed, relu_state, **net_kwargs(cfg, xtr.shape[1:], out_dim))
     net.to(device)
     opt = make_optimizer(cfg.optimizer, params, cfg.lr)
+    model = net
+    if world > 1:  # gradients of the trainable parameters are averaged; a frozen feature net is not synchronised
+        from torch.nn.parallel import DistributedDataParallel
+        model = DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
     cdict = dataclasses.asdict(cfg)
     start, best = 1, {"best_test_acc": -1.0, "best_epoch": 0, "best_val_acc": -1.0, "best_val_epoch": 0,
                       "test_acc_at_best_val": None}
@@ -228,35 +241,51 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
         torch.set_rng_state(ck["rng"])
         start, best = int(ck["epoch"]) + 1, dict(ck["best"])
         recs = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] < start]
-        write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
-    else:
+        distributed.barrier()  # every rank has read last.pt and metrics before rank 0 rewrites them
+        if main:
+            write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", cdict)
+        write_json(out / "config.json", dict(cdict, world_size=world) if world > 1 else cdict)
         write_text(out / "metrics.jsonl", "")
     n = len(ytr)
-    bar = tqdm(range(start, cfg.epochs + 1), initial=start - 1, total=cfg.epochs, disable=None if progress is None else not progress,
+    bar = tqdm(range(start, cfg.epochs + 1), initial=start - 1, total=cfg.epochs,
+               disable=(not main) or (None if progress is None else not progress),
                desc=f"{cfg.regime} {cfg.arch} seed {cfg.seed}", leave=False)
     xtr_d, ytr_d = xtr.to(device), ytr.to(device)
     for epoch in bar:
         t0 = time.time()
-        order = epoch_order(n, cfg.seed, epoch).to(device)
+        if world > 1:  # torch's DistributedSampler: one seeded permutation per epoch, a strided share per rank
+            from torch.utils.data import DistributedSampler
+            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
+            sampler.set_epoch(epoch)
+            order = torch.tensor(list(iter(sampler)), device=device)
+        else:
+            order = epoch_order(n, cfg.seed, epoch).to(device)
         tot_loss, tot_correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
+        for i in range(0, len(order), per_rank):
+            idx = order[i:i + per_rank]
             xb, yb = xtr_d[idx], ytr_d[idx]
-            out_b = net(xb)
+            out_b = model(xb)
             loss = F.cross_entropy(out_b, yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             tot_loss += loss.detach() * len(idx)
             tot_correct += (out_b.detach().argmax(1) == yb).sum()
-        train_loss = tot_loss.item() / n
+        seen = torch.tensor(float(len(order)), device=device)
+        if world > 1:
+            for t in (tot_loss, tot_correct, seen):
+                distributed.all_reduce_sum(t)
+        train_loss = tot_loss.item() / seen.item()
         if not math.isfinite(train_loss):
             raise NeuralpathError(f"training diverged: loss is {train_loss} in epoch {epoch}; the last good checkpoint "
                                   f"is kept in {out / 'last.pt'} (try a smaller --lr)")
+        if not main:  # rank 0 evaluates and writes; the others wait for it
+            distributed.barrier()
+            continue
         test_loss, test_acc, acc_even, acc_odd = evaluate(net, xte, yte, device, halves=True)
-        rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": tot_correct.item() / n,
+        rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": tot_correct.item() / seen.item(),
                "test_loss": test_loss, "test_acc": test_acc, "test_acc_even": acc_even, "test_acc_odd": acc_odd,
                "seconds": time.time() - t0}
         is_best = test_acc > best["best_test_acc"]
@@ -275,9 +304,14 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
         checkpoints.save(out / "last.pt", {"model": model_state, "optimizer": opt.state_dict(), "config": cdict,
                                             "epoch": epoch, "best": best, "rng": torch.get_rng_state()})
         bar.set_postfix(loss=f"{train_loss:.3f}", test=f"{test_acc:.4f}")
+        distributed.barrier()
     bar.close()
+    if not main:
+        distributed.barrier()
+        return json.loads((out / "result.json").read_text())
     result = dict(best, clean_test_acc=clean_accuracy(read_jsonl(out / "metrics.jsonl")), final_test_acc=test_acc if cfg.epochs >= start else read_jsonl(out / "metrics.jsonl")[-1]["test_acc"],
                   epochs=cfg.epochs, config=cdict, versions=versions(), device=str(device),
                   data=datasets.source_label(cfg.dataset, cfg.data_root))
     write_json(out / "result.json", result)
+    distributed.barrier()
     return result

@@ -42,7 +42,7 @@ PAPER = {
 ORDER = ("frnpf-ii", "frnpf-di", "dlnpf", "flnpf", "relu")  # the paper's column order
 BUDGETS = ("quick", "paper")
 # quick: what 2 CPU cores do in minutes. FC: full MNIST, few epochs. Conv: a stratified CIFAR-10 subset.
-QUICK = {"fc": dict(epochs=3, limit_train=None, limit_test=None),
+QUICK = {"fc": dict(epochs=5, limit_train=None, limit_test=None),
          "vconv": dict(epochs=2, limit_train=500, limit_test=500),
          "gconv": dict(epochs=2, limit_train=500, limit_test=500)}
 

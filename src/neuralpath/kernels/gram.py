@@ -8,8 +8,11 @@
   name and renamed when complete;
 - before any work it refuses, with a size estimate, a result that fits neither in memory (no ``out``) nor on the
   output's disk;
-- with torch.distributed initialised and ``out`` given, tiles are split among ranks (round robin), each rank
-  writes its tiles into the one shared memmap, and rank 0 renames it after a barrier.
+- with torch.distributed initialised, tiles are split among ranks (round robin): with ``out`` each rank writes its
+  tiles into the one shared .npy file and rank 0 renames it after a barrier (the ranks must share a file system);
+  in memory, each rank fills its tiles of a zero matrix and one all-reduce (sum) gives every rank the whole kernel.
+  Each entry is computed by exactly one rank with the same code as in one process, so the result is bit for bit
+  the single-process one.
 """
 from __future__ import annotations
 
@@ -93,8 +96,8 @@ def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=tor
     itemsize = torch.empty((), dtype=dtype).element_size()
     check_size(n1, n2, itemsize, out, memory_limit)
     rank, world = _dist()
-    if out is None:
-        K = torch.empty((n1, n2), dtype=dtype)
+    if out is None:  # several ranks, in memory: each fills its tiles, then one all-reduce sums them
+        K = (torch.zeros if world > 1 else torch.empty)((n1, n2), dtype=dtype)
         target = K.numpy()
     else:
         out = Path(out)
@@ -131,6 +134,8 @@ def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=tor
         bar.update(1)
     bar.close()
     if out is None:
+        if world > 1:
+            torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.SUM)
         return K
     target.close()
     if world > 1:
