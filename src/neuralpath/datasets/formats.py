@@ -11,6 +11,7 @@ import gzip
 import io
 import pickle
 import tarfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -28,7 +29,7 @@ def open_maybe_gz(path) -> bytes:
     if data[:2] == b"\x1f\x8b":
         try:
             data = gzip.decompress(data)
-        except (OSError, EOFError, gzip.BadGzipFile) as e:
+        except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
             raise NeuralpathError(f"{path}: corrupt gzip stream ({e}); delete it and fetch the data again") from None
     return data
 

@@ -2,7 +2,7 @@
 
 ``gram(featurize, pair, x1, x2)`` computes K[i, j] = pair(featurize(x1[I]), featurize(x2[J]))[i, j] tile by tile:
 - tiles of ``block`` rows x ``block`` columns; in the symmetric case (x2 is None) only tiles with J >= I are
-  computed and mirrored, so each pair is computed once;
+  computed and mirrored (diagonal tiles too), so each pair is computed once and K equals K.T exactly;
 - per-input features are computed once and kept when they fit in ``feature_budget`` bytes, else per tile;
 - the result is a tensor in memory, or streamed into a ``.npy`` memmap (``out=``) written under a temporary
   name and renamed when complete;
@@ -128,6 +128,9 @@ def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=tor
             a = f1
             b = f1 if (sym and bi == bj) else featurize(x2_[j0:j0 + block])
         tile = pair(a, b).to(dtype).cpu().numpy()
+        if sym and bi == bj:  # BLAS does not promise a @ a.T symmetric to the last bit: mirror the upper triangle
+            iu = np.triu_indices(tile.shape[0], 1)
+            tile[(iu[1], iu[0])] = tile[iu]
         target[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
         if sym and bi != bj:
             target[j0:j0 + tile.shape[1], i0:i0 + tile.shape[0]] = tile.T
