@@ -269,7 +269,8 @@ def reproduce_ntk_split(budget, epochs, data_root, out):
 
 @reproduce.command("continuous")
 @click.option("--budget", default="quick", show_default=True, help="quick | paper")
-@click.option("--arch", default="gconv", show_default=True, help="gconv (the paper's) | vconv | fc (MNIST)")
+@click.option("--arch", default=None, help="gconv (the paper's; default of --budget paper) | vconv | fc (MNIST; "
+              "default of --budget quick)")
 @click.option("--stages", type=int, default=None)
 @click.option("--step", type=int, default=None, help="ReLU epochs between stages.")
 @click.option("--stage-epochs", type=int, default=None, help="Epochs each stage trains.")
