@@ -80,7 +80,7 @@ BAD = [
     (lambda: npx.FCDGN(gate="relu"), "gate='relu'"),
     (lambda: npx.ConvDGN("resnet", in_channels=1, out_dim=2), "arch='resnet'"),
     (lambda: npx.npk(npx.FCDGN(in_dim=4, width=3, depth=3), torch.rand(2, 5)), "in_dim=4"),
-    (lambda: npx.npk(npx.FCDGN(in_dim=4, width=3, depth=3), torch.rand(2, 4).double()), "dtype"),
+    (lambda: npx.FCDGN(in_dim=4, width=3, depth=3)(torch.rand(2, 4).double()), "dtype"),
     (lambda: npx.npk(npx.FCDGN(in_dim=4, width=3, depth=3), torch.tensor([[1.0, float("inf"), 0, 0]])), "NaN or inf"),
     (lambda: npx.ntk(npx.FCDGN(in_dim=4, width=3, depth=3), torch.rand(2, 4), params="bias"), "params='bias'"),
     (lambda: npx.ntk(npx.FCDGN(in_dim=4, width=3, depth=3), torch.rand(2, 4), method="fast"), "method='fast'"),
