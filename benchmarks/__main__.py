@@ -10,6 +10,8 @@
     python -m benchmarks ntk10k   the value-network NTK of 10,000 MNIST images (FC 6x128, 10 logits), streamed
     python -m benchmarks peer     structured NTK vs torch.func vs neural-tangents 0.6.5 (optional environment)
     python -m benchmarks data     share of a training epoch spent getting batches (indexing the in-memory tensors)
+    python -m benchmarks npkscale NPK vs GEMM while n (1k-8k), width (64-512), depth (2-8) and hard/soft gates vary
+    python -m benchmarks convntk  structured NTK of a small GCONV vs torch.func Jacobian contraction
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 import argparse
@@ -258,9 +260,46 @@ def bench_data(args):
     return dict(bench="data", steps=steps, fetch_s=tf, step_total_s=tt, data_share=tf / tt)
 
 
+def bench_npkscale(args):
+    """NPK time against the same-multiply-add GEMM while n, width, depth and the gate kind vary."""
+    from neuralpath.nets import FCDGN
+    recs = []
+    x_all = mnist(8000).flatten(1)
+
+    def one(n, width, depth, gate):
+        net = FCDGN(in_dim=784, width=width, depth=depth, out_dim=10, gate=gate)
+        x = x_all[:n]
+        k = 784 + (depth - 1) * width
+        a, b = torch.randn(n, k), torch.randn(n, k)
+        tg = timeit(lambda: a @ b.T, args.repeat)
+        tn = timeit(lambda: npx.npk(net, x, block=1024), args.repeat)
+        recs.append(dict(n=n, width=width, depth=depth, gate=gate, npk_s=tn, gemm_s=tg, ratio=tn / tg))
+        print(json.dumps(recs[-1]), file=sys.stderr, flush=True)
+    for n in (1000, 2000, 4000, 8000):
+        one(n, 128, 6, "hard")
+    for w in (64, 256, 512):
+        one(4000, w, 6, "hard")
+    for d in (2, 4, 8):
+        one(4000, 128, d, "hard")
+    one(4000, 128, 6, "soft")
+    return dict(bench="npkscale", records=recs)
+
+
+def bench_convntk(args):
+    """Structured NTK of a small GCONV vs torch.func Jacobian contraction, CIFAR-shaped inputs."""
+    net = npx.ConvDGN("gconv", in_channels=3, out_dim=10, channels=(16, 16, 32, 32), hidden=(64, 64), tied=True)
+    n = args.n or 32
+    x = torch.rand(n, 3, 32, 32)
+    ts = timeit(lambda: npx.ntk(net, x, params="all"), args.repeat)
+    tj = timeit(lambda: npx.ntk(net, x, params="all", method="jacobian"), 1)
+    diff = (npx.ntk(net, x, params="all") - npx.ntk(net, x, params="all", method="jacobian")).abs().max().item()
+    return dict(bench="convntk", n=n, structured_s=ts, jacobian_s=tj, speedup=tj / ts, max_abs_diff=diff)
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
-    p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data"])
+    p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data",
+                                      "npkscale", "convntk"])
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5)
