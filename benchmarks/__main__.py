@@ -286,14 +286,43 @@ def bench_npkscale(args):
 
 
 def bench_convntk(args):
-    """Structured NTK of a small GCONV vs torch.func Jacobian contraction, CIFAR-shaped inputs."""
-    net = npx.ConvDGN("gconv", in_channels=3, out_dim=10, channels=(16, 16, 32, 32), hidden=(64, 64), tied=True)
+    """Structured NTK of a small GCONV vs torch.func Jacobian contraction (and neural-tangents, if its optional
+    environment exists), CIFAR-shaped inputs."""
+    import subprocess
+    import tempfile
+    import numpy as np
+
+    def make():
+        return npx.ConvDGN("gconv", in_channels=3, out_dim=10, channels=(16, 16, 32, 32), hidden=(64, 64), tied=True,
+                           generator=torch.Generator().manual_seed(0))
+    net = make()
     n = args.n or 32
-    x = torch.rand(n, 3, 32, 32)
+    x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     ts = timeit(lambda: npx.ntk(net, x, params="all"), args.repeat)
     tj = timeit(lambda: npx.ntk(net, x, params="all", method="jacobian"), 1)
-    diff = (npx.ntk(net, x, params="all") - npx.ntk(net, x, params="all", method="jacobian")).abs().max().item()
-    return dict(bench="convntk", n=n, structured_s=ts, jacobian_s=tj, speedup=tj / ts, max_abs_diff=diff)
+    ours = npx.ntk(make(), x, params="all")
+    diff = (ours - npx.ntk(make(), x, params="all", method="jacobian")).abs().max().item()
+    rec = dict(bench="convntk", n=n, structured_s=ts, jacobian_s=tj, speedup=tj / ts, max_abs_diff=diff)
+    py = _peer_python()
+    if not py:
+        rec["neural_tangents"] = {"skipped": "neural-tangents environment absent (bash scripts/peer-env.sh)"}
+        return rec
+    ref = make()
+    with tempfile.TemporaryDirectory() as d:
+        z = {f"W{i}": l.weight.detach().numpy() for i, l in enumerate(ref.value_layers)}
+        z.update({f"b{i}": l.bias.detach().numpy() for i, l in enumerate(ref.value_layers)})
+        n_conv = sum(isinstance(l, torch.nn.Conv2d) for l in ref.value_layers)
+        np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array([n]), n_conv=np.array(n_conv), **z)
+        r = subprocess.run([py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz",
+                            f"{d}/out.json"], stdout=subprocess.PIPE, text=True, timeout=3000)
+        if r.returncode:
+            rec["neural_tangents"] = {"error": f"exit status {r.returncode}"}
+            return rec
+        peer = json.loads(open(f"{d}/out.json").read())
+        k_nt = np.load(f"{d}/out.json.kernel.npy")
+        peer["max_rel_diff_vs_neuralpath"] = float(np.abs(k_nt - ours.numpy() / 10).max() / np.abs(ours.numpy() / 10).max())
+        rec["neural_tangents"] = peer
+    return rec
 
 
 def main():

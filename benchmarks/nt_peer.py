@@ -26,9 +26,19 @@ def main(inp, outp):
     ns = [int(v) for v in z["ns"]]
     x_all = jnp.asarray(z["x"])
 
+    n_conv = int(z["n_conv"]) if "n_conv" in z.files else 0
+    if n_conv:  # conv layers keep PyTorch's OIHW layout
+        params = [(jnp.asarray(z[f"W{i}"]), jnp.asarray(z[f"b{i}"])) if i < n_conv else
+                  (jnp.asarray(z[f"W{i}"].T), jnp.asarray(z[f"b{i}"])) for i in layers]
+
     def f(p, x):
         h = x
-        for w, b in p[:-1]:
+        if n_conv:  # 3x3 'same' convolutions, ReLU, then global average pooling (GCONV)
+            for w, b in p[:n_conv]:
+                h = jax.lax.conv_general_dilated(h, w, (1, 1), "SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+                h = jax.nn.relu(h + b[None, :, None, None])
+            h = h.mean(axis=(2, 3))
+        for w, b in p[n_conv:-1]:
             h = jax.nn.relu(h @ w + b)
         w, b = p[-1]
         return h @ w + b
