@@ -31,8 +31,8 @@ from . import checkpoints, datasets
 from .errors import NeuralpathError
 from .io import append_jsonl, read_jsonl, write_json, write_text
 from .regimes import build_regime
-from .train import (TrainConfig, clean_accuracy, epoch_order, load_test, load_train_full, net_kwargs, resolve_device,
-                    train_val_indices, versions)
+from .train import (TrainConfig, clean_accuracy, epoch_order, load_relu_state, load_test, load_train_full,
+                    net_kwargs, resolve_device, train_val_indices, versions)
 
 SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "limit_train",
           "limit_test", "val_split", "data_root", "device")
@@ -220,13 +220,7 @@ def train_ensemble(cfgs, outs, state_path, resume: bool = True, progress: bool |
     xtr = x_full
     nets = []
     for c in tc:
-        relu_state = None
-        if c.regime == "flnpf":
-            ck = checkpoints.load(c.relu_checkpoint)
-            if ck["config"].get("regime") != "relu":
-                raise NeuralpathError(f"{c.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
-            relu_state = ck["model"]
-        net, _ = build_regime(c.regime, c.arch, c.seed, relu_state, **net_kwargs(c, xtr.shape[1:], 10))
+        net, _ = build_regime(c.regime, c.arch, c.seed, load_relu_state(c), **net_kwargs(c, xtr.shape[1:], 10))
         nets.append(net)
     ens = FCEnsemble(nets, [c.regime for c in tc]).to(device)
     params = ens.parameters()

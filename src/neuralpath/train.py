@@ -191,6 +191,21 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * int(seed) + int(epoch)))
 
 
+def load_relu_state(cfg: TrainConfig):
+    """FLNPF: the state_dict of the trained ReLU run named by ``cfg.relu_checkpoint``, checked to be a ReLU run of
+    the same architecture and data set; None for the other regimes."""
+    if cfg.regime != "flnpf":
+        return None
+    ck = checkpoints.load(cfg.relu_checkpoint)
+    if ck["config"].get("regime") != "relu":
+        raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
+    for k in ("arch", "width", "depth", "channels", "hidden", "dataset"):
+        if k in ck["config"] and ck["config"][k] != getattr(cfg, k) and not (cfg.arch != "fc" and k in ("width", "depth")):
+            raise NeuralpathError(f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
+                                  f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture")
+    return ck["model"]
+
+
 def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = None, log=print,
           data=None) -> dict:
     """Train one run and return its result record (also written to ``out/result.json``)."""
@@ -212,16 +227,7 @@ def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = N
     if world > 1 and not cfg.per_rank_batch and cfg.batch_size % world:
         raise NeuralpathError(f"batch_size={cfg.batch_size} is the global batch and must divide among {world} "
                               "processes; change --batch-size or pass --per-rank-batch")
-    relu_state = None
-    if cfg.regime == "flnpf":
-        ck = checkpoints.load(cfg.relu_checkpoint)
-        if ck["config"].get("regime") != "relu":
-            raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
-        for k in ("arch", "width", "depth", "channels", "hidden", "dataset"):
-            if k in ck["config"] and ck["config"][k] != getattr(cfg, k) and not (cfg.arch != "fc" and k in ("width", "depth")):
-                raise NeuralpathError(f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
-                                      f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture")
-        relu_state = ck["model"]
+    relu_state = load_relu_state(cfg)
     (xtr, ytr), val, (xte, yte) = data if data is not None else load_data(cfg)
     out_dim = int(max(ytr.max(), yte.max()).item()) + 1 if cfg.dataset == "synthetic" else 10
     net, params = build_regime(cfg.regime, cfg.arch, cfg.seed, relu_state, **net_kwargs(cfg, xtr.shape[1:], out_dim))
