@@ -238,10 +238,6 @@ def reproduce_theorem(budget, data_root, out):
     click.echo(f"records: {Path(out) / 'theorem.jsonl'}   plot: {Path(out) / 'theorem.png'}")
 
 
-def _show(md, *files):
-    click.echo(md)
-
-
 @reproduce.command("nu")
 @click.option("--budget", default="quick", show_default=True, help="quick (2 runs, 10 epochs, 4000 images) | paper")
 @click.option("--runs", type=int, default=None, help="Override the number of runs.")
@@ -251,7 +247,7 @@ def _show(md, *files):
 def reproduce_nu(budget, runs, epochs, data_root, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu
-    _show(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, progress=_progress(),
+    click.echo(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, progress=_progress(),
                  log=lambda m: click.echo(m, err=True)))
 
 
@@ -263,7 +259,7 @@ def reproduce_nu(budget, runs, epochs, data_root, out):
 def reproduce_ntk_split(budget, epochs, data_root, out):
     """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
     from .experiments import ntk_split
-    _show(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, progress=_progress(),
+    click.echo(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, progress=_progress(),
                         log=lambda m: click.echo(m, err=True)))
 
 
@@ -281,7 +277,7 @@ def reproduce_ntk_split(budget, epochs, data_root, out):
 def reproduce_continuous(budget, arch, stages, step, stage_epochs, limit_train, data_root, device, out):
     """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
     from .experiments import continuous
-    _show(continuous.run(out, budget, arch=arch, stages=stages, step=step, stage_epochs=stage_epochs,
+    click.echo(continuous.run(out, budget, arch=arch, stages=stages, step=step, stage_epochs=stage_epochs,
                          limit_train=limit_train, data_root=data_root, device=device, progress=_progress(),
                          log=lambda m: click.echo(m, err=True)))
 
@@ -297,7 +293,7 @@ def reproduce_continuous(budget, arch, stages, step, stage_epochs, limit_train, 
 def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, out):
     """Kernel ridge regression and an SVM on the NPK of evolving gates, and on the final NTK."""
     from .experiments import kernel_machines
-    _show(kernel_machines.run(out, budget, arch=arch, n_train=n_train, n_test=n_test, epochs=epochs,
+    click.echo(kernel_machines.run(out, budget, arch=arch, n_train=n_train, n_test=n_test, epochs=epochs,
                               data_root=data_root, progress=_progress(), log=lambda m: click.echo(m, err=True)))
 
 

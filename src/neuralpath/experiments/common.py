@@ -1,7 +1,6 @@
 """Helpers shared by the experiments: records, plots, data with a synthetic fallback."""
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 
@@ -47,7 +46,3 @@ def pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
-
-
-def dumps(x):
-    return json.dumps(x, sort_keys=True)

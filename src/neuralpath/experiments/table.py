@@ -17,7 +17,6 @@ row and then finds it done; every record is one file per run, and runs.jsonl is 
 from __future__ import annotations
 
 import json
-import statistics
 import time
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from ..errors import NeuralpathError, check_choice
 from ..io import atomic_path, write_text
 from ..regimes import REGIMES
 from ..train import PAPER_DEFAULTS, TrainConfig, train
+from .common import mean_std
 
 ROWS = {"fc-sgd": ("fc", "sgd", "mnist"), "fc-adam": ("fc", "adam", "mnist"),
         "vconv-sgd": ("vconv", "sgd", "cifar10"), "vconv-adam": ("vconv", "adam", "cifar10"),
@@ -117,10 +117,7 @@ def collect(out):
 
 
 def _ms(vals):
-    vals = [100 * v for v in vals if v is not None]
-    if not vals:
-        return None, None
-    return statistics.fmean(vals), statistics.pstdev(vals)
+    return mean_std([100 * v for v in vals if v is not None])
 
 
 def summarise(recs, rows):
