@@ -12,6 +12,8 @@
     python -m benchmarks data     share of a training epoch spent getting batches (indexing the in-memory tensors)
     python -m benchmarks npkscale NPK vs GEMM while n (1k-8k), width (64-512), depth (2-8) and hard/soft gates vary
     python -m benchmarks convntk  structured NTK of a small GCONV vs torch.func Jacobian contraction
+    python -m benchmarks roofline lower bound on the fc-adam row from this machine's measured GEMM rate and memory
+                                  bandwidth, beside the measured ensemble steps
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 import argparse
@@ -112,40 +114,51 @@ def bench_convnpk(args):
     return dict(bench="convnpk", n=n, seconds=t, pairs_per_s=n * (n + 1) / 2 / t)
 
 
-def bench_ensemble(args):
+def _make_nets(regs, seeds):
+    relu_state = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
+    return [build_regime(r, "fc", s, relu_state if r == "flnpf" else None, in_shape=(1, 28, 28))[0]
+            for r, s in zip(regs, seeds)]
+
+
+def _opt_for(params, opt_name):
+    return (torch.optim.Adam(params, lr=1e-4, eps=1e-7, fused=True) if opt_name == "adam"
+            else torch.optim.SGD(params, lr=1e-2))
+
+
+def _row_phases(n_seeds=5):
+    """The two ensembles of one FC table row, as train_ensemble builds them: (regimes, seeds) per phase."""
+    seeds = list(range(n_seeds))
+    p1 = [r for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") for _ in seeds]
+    return [(p1, seeds * 4), (["flnpf"] * n_seeds, seeds)]
+
+
+def _ensemble_step_time(regs, seeds, x, y, steps, opt_name, repeat, batch=32):
     import torch.nn.functional as F
     from neuralpath.ensemble import FCEnsemble
+    ens = FCEnsemble(_make_nets(regs, seeds), regs)
+    opt = _opt_for(ens.parameters(), opt_name)
+    R, nt, nf = ens.R, ens.nt, ens.nf
+    table = ens.frozen_gate_table(x) if nf else None
+    rows = torch.arange(nf)[:, None]
+
+    def step():
+        idx = torch.randint(0, len(x), (R, batch))
+        flat = idx.reshape(-1)
+        xb, yb = x.index_select(0, flat).view(R, batch, -1), y.index_select(0, flat).view(R, batch)
+        out = ens.forward(xb, table[rows, idx[nt:nt + nf]] if nf else None)
+        loss = F.cross_entropy(out.reshape(R * batch, -1), yb.reshape(-1), reduction="sum") / batch
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return timeit(lambda: [step() for _ in range(steps)], repeat) / steps, ens
+
+
+def bench_ensemble(args):
+    import torch.nn.functional as F
     x = mnist(60000).flatten(1)
     y = torch.randint(0, 10, (60000,))
     steps = args.n or 150
     opt_name = args.optimizer
-
-    def make(regs, seeds):
-        relu_state = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
-        return [build_regime(r, "fc", s, relu_state if r == "flnpf" else None, in_shape=(1, 28, 28))[0]
-                for r, s in zip(regs, seeds)]
-
-    def opt_for(params):
-        return (torch.optim.Adam(params, lr=1e-4, eps=1e-7, fused=True) if opt_name == "adam"
-                else torch.optim.SGD(params, lr=1e-2))
-
-    def ens_step_time(regs, seeds):
-        ens = FCEnsemble(make(regs, seeds), regs)
-        opt = opt_for(ens.parameters())
-        R, nt, nf = ens.R, ens.nt, ens.nf
-        table = ens.frozen_gate_table(x) if nf else None
-        rows = torch.arange(nf)[:, None]
-
-        def step():
-            idx = torch.randint(0, 60000, (R, 32))
-            flat = idx.reshape(-1)
-            xb, yb = x.index_select(0, flat).view(R, 32, -1), y.index_select(0, flat).view(R, 32)
-            out = ens.forward(xb, table[rows, idx[nt:nt + nf]] if nf else None)
-            loss = F.cross_entropy(out.reshape(R * 32, -1), yb.reshape(-1), reduction="sum") / 32
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-        return timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps
 
     def single_step_time(regime):
         net, params = build_regime(regime, "fc", 0, build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
@@ -160,10 +173,9 @@ def bench_ensemble(args):
             opt.step()
         return timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps
 
-    seeds = list(range(5))
-    p1 = [r for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") for _ in seeds]
-    t1 = ens_step_time(p1, seeds * 4)
-    t2 = ens_step_time(["flnpf"] * 5, seeds)
+    (p1, s1), (p2, s2) = _row_phases()
+    t1, _ = _ensemble_step_time(p1, s1, x, y, steps, opt_name, args.repeat)
+    t2, _ = _ensemble_step_time(p2, s2, x, y, steps, opt_name, args.repeat)
     single = {r: single_step_time(r) for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf", "flnpf")}
     epochs = 100 if opt_name == "adam" else 300
     steps_row = 1875 * epochs
@@ -172,6 +184,52 @@ def bench_ensemble(args):
     return dict(bench="ensemble", optimizer=opt_name, ensemble_phase1_step_s=t1, ensemble_phase2_step_s=t2,
                 single_step_s=single, row_one_at_a_time_min=row_single / 60, row_ensemble_min=row_ens / 60,
                 speedup=row_single / row_ens, note="training steps only; evaluation adds ~1 test pass per run-epoch")
+
+
+def _step_work(ens, batch=32):
+    """Matrix-product FLOPs and Adam bytes of one training step of an FCEnsemble, counted from its shapes: per
+    stacked layer (R, in, out) forward 2*R*B*in*out, weight gradient the same, input gradient the same except for
+    the first layer (the data needs none); fused Adam reads parameter, gradient and both moments and writes
+    parameter and both moments: 7 float32 per parameter."""
+    flops = 0
+    for group in (ens.value, ens.soft):
+        for l, (w, _) in enumerate(group):
+            r, i, o = w.shape
+            flops += 2 * r * batch * i * o * (2 if l == 0 else 3)
+    params = sum(t.numel() for t in ens.parameters())
+    return flops, params, 7 * 4 * params
+
+
+def bench_roofline(args):
+    """Lower bound on the fc-adam row at the paper's budget on this machine, from its measured peaks: the row's GEMM
+    FLOPs at the rate of one large GEMM plus the Adam traffic at the measured memory bandwidth, beside the measured
+    ensemble steps (same run)."""
+    x = mnist(60000).flatten(1)
+    y = torch.randint(0, 10, (60000,))
+    steps = args.n or 100
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm_gflops = 2 * 2048 ** 3 / timeit(lambda: a @ b, args.repeat) / 1e9
+    big = 1 << 26  # 256 MiB per float32 array
+    u, v, w = torch.empty(big), torch.rand(big), torch.rand(big)
+    triad_gbs = 3 * 4 * big / timeit(lambda: torch.add(v, w, alpha=0.5, out=u), args.repeat) / 1e9
+    del u, v, w
+    steps_row = 1875 * 100
+    phases = []
+    for regs, seeds in _row_phases():
+        t, ens = _ensemble_step_time(regs, seeds, x, y, steps, "adam", args.repeat)
+        flops, params, adam_bytes = _step_work(ens)
+        flat = torch.zeros(params, requires_grad=True)
+        flat.grad = torch.rand(params)
+        adam = torch.optim.Adam([flat], lr=1e-4, eps=1e-7, fused=True)  # the same update on one flat tensor
+        t_adam = timeit(adam.step, args.repeat)
+        bound = flops / (gemm_gflops * 1e9) + adam_bytes / (triad_gbs * 1e9)
+        phases.append(dict(runs=len(regs), gemm_mflop_per_step=flops / 1e6, adam_params=params,
+                           adam_mb_per_step=adam_bytes / 1e6, measured_step_s=t, fused_adam_alone_s=t_adam,
+                           lower_bound_step_s=bound, measured_over_bound=t / bound))
+    return dict(bench="roofline", large_gemm_gflops=gemm_gflops, triad_gb_per_s=triad_gbs, steps_in_row=steps_row,
+                phases=phases, row_lower_bound_min=sum(p["lower_bound_step_s"] for p in phases) * steps_row / 60,
+                row_measured_min=sum(p["measured_step_s"] for p in phases) * steps_row / 60,
+                note="training steps only; the bound ignores activations, elementwise work and evaluation")
 
 
 def bench_ntk10k(args):
@@ -328,7 +386,7 @@ def bench_convntk(args):
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data",
-                                      "npkscale", "convntk"])
+                                      "npkscale", "convntk", "roofline"])
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5)

@@ -73,6 +73,22 @@ def test_ensemble_rejects_mixed_settings(tmp_path):
         train_ensemble([c], [tmp_path / "c"], tmp_path / "e.pt")
 
 
+def test_more_seeds_after_a_finished_ensemble(tmp_path):
+    """`--seeds 1` then `--seeds 2` on one folder: the finished ensemble's checkpoint is left behind and must not
+    block the new runs; an unfinished ensemble's checkpoint must (its runs would be lost)."""
+    one = [TrainConfig(regime="relu", seed=0, **KW)]
+    outs = [tmp_path / "relu-s0"]
+    train_ensemble(one, outs, tmp_path / "ens.pt", progress=False)
+    more = one + [TrainConfig(regime="relu", seed=1, **KW)]
+    res = train_ensemble(more, outs + [tmp_path / "relu-s1"], tmp_path / "ens.pt", progress=False)
+    alone = train(more[1], tmp_path / "alone", progress=False)
+    assert res[1]["best_test_acc"] == pytest.approx(alone["best_test_acc"], abs=1e-12)
+    (tmp_path / "relu-s1" / "result.json").unlink()  # as if the seed-1 ensemble had been killed
+    with pytest.raises(NeuralpathError, match="another, unfinished set of runs"):
+        train_ensemble([TrainConfig(regime="relu", seed=2, **KW)], [tmp_path / "relu-s2"], tmp_path / "ens.pt",
+                       progress=False)
+
+
 SCRIPT = r"""
 import sys
 from neuralpath.train import TrainConfig

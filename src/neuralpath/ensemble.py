@@ -233,10 +233,15 @@ def train_ensemble(cfgs, outs, state_path, resume: bool = True, progress: bool |
     start = 1
     state_path = Path(state_path)
     cdicts = [dataclasses.asdict(c) for c in tc]
+    ck = None
     if resume and state_path.exists():
         ck = checkpoints.load(state_path, require=("runs", "tensors", "optimizer"))
         if ck.get("runs") != [str(o) for o in to]:
-            raise NeuralpathError(f"{state_path} belongs to another set of runs; remove it to start afresh")
+            if not all((Path(r) / "result.json").exists() for r in ck.get("runs", [])):
+                raise NeuralpathError(f"{state_path} belongs to another, unfinished set of runs; finish those runs "
+                                      "or remove the file to start afresh")
+            ck = None  # left by an ensemble whose runs all finished (e.g. seed 0 before --seeds 5): start afresh
+    if ck is not None:
         with torch.no_grad():
             for t, s in zip(ens.tensors(), ck["tensors"]):
                 t.copy_(s)

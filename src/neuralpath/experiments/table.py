@@ -91,7 +91,8 @@ def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_tes
             outs = [rdir / f"{r}-s{s}" for r, s in runs]
             if st["arch"] == "fc" and vectorise:
                 from ..ensemble import train_ensemble
-                log(f"{row}: training {len(runs)} runs as one vectorised ensemble ({phase})")
+                left = sum(not (o / "result.json").exists() for o in outs)
+                log(f"{row}: {left} of {len(runs)} runs left to train, as one vectorised ensemble ({phase})")
                 train_ensemble(cfgs, outs, rdir / f"ensemble-{phase}.pt", resume=True, progress=progress)
             else:
                 for c, o in zip(cfgs, outs):
