@@ -181,7 +181,7 @@ def _progress():
     return True if sys.stderr.isatty() else None
 
 
-def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, vectorise=True):
+def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, stacked=True):
     from .errors import NeuralpathError
     from .experiments import table
     if isinstance(rows, str):
@@ -190,7 +190,7 @@ def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out,
             raise NeuralpathError("--rows is empty; give e.g. --rows fc-adam,fc-sgd")
     md = table.run(out, rows=rows, seeds=seeds, budget=budget, epochs=epochs, limit_train=limit_train,
                    limit_test=limit_test, data_root=data_root, device=device, progress=_progress(),
-                   log=lambda m: click.echo(m, err=True), vectorise=vectorise)
+                   log=lambda m: click.echo(m, err=True), stacked=stacked)
     click.echo(md)
 
 
@@ -216,11 +216,27 @@ def reproduce(ctx, out, data_root):
 @click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")
 @click.option("--data-root", default=None)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--one-at-a-time", is_flag=True, help="Train FC runs one by one instead of as a vectorised ensemble.")
+@click.option("--one-at-a-time", is_flag=True, help="Train the runs one by one instead of as one stack per phase.")
 @click.option("--out", default="runs/table", show_default=True)
 def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, device, one_at_a_time, out):
     """The paper's table: 5 regimes per row, our mean ± std beside the paper's; records, table.md and a bar chart."""
     _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time)
+
+
+@reproduce.command("budget")
+@click.option("--grid", default="cpu", show_default=True, help="cpu (the measured grid, hours) | tiny (a smoke test)")
+@click.option("--arch", default="gconv", show_default=True, help="gconv | vconv")
+@click.option("--limit-test", type=int, default=None, help="Evaluate on a stratified test subset (default: all).")
+@click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="runs/budget", show_default=True)
+def reproduce_budget(grid, arch, limit_test, data_root, device, out):
+    """ReLU - FRNPF-II against training budget (width, images, epochs) on CIFAR-10: where the paper's order appears."""
+    from .errors import check_choice
+    from .experiments import budget
+    check_choice("arch", arch, ("gconv", "vconv"))
+    click.echo(budget.run(out, grid=grid, arch=arch, limit_test=limit_test, data_root=data_root, device=device,
+                          progress=_progress(), log=lambda m: click.echo(m, err=True)))
 
 
 @reproduce.command("theorem")

@@ -1,20 +1,37 @@
-"""One training loop for every regime (SPEC §3, §5): batch 32, Adam (eps 1e-7) or plain SGD, softmax cross-entropy.
+"""The training engine: one loop for every network, regime and experiment (arXiv 2006.10529, section 5).
 
-A run folder holds: config.json, metrics.jsonl (one record per epoch), last.pt (model, optimiser, epoch, RNG;
-written atomically every epoch), best.pt (model of the best test epoch: the authors' FLNPF source),
-epoch_K.pt every --save-every K epochs, and result.json at the end. ``resume=True`` continues after a kill so that
-the final result equals that of an uninterrupted run (on CPU, same seed): the data order of epoch e depends only
-on (seed, e).
+:func:`fit` trains a *stack* of R runs (:mod:`neuralpath.stacks`; R = 1 is a single run) for any architecture: each
+run has its own network (built by :func:`neuralpath.regimes.build_regime`, or by an experiment), seed, data order
+and training subset; all runs take each optimiser step together. The loss and the optimiser are injectable (the
+paper's tables use softmax cross-entropy with Adam (eps 1e-7) or plain SGD at batch 32; ``nu`` uses MSE with Keras'
+RMSprop). Everything a run needs is kept here, once:
+
+- data: a :class:`RunData` is resolved once per request (train/test tensors, each run's rows) and handed in;
+- the data order of epoch e of a run depends only on (seed, e) (:func:`epoch_order`), so a killed run resumes to
+  the bit-identical result: the state (every run's weights, the optimiser, the epoch, the best-so-far) is one atomic
+  checkpoint, written at least every ``state_every_s`` seconds and at the end;
+- the records of each run folder (:mod:`neuralpath.runfolder`): metrics.jsonl per epoch, best.pt (best test epoch:
+  the authors' protocol and FLNPF's source), best_even.pt (best on the even half of the test set: the clean
+  protocol's source), epoch_K.pt / best_at_K.pt every ``save_every`` epochs, result.json;
+- a non-finite loss stops the stack with a message saying what is on disk;
+- under torchrun every process takes a strided share of each run's global batch and the gradients are summed
+  (all-reduce) before the step, so the update equals the single-process one; rank 0 evaluates and writes.
+
+:func:`train` (one run from a :class:`TrainConfig`) and :func:`train_many` (a stack of configs, e.g. a table row)
+are the entry points the CLI and the experiments use.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
+import hashlib
 import math
 import platform
+import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -22,13 +39,16 @@ import torch.nn.functional as F
 
 from . import checkpoints, datasets, distributed
 from .errors import NeuralpathError, check_choice, check_positive_int
-from .io import append_jsonl, read_jsonl, write_json, write_text
+from .io import append_jsonl, write_json
 from .regimes import ARCHS, REGIMES, build_regime
+from .runfolder import RunFolder
+from .stacks import make_stack
 
-OPTIMIZERS = ("adam", "sgd")
-# (arch, optimiser) -> (learning rate, epochs): the authors' settings (SPEC §5)
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+# (arch, optimiser) -> (learning rate, epochs): the authors' settings (arXiv 2006.10529, section 5 and its code)
 PAPER_DEFAULTS = {("fc", "adam"): (1e-4, 100), ("fc", "sgd"): (1e-2, 300), ("vconv", "adam"): (3e-4, 80),
                   ("vconv", "sgd"): (1e-2, 80), ("gconv", "adam"): (3e-4, 200), ("gconv", "sgd"): (1e-1, 100)}
+PAPER_WIDTHS = {"channels": (64, 64, 128, 128), "hidden": (256, 256)}
 
 
 @dataclass
@@ -45,21 +65,22 @@ class TrainConfig:
     depth: int = 6                   # fc only: 5 gated hidden layers + output
     channels: list | None = None     # conv only: override (64, 64, 128, 128)
     hidden: list | None = None       # conv only: override (256, 256)
+    bias: bool = True                # the authors' Keras layers have biases; the theory is bias-free
     limit_train: int | None = None   # stratified, seeded subset of the training split
     limit_test: int | None = None
-    val_split: float = 0.0           # fraction of the training split held out for model selection (clean protocol)
+    val_split: float = 0.0           # fraction of the training split held out for model selection
     data_root: str | None = None
     device: str = "auto"
-    save_every: int = 0              # also keep epoch_K.pt every K epochs (0: never)
+    save_every: int = 0              # also keep epoch_K.pt and best_at_K.pt every K epochs (0: never)
     relu_checkpoint: str | None = None
-    per_rank_batch: bool = False     # torchrun: batch_size per process (default: global batch, split among ranks)
+    per_rank_batch: bool = False     # torchrun: batch_size per process (default: the global batch, shared out)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
         c = dataclasses.replace(self)
         check_choice("arch", c.arch, ARCHS)
         check_choice("regime", c.regime, REGIMES)
-        check_choice("optimizer", c.optimizer, OPTIMIZERS)
+        check_choice("optimizer", c.optimizer, ("adam", "sgd"))
         check_choice("dataset", c.dataset, datasets.NAMES)
         lr, ep = PAPER_DEFAULTS[(c.arch, c.optimizer)]
         c.lr = lr if c.lr is None else float(c.lr)
@@ -73,10 +94,19 @@ class TrainConfig:
             raise NeuralpathError(f"lr={c.lr!r} must be a positive number")
         if not 0.0 <= c.val_split < 1.0:
             raise NeuralpathError(f"val_split={c.val_split!r} must be in [0, 1)")
+        if isinstance(c.seed, bool) or not isinstance(c.seed, int) or c.seed < 0:
+            raise NeuralpathError(f"seed={c.seed!r} must be an integer >= 0")
         for name in ("limit_train", "limit_test"):
             v = getattr(c, name)
             if v is not None:
                 check_positive_int(name, v)
+        if isinstance(c.save_every, bool) or not isinstance(c.save_every, int) or c.save_every < 0:
+            raise NeuralpathError(f"save_every={c.save_every!r} must be an integer >= 0")
+        for name in ("channels", "hidden"):
+            v = getattr(c, name)
+            if v is not None:
+                setattr(c, name, [check_positive_int(f"{name} entry", int(x)) if not isinstance(x, bool) else
+                                  check_positive_int(f"{name} entry", x) for x in v])
         if c.regime == "flnpf" and not c.relu_checkpoint:
             raise NeuralpathError("regime 'flnpf' needs --relu-checkpoint RUN_DIR_OR_FILE (a trained ReLU run)")
         check_choice("device", c.device, ("auto", "cpu", "cuda"))
@@ -97,19 +127,41 @@ def versions() -> dict:
             "python": platform.python_version()}
 
 
-def load_train_full(cfg: TrainConfig):
-    """The whole training split of the config's data set (subsets are chosen by :func:`train_val_indices`)."""
-    kw = dict(root=cfg.data_root)
-    if cfg.dataset == "synthetic":
-        kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
-    return datasets.load(cfg.dataset, "train", **kw)
+# -- data: resolved once per request -----------------------------------------------------------------------------
+@dataclass
+class RunData:
+    """The tensors a request trains and evaluates on: the full training split (each run picks its rows from it),
+    the test split, and the label of the copy in use (e.g. 'CIFAR-10 (JPEG copy)')."""
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    label: str = ""
 
+    @property
+    def in_shape(self):
+        return tuple(self.x_train.shape[1:])
 
-def load_test(cfg: TrainConfig):
-    kw = dict(root=cfg.data_root)
-    if cfg.dataset == "synthetic":
-        kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
-    return datasets.load(cfg.dataset, "test", limit=cfg.limit_test, seed=0, **kw)
+    @property
+    def num_classes(self) -> int:
+        if self.y_train.is_floating_point():
+            return 1
+        return int(max(self.y_train.max(), self.y_test.max()).item()) + 1
+
+    @classmethod
+    def load(cls, cfg: TrainConfig) -> "RunData":
+        """The data of a config: its data set's training split (whole) and test split (``limit_test`` subset)."""
+        kw = dict(root=cfg.data_root)
+        if cfg.dataset == "synthetic":
+            kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
+        x, y = datasets.load(cfg.dataset, "train", **kw)
+        xt, yt = datasets.load(cfg.dataset, "test", limit=cfg.limit_test, seed=0, **kw)
+        if cfg.limit_train is not None and cfg.limit_train > len(y):
+            raise NeuralpathError(f"--limit-train {cfg.limit_train} exceeds the {len(y):,} training images of "
+                                  f"{cfg.dataset}; give at most {len(y)}")
+        if cfg.limit_test is not None and cfg.limit_test > len(yt) and cfg.limit_test != len(yt):
+            raise NeuralpathError(f"--limit-test {cfg.limit_test} exceeds the test images of {cfg.dataset}")
+        return cls(x, y, xt, yt, datasets.source_label(cfg.dataset, cfg.data_root))
 
 
 def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
@@ -121,23 +173,19 @@ def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
         sub = datasets.stratified_indices(y, cfg.limit_train, seed=cfg.seed)
     if cfg.val_split <= 0:
         return torch.from_numpy(sub), None
-    n_val = max(1, int(round(cfg.val_split * len(sub))))
+    n_val = int(round(cfg.val_split * len(sub)))
+    if n_val < 1 or n_val >= len(sub):
+        raise NeuralpathError(f"--val-split {cfg.val_split} of {len(sub)} training images leaves "
+                              f"{len(sub) - n_val} to train on and {n_val} to validate; choose a split that keeps "
+                              "both non-empty")
     vi = datasets.stratified_indices(y[sub], n_val, seed=12345 + cfg.seed)
     mask = np.ones(len(sub), dtype=bool)
     mask[vi] = False
     return torch.from_numpy(sub[mask]), torch.from_numpy(sub[vi])
 
 
-def load_data(cfg: TrainConfig):
-    """((x_tr, y_tr), (x_val, y_val) or None, (x_te, y_te)) for a config."""
-    x, y = load_train_full(cfg)
-    tr, va = train_val_indices(cfg, y)
-    val = None if va is None else (x[va], y[va])
-    return (x[tr], y[tr]), val, load_test(cfg)
-
-
 def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
-    kw = dict(in_shape=tuple(in_shape), out_dim=out_dim)
+    kw = dict(in_shape=tuple(in_shape), out_dim=out_dim, bias=cfg.bias)
     if cfg.arch == "fc":
         kw.update(width=cfg.width, depth=cfg.depth)
     else:
@@ -148,47 +196,322 @@ def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
     return kw
 
 
-def make_optimizer(name, params, lr):
-    if name == "adam":
-        return torch.optim.Adam(params, lr=lr, eps=1e-7)  # Keras' epsilon
-    return torch.optim.SGD(params, lr=lr, momentum=0.0)
-
-
-@torch.no_grad()
-def evaluate(net, x, y, device, batch: int = 1000, halves: bool = False):
-    """(mean loss, accuracy) on (x, y); with ``halves`` also the accuracies on the even and odd rows, which the
-    tables use for a clean protocol (select the epoch on one half, report the other)."""
-    net.eval()
-    loss, correct = 0.0, 0
-    ok = []
-    for i in range(0, len(y), batch):
-        xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
-        out = net(xb)
-        loss += F.cross_entropy(out, yb, reduction="sum").item()
-        hit = out.argmax(1) == yb
-        correct += hit.sum().item()
-        ok.append(hit.cpu())
-    net.train()
-    if not halves:
-        return loss / len(y), correct / len(y)
-    ok = torch.cat(ok).double()
-    return loss / len(y), correct / len(y), ok[0::2].mean().item(), ok[1::2].mean().item()
-
-
-def clean_accuracy(records) -> float | None:
-    """Test accuracy without selecting on the reported data: pick the epoch by the even half of the test set and
-    report the odd half, and the other way round; the mean of the two."""
-    recs = [r for r in records if "test_acc_even" in r]
-    if not recs:
-        return None
-    a = max(recs, key=lambda r: r["test_acc_even"])["test_acc_odd"]
-    b = max(recs, key=lambda r: r["test_acc_odd"])["test_acc_even"]
-    return (a + b) / 2
-
-
 def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch depends only on (seed, epoch): what makes resume exact."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(1_000_003 * int(seed) + int(epoch)))
+
+
+# -- losses and optimisers ----------------------------------------------------------------------------------------
+class Loss:
+    """A per-example loss and its notion of a correct prediction."""
+    name = "loss"
+
+    def __call__(self, out, y):  # (b, k), (b,) -> (b,)
+        raise NotImplementedError
+
+    def correct(self, out, y):
+        raise NotImplementedError
+
+
+class CrossEntropy(Loss):
+    """Softmax cross-entropy on the logits; correct = argmax equals the label (the paper's tables)."""
+    name = "ce"
+
+    def __call__(self, out, y):
+        return F.cross_entropy(out, y, reduction="none")
+
+    def correct(self, out, y):
+        return out.argmax(-1) == y
+
+
+class SquaredError(Loss):
+    """(yhat - y)^2 on one output, y in {-1, +1}; correct = the sign agrees (the nu_t experiment)."""
+    name = "mse"
+
+    def __call__(self, out, y):
+        return (out[..., 0] - y) ** 2
+
+    def correct(self, out, y):
+        return (out[..., 0] > 0) == (y > 0)
+
+
+LOSSES = {"ce": CrossEntropy, "mse": SquaredError}
+
+
+def make_optimizer(name, params, lr):
+    """The authors' optimisers with Keras' defaults: Adam (eps 1e-7), plain SGD, RMSprop (rho 0.9, eps 1e-7)."""
+    if callable(name):
+        return name(params, lr)
+    check_choice("optimizer", name, OPTIMIZERS)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, eps=1e-7, foreach=True)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, alpha=0.9, eps=1e-7, foreach=True)
+    return torch.optim.SGD(params, lr=lr, momentum=0.0, foreach=True)
+
+
+@dataclass
+class FitOptions:
+    optimizer: str | Callable = "adam"
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 32
+    loss: str | Loss = "ce"
+    device: str = "auto"
+    save_every: int = 0
+    fast: bool = True                # FC stacks as batched products (tested equal to the loop)
+    per_rank_batch: bool = False
+    eval_batch: int = 1000
+    state_every_s: float = 60.0      # write the resumable state at least this often (and after the last epoch)
+
+
+@dataclass
+class RunSpec:
+    """One run of a stack: its network (regime applied), seed (data order), training rows, folder and identity."""
+    net: torch.nn.Module
+    seed: int
+    train_idx: torch.Tensor
+    val_idx: torch.Tensor | None = None
+    folder: RunFolder | None = None
+    config: dict = field(default_factory=dict)
+    label: str = "run"
+
+
+FRESH_BEST = {"best_test_acc": -1.0, "best_epoch": 0, "best_even_acc": -1.0, "best_even_epoch": 0,
+              "clean_test_acc": None, "best_val_acc": -1.0, "best_val_epoch": 0, "test_acc_at_best_val": None}
+
+
+@torch.no_grad()
+def _evaluate(stack, x, y, loss, device, batch, idx=None):
+    """Per-run (mean loss, accuracy, accuracy on even rows, on odd rows): on shared (x, y), or with ``idx`` (R, m)
+    on run r's own rows x[idx[r]]. Four (R,) float64 tensors."""
+    stack.train(False)
+    R = stack.R
+    tot = torch.zeros(R, dtype=torch.float64)
+    hits = []
+    m = len(y) if idx is None else idx.shape[1]
+    for i in range(0, m, batch):
+        if idx is None:
+            xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+            out = stack.forward_shared(xb)  # (R, b, k)
+            yr = yb.expand(R, *yb.shape)
+        else:
+            ib = idx[:, i:i + batch].to(device)
+            out, yr = stack.forward(x[ib]), y[ib]
+        tot += loss(out.reshape(-1, out.shape[-1]), yr.reshape(-1)).reshape(R, -1).sum(1).double().cpu()
+        hits.append(loss.correct(out, yr).double().cpu())
+    stack.train(True)
+    h = torch.cat(hits, 1)  # (R, m)
+    return tot / m, h.mean(1), h[:, 0::2].mean(1), h[:, 1::2].mean(1)
+
+
+def _allreduce_grads(params, world):
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    distributed.all_reduce_sum(flat)
+    i = 0
+    for g in grads:
+        g.copy_(flat[i:i + g.numel()].view_as(g))
+        i += g.numel()
+
+
+def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None, resume: bool = False,
+        progress: bool | None = None, log: Callable = print, on_epoch: Callable | None = None) -> list[dict]:
+    """Train the runs as one stack; returns each run's result record (also written to its folder's result.json).
+
+    ``state_path``: the resumable state (None: nothing is saved, e.g. experiments that keep networks in memory).
+    ``on_epoch(epoch, nets)``: called after each epoch with the networks (current weights); its return value, a
+    dict, is merged into each run's metric record. On return every ``runs[r].net`` holds the final weights.
+    """
+    from tqdm import tqdm
+    loss = opts.loss if isinstance(opts.loss, Loss) else LOSSES[check_choice("loss", opts.loss, tuple(LOSSES))]()
+    R = len(runs)
+    n = len(runs[0].train_idx)
+    if any(len(r.train_idx) != n for r in runs):
+        raise NeuralpathError("runs of one stack must have training sets of one size")
+    device = resolve_device(opts.device)
+    rank, world, local = distributed.init(device.type)
+    main = rank == 0
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local)
+    gbatch = opts.batch_size * (world if opts.per_rank_batch else 1)
+    for r in runs:
+        r.net.to(device)
+    stack = make_stack([r.net for r in runs], fast=opts.fast).to(device)
+    params = stack.parameters()
+    opt = make_optimizer(opts.optimizer, params, opts.lr)
+    best = [dict(FRESH_BEST) for _ in range(R)]
+    start = 1
+    state_path = Path(state_path) if state_path is not None else None
+    folders = [r.folder for r in runs]
+    if state_path is not None and resume and state_path.exists():
+        ck = checkpoints.load(state_path, require=("models", "optimizer", "epoch"))
+        if ck.get("runs") != [str(f.path) if f else None for f in folders]:
+            raise NeuralpathError(f"{state_path} holds the state of other runs ({len(ck.get('runs', []))}); remove it "
+                                  "or pick another --out")
+        for r, sd in enumerate(ck["models"]):
+            stack.load_state_dict_of(r, sd)
+        opt.load_state_dict(ck["optimizer"])
+        torch.set_rng_state(ck["rng"])
+        start, best = int(ck["epoch"]) + 1, [dict(FRESH_BEST, **b) for b in ck["best"]]
+        distributed.barrier()  # every rank has read the state before rank 0 rewrites the records
+        if main:
+            for f in folders:
+                if f is not None:
+                    f.truncate(start - 1)
+    elif main:
+        for r in runs:
+            if r.folder is not None:
+                r.folder.start(dict(r.config, world_size=world) if world > 1 else r.config)
+    xtr = data.x_train.to(device)
+    ytr = data.y_train.to(device)
+    tr_idx = torch.stack([r.train_idx for r in runs]).to(device)  # (R, n): rows of the full training split
+    va_idx = torch.stack([r.val_idx for r in runs]) if runs[0].val_idx is not None else None
+    seeds = [r.seed for r in runs]
+    if start <= opts.epochs:
+        stack.cache_frozen_gates(xtr, [r.train_idx.to(device) for r in runs])
+    quiet = not sys.stderr.isatty() if progress is None else not progress
+    bar = tqdm(range(start, opts.epochs + 1), initial=start - 1, total=opts.epochs, leave=False,
+               disable=(not main) or quiet, desc=runs[0].label if R == 1 else f"stack of {R} runs")
+    last_state = time.time()
+    te_acc = None
+    t_fit = time.time()
+    for epoch in bar:
+        t0 = time.time()
+        order = torch.stack([epoch_order(n, s, epoch) for s in seeds]).to(device)  # (R, n)
+        order = torch.gather(tr_idx, 1, order)  # rows of the full split, in this epoch's order per run
+        tot_loss = torch.zeros(R, dtype=torch.float64, device=device)
+        tot_hit = torch.zeros(R, dtype=torch.float64, device=device)
+        for i in range(0, n, gbatch):
+            rows = order[:, i:i + gbatch]
+            b = rows.shape[1]
+            if world > 1:
+                rows = rows[:, rank::world]  # this process's share of every run's batch
+            xb = xtr[rows]  # (R, b_local, ...)
+            yb = ytr[rows]
+            out = stack.forward(xb, rows)  # (R, b_local, k)
+            per = loss(out.reshape(-1, out.shape[-1]), yb.reshape(-1)).reshape(R, -1)
+            opt.zero_grad(set_to_none=True)
+            (per.sum() / b).backward()  # each run's mean over its global batch: run r's gradient is its own
+            if world > 1:
+                _allreduce_grads(params, world)
+            opt.step()
+            tot_loss += per.detach().sum(1)
+            tot_hit += loss.correct(out.detach(), yb).sum(1)
+        if world > 1:
+            distributed.all_reduce_sum(tot_loss)
+            distributed.all_reduce_sum(tot_hit)
+        train_loss, train_acc = (tot_loss / n).tolist(), (tot_hit / n).tolist()
+        bad = [runs[r].label for r in range(R) if not math.isfinite(train_loss[r])]
+        if bad:
+            if state_path is not None and state_path.exists():
+                ep = checkpoints.load(state_path, require=("epoch",))["epoch"]
+                kept = f"the state after epoch {ep} is kept in {state_path} (resume continues from there)"
+            else:
+                kept = "nothing was saved (it diverged before the first state was written)"
+            raise NeuralpathError(f"training diverged: the loss is not finite in epoch {epoch} for {', '.join(bad)}; "
+                                  f"{kept} (try a smaller --lr)")
+        if not main:  # rank 0 evaluates and writes; the others wait for it
+            distributed.barrier()
+            continue
+        te = _evaluate(stack, data.x_test, data.y_test, loss, device, opts.eval_batch)
+        va = _evaluate(stack, xtr, ytr, loss, device, opts.eval_batch, idx=va_idx) if va_idx is not None else None
+        te_acc = te[1]
+        secs = time.time() - t0
+        extra = None
+        if on_epoch is not None:
+            stack.sync()
+            extra = on_epoch(epoch, [r.net for r in runs])  # None or one dict per run, merged into its record
+        for r, run in enumerate(runs):
+            rec = {"epoch": epoch, "train_loss": train_loss[r], "train_acc": train_acc[r], "test_loss": float(te[0][r]),
+                   "test_acc": float(te[1][r]), "test_acc_even": float(te[2][r]), "test_acc_odd": float(te[3][r]),
+                   "seconds": secs / R}
+            bst = best[r]
+            improved = rec["test_acc"] > bst["best_test_acc"]
+            if improved:
+                bst.update(best_test_acc=rec["test_acc"], best_epoch=epoch)
+            improved_even = rec["test_acc_even"] > bst["best_even_acc"]
+            if improved_even:
+                bst.update(best_even_acc=rec["test_acc_even"], best_even_epoch=epoch, clean_test_acc=rec["test_acc_odd"])
+            if va is not None:
+                rec["val_loss"], rec["val_acc"] = float(va[0][r]), float(va[1][r])
+                if rec["val_acc"] > bst["best_val_acc"]:
+                    bst.update(best_val_acc=rec["val_acc"], best_val_epoch=epoch, test_acc_at_best_val=rec["test_acc"])
+            if extra:
+                rec.update(extra[r])
+            f = run.folder
+            if f is not None:
+                sd = None
+                if improved or improved_even or (opts.save_every and epoch % opts.save_every == 0):
+                    sd = stack.state_dict_of(r)
+                ck = {"model": sd, "config": run.config, "net": _net_config(run.net), "epoch": epoch}
+                if improved:
+                    checkpoints.save(f.file("best.pt"), ck)
+                if improved_even:
+                    checkpoints.save(f.file("best_even.pt"), ck)
+                if opts.save_every and epoch % opts.save_every == 0:
+                    checkpoints.save(f.file(f"epoch_{epoch}.pt"), ck)
+                    _copy_atomic(f.file("best.pt"), f.file(f"best_at_{epoch}.pt"))
+                append_jsonl(f.file("metrics.jsonl"), rec)
+        if state_path is not None and (epoch in (start, opts.epochs) or time.time() - last_state >= opts.state_every_s):
+            _save_state(state_path, stack, runs, opt, epoch, best)
+            last_state = time.time()
+        msg = (f"epoch {epoch}/{opts.epochs}: loss {np.mean(train_loss):.4f}, test acc "
+               + (f"{float(te[1][0]):.4f}" if R == 1 else f"{float(te[1].mean()):.4f} (mean of {R} runs)")
+               + f", {secs:.1f} s")
+        bar.set_postfix_str(msg.split(": ", 1)[1])
+        if quiet and progress is None and main:
+            log(f"{runs[0].label if R == 1 else f'stack of {R} runs'}: {msg}")
+        distributed.barrier()
+    bar.close()
+    stack.sync()  # final weights back into the caller's networks
+    if not main:
+        distributed.barrier()
+        return [f.result() if f else {} for f in folders]
+    results = []
+    for r, run in enumerate(runs):
+        recs = run.folder.records() if run.folder else []
+        final = float(te_acc[r]) if te_acc is not None else (recs[-1]["test_acc"] if recs else None)
+        res = dict(best[r], final_test_acc=final, epochs=opts.epochs, config=run.config, versions=versions(),
+                   device=str(device), data=data.label, stack_of=R, seconds=time.time() - t_fit)
+        if run.folder is not None:
+            write_json(run.folder.file("result.json"), res)
+        results.append(res)
+    distributed.barrier()
+    return results
+
+
+def _net_config(net) -> dict | None:
+    cfg = getattr(net, "config", None)
+    return cfg() if callable(cfg) else None
+
+
+def _copy_atomic(src: Path, dst: Path):
+    from .io import atomic_path
+    if src.exists():
+        with atomic_path(dst, ".pt") as tmp:
+            shutil.copyfile(src, tmp)
+
+
+def _save_state(path, stack, runs, opt, epoch, best):
+    models = [stack.state_dict_of(r) for r in range(len(runs))]
+    ck = {"runs": [str(r.folder.path) if r.folder else None for r in runs], "models": models,
+          "optimizer": opt.state_dict(), "epoch": epoch, "best": best, "rng": torch.get_rng_state()}
+    if len(runs) == 1:  # a single run's last.pt doubles as a checkpoint of its network
+        ck.update(model=models[0], config=runs[0].config, net=_net_config(runs[0].net))
+    checkpoints.save(path, ck)
+
+
+# -- entry points: runs from configs ------------------------------------------------------------------------------
+def value_init_seed(regime: str, seed: int) -> int:
+    """The seed of a run's initialisation. FLNPF's value network is drawn from a stream independent of every other
+    regime's (the paper builds a fresh model for it), so FLNPF seed s does not start at Theta_0 of the ReLU run s
+    whose gates it freezes."""
+    if regime != "flnpf":
+        return int(seed)
+    return int.from_bytes(hashlib.sha256(f"flnpf-value-{int(seed)}".encode()).digest()[:6], "little")
 
 
 def load_relu_state(cfg: TrainConfig):
@@ -199,125 +522,93 @@ def load_relu_state(cfg: TrainConfig):
     ck = checkpoints.load(cfg.relu_checkpoint)
     if ck["config"].get("regime") != "relu":
         raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
-    for k in ("arch", "width", "depth", "channels", "hidden", "dataset"):
-        if k in ck["config"] and ck["config"][k] != getattr(cfg, k) and not (cfg.arch != "fc" and k in ("width", "depth")):
+    keys = ("arch", "dataset", "bias") + (("width", "depth") if cfg.arch == "fc" else ("channels", "hidden"))
+    for k in keys:
+        if k in ck["config"] and ck["config"][k] != getattr(cfg, k):
             raise NeuralpathError(f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
                                   f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture")
     return ck["model"]
 
 
-def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = None, log=print,
-          data=None) -> dict:
-    """Train one run and return its result record (also written to ``out/result.json``)."""
-    from tqdm import tqdm
-    cfg = cfg.resolved()
+def identity(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def run_spec(cfg: TrainConfig, data: RunData, out=None) -> RunSpec:
+    """The RunSpec of a resolved config: its network (regime applied) and rows."""
+    tr, va = train_val_indices(cfg, data.y_train)
+    net, _ = build_regime(cfg.regime, cfg.arch, value_init_seed(cfg.regime, cfg.seed), load_relu_state(cfg),
+                          **net_kwargs(cfg, data.in_shape, data.num_classes))
+    return RunSpec(net=net, seed=cfg.seed, train_idx=tr, val_idx=va, folder=RunFolder(out) if out else None,
+                   config=identity(cfg), label=f"{cfg.regime} {cfg.arch} seed {cfg.seed}")
+
+
+SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "channels", "hidden",
+          "bias", "limit_train", "limit_test", "val_split", "data_root", "device", "save_every", "per_rank_batch")
+
+
+def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | None = None, data: RunData | None = None,
+               log: Callable = print, allow_change=(), fast: bool = True, state_every_s: float = 60.0) -> list[dict]:
+    """Train the runs ``cfgs`` as one stack, each into its folder ``outs[i]``; the stack's resumable state is
+    ``state_path``. Finished runs with the same config are not retrained (their record is returned); a folder that
+    holds a run of another config is refused (naming the keys), unless ``allow_change`` admits the difference."""
+    cfgs = [c.resolved() for c in cfgs]
+    if len(cfgs) != len(outs) or not cfgs:
+        raise NeuralpathError("train_many needs one output folder per config (and at least one run)")
+    base = cfgs[0]
+    for c in cfgs[1:]:
+        for k in SHARED:
+            if getattr(c, k) != getattr(base, k):
+                raise NeuralpathError(f"runs of one stack must share {k}: {getattr(base, k)!r} vs {getattr(c, k)!r}")
+    folders = [RunFolder(o) for o in outs]
+    held = []
+    distributed.init(resolve_device(base.device).type)
+    try:
+        if distributed.is_main():
+            for f in sorted(folders, key=lambda f: str(f.path)):
+                held.append(f.acquire())
+        modes = [f.check_request(identity(c), resume, allow_change) for f, c in zip(folders, cfgs)]
+        distributed.barrier()  # every process has judged the folders before rank 0 writes them
+        results = {i: f.result() for i, (f, m) in enumerate(zip(folders, modes)) if m == "done"}
+        todo = [i for i, m in enumerate(modes) if m != "done"]
+        if not todo:
+            return [results[i] for i in range(len(cfgs))]
+        extend = [i for i in todo if modes[i] == "extend"]
+        for i in extend:  # a finished run asked for more epochs: continue from its state
+            folders[i].file("result.json").unlink()
+        data = data if data is not None else RunData.load(base)
+        specs = [run_spec(cfgs[i], data, outs[i]) for i in todo]
+        for i, s in zip(todo, specs):
+            s.folder = folders[i]
+        state_path = Path(state_path)
+        if state_path.exists() and resume:
+            ck = checkpoints.load(state_path, require=("runs",))
+            if ck.get("runs") != [str(folders[i].path) for i in todo]:
+                if any(not RunFolder(p).finished for p in ck.get("runs", []) if p):
+                    raise NeuralpathError(f"{state_path} belongs to another, unfinished set of runs; finish those "
+                                          "runs or remove the file to start afresh")
+                state_path.unlink()  # left by a stack whose runs all finished (e.g. seed 0 before --seeds 5)
+        elif state_path.exists() and not resume:
+            raise NeuralpathError(f"{state_path} exists; pass --resume to continue it or pick another --out")
+        opts = FitOptions(optimizer=base.optimizer, lr=base.lr, epochs=base.epochs, batch_size=base.batch_size,
+                          device=base.device, save_every=base.save_every, fast=fast, per_rank_batch=base.per_rank_batch,
+                          state_every_s=state_every_s)
+        res = fit(specs, data, opts, state_path=state_path, resume=resume, progress=progress, log=log)
+        for i, r in zip(todo, res):
+            if modes[i] == "extend":
+                r["extended"] = True
+            results[i] = r
+        for i in extend:
+            write_json(folders[i].file("result.json"), results[i])
+        return [results[i] for i in range(len(cfgs))]
+    finally:
+        for f in held:
+            f.release()
+
+
+def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = None, log: Callable = print,
+          data: RunData | None = None, allow_change=()) -> dict:
+    """Train one run into the folder ``out`` and return its result record (also ``out/result.json``)."""
     out = Path(out)
-    if (out / "result.json").exists() and not resume:
-        raise NeuralpathError(f"{out} already holds a finished run; use --resume to reuse it or pick another --out")
-    if resume and (out / "result.json").exists():
-        return json.loads((out / "result.json").read_text())
-    if not resume and (out / "last.pt").exists():
-        raise NeuralpathError(f"{out} holds an unfinished run; pass --resume to continue it or pick another --out")
-    device = resolve_device(cfg.device)
-    rank, world, local = distributed.init(device.type)
-    main = rank == 0
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local)
-    per_rank = cfg.batch_size if (world == 1 or cfg.per_rank_batch) else cfg.batch_size // world
-    if world > 1 and not cfg.per_rank_batch and cfg.batch_size % world:
-        raise NeuralpathError(f"batch_size={cfg.batch_size} is the global batch and must divide among {world} "
-                              "processes; change --batch-size or pass --per-rank-batch")
-    relu_state = load_relu_state(cfg)
-    (xtr, ytr), val, (xte, yte) = data if data is not None else load_data(cfg)
-    out_dim = int(max(ytr.max(), yte.max()).item()) + 1 if cfg.dataset == "synthetic" else 10
-    net, params = build_regime(cfg.regime, cfg.arch, cfg.seed, relu_state, **net_kwargs(cfg, xtr.shape[1:], out_dim))
-    net.to(device)
-    opt = make_optimizer(cfg.optimizer, params, cfg.lr)
-    model = net
-    if world > 1:  # gradients of the trainable parameters are averaged; a frozen feature net is not synchronised
-        from torch.nn.parallel import DistributedDataParallel
-        model = DistributedDataParallel(net, device_ids=[local] if device.type == "cuda" else None)
-    cdict = dataclasses.asdict(cfg)
-    start, best = 1, {"best_test_acc": -1.0, "best_epoch": 0, "best_val_acc": -1.0, "best_val_epoch": 0,
-                      "test_acc_at_best_val": None}
-    if resume and (out / "last.pt").exists():
-        ck = checkpoints.load(out / "last.pt")
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["rng"])
-        start, best = int(ck["epoch"]) + 1, dict(ck["best"])
-        recs = [r for r in read_jsonl(out / "metrics.jsonl") if r["epoch"] < start]
-        distributed.barrier()  # every rank has read last.pt and metrics before rank 0 rewrites them
-        if main:
-            write_text(out / "metrics.jsonl", "".join(json.dumps(r, sort_keys=True) + "\n" for r in recs))
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        write_json(out / "config.json", dict(cdict, world_size=world) if world > 1 else cdict)
-        write_text(out / "metrics.jsonl", "")
-    n = len(ytr)
-    bar = tqdm(range(start, cfg.epochs + 1), initial=start - 1, total=cfg.epochs,
-               disable=(not main) or (None if progress is None else not progress),
-               desc=f"{cfg.regime} {cfg.arch} seed {cfg.seed}", leave=False)
-    xtr_d, ytr_d = xtr.to(device), ytr.to(device)
-    for epoch in bar:
-        t0 = time.time()
-        if world > 1:  # torch's DistributedSampler: one seeded permutation per epoch, a strided share per rank
-            from torch.utils.data import DistributedSampler
-            sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed)
-            sampler.set_epoch(epoch)
-            order = torch.tensor(list(iter(sampler)), device=device)
-        else:
-            order = epoch_order(n, cfg.seed, epoch).to(device)
-        tot_loss, tot_correct = torch.zeros((), device=device), torch.zeros((), device=device)
-        for i in range(0, len(order), per_rank):
-            idx = order[i:i + per_rank]
-            xb, yb = xtr_d[idx], ytr_d[idx]
-            out_b = model(xb)
-            loss = F.cross_entropy(out_b, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            tot_loss += loss.detach() * len(idx)
-            tot_correct += (out_b.detach().argmax(1) == yb).sum()
-        seen = torch.tensor(float(len(order)), device=device)
-        if world > 1:
-            for t in (tot_loss, tot_correct, seen):
-                distributed.all_reduce_sum(t)
-        train_loss = tot_loss.item() / seen.item()
-        if not math.isfinite(train_loss):
-            raise NeuralpathError(f"training diverged: loss is {train_loss} in epoch {epoch}; the last good checkpoint "
-                                  f"is kept in {out / 'last.pt'} (try a smaller --lr)")
-        if not main:  # rank 0 evaluates and writes; the others wait for it
-            distributed.barrier()
-            continue
-        test_loss, test_acc, acc_even, acc_odd = evaluate(net, xte, yte, device, halves=True)
-        rec = {"epoch": epoch, "train_loss": train_loss, "train_acc": tot_correct.item() / seen.item(),
-               "test_loss": test_loss, "test_acc": test_acc, "test_acc_even": acc_even, "test_acc_odd": acc_odd,
-               "seconds": time.time() - t0}
-        is_best = test_acc > best["best_test_acc"]
-        if is_best:
-            best.update(best_test_acc=test_acc, best_epoch=epoch)
-        if val is not None:
-            rec["val_loss"], rec["val_acc"] = evaluate(net, val[0], val[1], device)
-            if rec["val_acc"] > best["best_val_acc"]:
-                best.update(best_val_acc=rec["val_acc"], best_val_epoch=epoch, test_acc_at_best_val=test_acc)
-        model_state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-        if is_best:
-            checkpoints.save(out / "best.pt", {"model": model_state, "config": cdict, "epoch": epoch})
-        if cfg.save_every and epoch % cfg.save_every == 0:
-            checkpoints.save(out / f"epoch_{epoch}.pt", {"model": model_state, "config": cdict, "epoch": epoch})
-        append_jsonl(out / "metrics.jsonl", rec)
-        checkpoints.save(out / "last.pt", {"model": model_state, "optimizer": opt.state_dict(), "config": cdict,
-                                            "epoch": epoch, "best": best, "rng": torch.get_rng_state()})
-        bar.set_postfix(loss=f"{train_loss:.3f}", test=f"{test_acc:.4f}")
-        distributed.barrier()
-    bar.close()
-    if not main:
-        distributed.barrier()
-        return json.loads((out / "result.json").read_text())
-    result = dict(best, clean_test_acc=clean_accuracy(read_jsonl(out / "metrics.jsonl")), final_test_acc=test_acc if cfg.epochs >= start else read_jsonl(out / "metrics.jsonl")[-1]["test_acc"],
-                  epochs=cfg.epochs, config=cdict, versions=versions(), device=str(device),
-                  data=datasets.source_label(cfg.dataset, cfg.data_root))
-    write_json(out / "result.json", result)
-    distributed.barrier()
-    return result
+    return train_many([cfg], [out], out / "last.pt", resume=resume, progress=progress, data=data, log=log,
+                      allow_change=allow_change)[0]

@@ -18,6 +18,13 @@ def mnist_or_synthetic(split, data_root, limit=None, seed=0):
         return x, y, "synthetic (MNIST not fetched: run `neuralpath data fetch mnist`)"
 
 
+def write_jsonl(path, records):
+    """Write a JSON-lines file atomically (the records behind a table or plot)."""
+    import json
+    from ..io import write_text
+    write_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
+
+
 def done_keys(path, key):
     """Keys of the records already in a JSON-lines file (resumable experiments skip them)."""
     return {key(r) for r in read_jsonl(path)} if Path(path).exists() else set()

@@ -24,7 +24,7 @@ from .. import datasets
 from ..errors import NeuralpathError, check_choice
 from ..io import atomic_path, write_text
 from ..regimes import REGIMES
-from ..train import PAPER_DEFAULTS, TrainConfig, train
+from ..train import PAPER_DEFAULTS, TrainConfig, train_many
 from .common import mean_std
 
 ROWS = {"fc-sgd": ("fc", "sgd", "mnist"), "fc-adam": ("fc", "adam", "mnist"),
@@ -69,7 +69,7 @@ def _lock(path):
 
 
 def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_test=None, data_root=None,
-            device="auto", progress=None, log=print, vectorise=True):
+            device="auto", progress=None, log=print, stacked=True):
     """Train the 5 regimes x ``seeds`` of one row (FLNPF after ReLU: it takes the same seed's best ReLU gates)."""
     st = row_settings(row, budget, epochs, limit_train, limit_test)
     rdir = Path(out) / "runs" / row
@@ -89,14 +89,13 @@ def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_tes
         for phase, runs in (("phase1", first), ("phase2", second)):
             cfgs = [cfg(r, s) for r, s in runs]
             outs = [rdir / f"{r}-s{s}" for r, s in runs]
-            if st["arch"] == "fc" and vectorise:
-                from ..ensemble import train_ensemble
+            if stacked:
                 left = sum(not (o / "result.json").exists() for o in outs)
-                log(f"{row}: {left} of {len(runs)} runs left to train, as one vectorised ensemble ({phase})")
-                train_ensemble(cfgs, outs, rdir / f"ensemble-{phase}.pt", resume=True, progress=progress)
+                log(f"{row}: {left} of {len(runs)} runs left to train, as one stack ({phase})")
+                train_many(cfgs, outs, rdir / f"stack-{phase}.pt", resume=True, progress=progress, log=log)
             else:
                 for c, o in zip(cfgs, outs):
-                    train(c, o, resume=True, progress=progress)
+                    train_many([c], [o], o / "last.pt", resume=True, progress=progress, log=log)
     return st
 
 
@@ -187,7 +186,7 @@ def plot(summary, rows, path):
 
 
 def run(out, rows=None, seeds=2, budget="quick", *, epochs=None, limit_train=None, limit_test=None, data_root=None,
-        device="auto", progress=None, log=print, vectorise=True) -> str:
+        device="auto", progress=None, log=print, stacked=True) -> str:
     rows = list(rows or ROWS)
     for r in rows:
         check_choice("row", r, tuple(ROWS))
@@ -204,7 +203,7 @@ def run(out, rows=None, seeds=2, budget="quick", *, epochs=None, limit_train=Non
         log(f"row {row}: {len(REGIMES)} regimes x {len(seeds)} seeds ({budget} budget)")
         settings[row] = run_row(row, seeds, budget, out, epochs=epochs, limit_train=limit_train,
                                 limit_test=limit_test, data_root=data_root, device=device, progress=progress,
-                                log=log, vectorise=vectorise)
+                                log=log, stacked=stacked)
         labels[row] = datasets.source_label(settings[row]["dataset"], data_root)
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)

@@ -117,11 +117,10 @@ class DGN(nn.Module):
         return self.value_layers[-1](self.transition(self.depth - 1, z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.tied:  # one pass: G * q = relu(q) with G = 1{q > 0}
+        if self.tied:  # one pass: G * q = relu(q) with G = 1{q > 0} (and relu's gradient is G: the same network)
             z = self._prepare(x)
             for l, layer in enumerate(self.value_layers[:-1]):
-                q = layer(self.transition(l, z))
-                z = q * (q.detach() > 0).to(q.dtype)
+                z = torch.relu(layer(self.transition(l, z)))
             return self.value_layers[-1](self.transition(self.depth - 1, z))
         return self.value_forward(x, self.gates(x))
 
