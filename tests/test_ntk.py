@@ -50,6 +50,18 @@ def test_every_method_agrees_with_every_other(net, params):
         assert torch.allclose(npx.ntk(net, x1, x2, params="all"), parts, rtol=1e-10)
 
 
+@pytest.mark.parametrize("net", nets()[:2] + nets()[4:6], ids=["fc-tied", "fc-soft", "vconv-soft", "gconv-soft"])
+def test_weights_only_kernel_agrees_across_methods(net):
+    """biases=False: derivatives w.r.t. the weights only; every method agrees, and the bias part is what differs."""
+    x1, x2 = xs(net, 4, 0), xs(net, 3, 1)
+    ref = npx.ntk(net, x1, x2, params="all", method="jacobian", biases=False)
+    for method in ("structured", "vp"):
+        K = npx.ntk(net, x1, x2, params="all", method=method, biases=False)
+        assert (K - ref).abs().max().item() <= 1e-8 * max(ref.abs().max().item(), 1.0)
+    full = npx.ntk(net, x1, x2, params="all")
+    assert (full - ref).abs().max().item() > 1e-6  # the biases contribute
+
+
 def test_structured_matches_autograd_gradient_inner_products():
     """Independent check: explicit per-example gradients with loss.backward()."""
     net = randomize_biases(npx.FCDGN(in_dim=4, width=3, depth=3, out_dim=2, gate="soft").double())

@@ -70,14 +70,17 @@ def data_info(name, root):
 @click.option("--save-every", type=int, default=0, show_default=True, help="Keep epoch_K.pt every K epochs.")
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast for training (off: the paper's float32 arithmetic).")
+@click.option("--allow-change", "allow_change", multiple=True,
+              help="With --resume: a setting that may differ from the run's (only 'epochs': train it longer).")
 @click.option("--per-rank-batch", is_flag=True,
               help="Under torchrun: --batch-size is per process (default: the global batch, split among processes).")
-def train(out, resume, **kw):
+def train(out, resume, allow_change, **kw):
     """Train one network in one regime; writes metrics.jsonl, checkpoints and result.json to --out."""
     from .train import TrainConfig
     from .train import train as run
     cfg = TrainConfig(**kw)
-    res = run(cfg, out, resume=resume)
+    res = run(cfg, out, resume=resume, allow_change=allow_change, log=lambda m: click.echo(m, err=True))
     from . import distributed
     if distributed.is_main():
         click.echo(f"best test accuracy {res['best_test_acc']:.4f} (epoch {res['best_epoch']}), final "
@@ -181,7 +184,7 @@ def _progress():
     return True if sys.stderr.isatty() else None
 
 
-def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, stacked=True):
+def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, stacked=True, width=None):
     from .errors import NeuralpathError
     from .experiments import table
     if isinstance(rows, str):
@@ -189,7 +192,7 @@ def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out,
         if not rows:
             raise NeuralpathError("--rows is empty; give e.g. --rows fc-adam,fc-sgd")
     md = table.run(out, rows=rows, seeds=seeds, budget=budget, epochs=epochs, limit_train=limit_train,
-                   limit_test=limit_test, data_root=data_root, device=device, progress=_progress(),
+                   limit_test=limit_test, width=width, data_root=data_root, device=device, progress=_progress(),
                    log=lambda m: click.echo(m, err=True), stacked=stacked)
     click.echo(md)
 
@@ -210,17 +213,20 @@ def reproduce(ctx, out, data_root):
 @click.option("--rows", default=",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
               show_default=True, help="Comma-separated rows.")
 @click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per regime.")
-@click.option("--budget", default="quick", show_default=True, help="quick | paper")
+@click.option("--budget", default="quick", show_default=True,
+              help="quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper")
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--limit-train", type=int, default=None, help="Override: stratified training subset size.")
 @click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")
+@click.option("--width", type=float, default=None, help="Override: conv width multiplier of the paper's widths.")
 @click.option("--data-root", default=None)
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--one-at-a-time", is_flag=True, help="Train the runs one by one instead of as one stack per phase.")
 @click.option("--out", default="runs/table", show_default=True)
-def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, device, one_at_a_time, out):
+def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, width, data_root, device, one_at_a_time,
+                    out):
     """The paper's table: 5 regimes per row, our mean ± std beside the paper's; records, table.md and a bar chart."""
-    _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time)
+    _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time, width)
 
 
 @reproduce.command("budget")
@@ -242,13 +248,16 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
 @reproduce.command("theorem")
 @click.option("--budget", default="quick", show_default=True, help="quick | full")
 @click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto (kernels in float64)")
 @click.option("--out", default="runs/theorem", show_default=True)
-def reproduce_theorem(budget, data_root, out):
+def reproduce_theorem(budget, data_root, device, out):
     """Theorem 5.1: E[K^v] = d sigma^(2(d-1)) H, and one draw converging like w^(-1/2)."""
     from .errors import check_choice
     from .experiments import theorem
     check_choice("budget", budget, ("quick", "full"))
-    theorem.run(out, quick=budget == "quick", data_root=data_root, progress=sys.stderr.isatty())
+    from .train import resolve_device
+    theorem.run(out, quick=budget == "quick", data_root=data_root, progress=_progress(), device=resolve_device(device),
+                log=lambda m: click.echo(m, err=True))
     from pathlib import Path
     click.echo((Path(out) / "theorem.md").read_text())
     click.echo(f"records: {Path(out) / 'theorem.jsonl'}   plot: {Path(out) / 'theorem.png'}")
@@ -259,11 +268,12 @@ def reproduce_theorem(budget, data_root, out):
 @click.option("--runs", type=int, default=None, help="Override the number of runs.")
 @click.option("--epochs", type=int, default=None, help="Override the epochs.")
 @click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--out", default="runs/nu", show_default=True)
-def reproduce_nu(budget, runs, epochs, data_root, out):
+def reproduce_nu(budget, runs, epochs, data_root, device, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu
-    click.echo(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, progress=_progress(),
+    click.echo(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, device=device, progress=_progress(),
                  log=lambda m: click.echo(m, err=True)))
 
 
@@ -271,18 +281,21 @@ def reproduce_nu(budget, runs, epochs, data_root, out):
 @click.option("--budget", default="quick", show_default=True, help="quick (10 epochs, 6000 images) | paper (60 epochs)")
 @click.option("--epochs", type=int, default=None)
 @click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (training; kernels on the CPU)")
 @click.option("--out", default="runs/ntk-split", show_default=True)
-def reproduce_ntk_split(budget, epochs, data_root, out):
+def reproduce_ntk_split(budget, epochs, data_root, device, out):
     """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
     from .experiments import ntk_split
-    click.echo(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, progress=_progress(),
+    click.echo(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, device=device, progress=_progress(),
                         log=lambda m: click.echo(m, err=True)))
 
 
 @reproduce.command("continuous")
-@click.option("--budget", default="quick", show_default=True, help="quick | paper")
-@click.option("--arch", default=None, help="gconv (the paper's; default of --budget paper) | vconv | fc (MNIST; "
+@click.option("--budget", default="quick", show_default=True,
+              help="quick (FC, MNIST, minutes) | cpu (GCONV x1/4, 10,000 CIFAR-10 images, 3 seeds, hours) | paper")
+@click.option("--arch", default=None, help="gconv (the paper's; default of --budget cpu|paper) | vconv | fc (MNIST; "
               "default of --budget quick)")
+@click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 (mean ± std per stage).")
 @click.option("--stages", type=int, default=None)
 @click.option("--step", type=int, default=None, help="ReLU epochs between stages.")
 @click.option("--stage-epochs", type=int, default=None, help="Epochs each stage trains.")
@@ -290,10 +303,10 @@ def reproduce_ntk_split(budget, epochs, data_root, out):
 @click.option("--data-root", default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="runs/continuous", show_default=True)
-def reproduce_continuous(budget, arch, stages, step, stage_epochs, limit_train, data_root, device, out):
+def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_train, data_root, device, out):
     """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
     from .experiments import continuous
-    click.echo(continuous.run(out, budget, arch=arch, stages=stages, step=step, stage_epochs=stage_epochs,
+    click.echo(continuous.run(out, budget, arch=arch, seeds=seeds, stages=stages, step=step, stage_epochs=stage_epochs,
                          limit_train=limit_train, data_root=data_root, device=device, progress=_progress(),
                          log=lambda m: click.echo(m, err=True)))
 
@@ -305,12 +318,40 @@ def reproduce_continuous(budget, arch, stages, step, stage_epochs, limit_train, 
 @click.option("--n-test", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
 @click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
 @click.option("--out", default="runs/kernels", show_default=True)
-def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, out):
+def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, out):
     """Kernel ridge regression and an SVM on the NPK of evolving gates, and on the final NTK."""
     from .experiments import kernel_machines
     click.echo(kernel_machines.run(out, budget, arch=arch, n_train=n_train, n_test=n_test, epochs=epochs,
-                              data_root=data_root, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+                              data_root=data_root, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+
+
+@cli.group()
+def report():
+    """Regenerate a table or plot from committed records (no training)."""
+
+
+@report.command("table")
+@click.argument("records")
+@click.option("--out", default=None, help="Folder for table.md and table.png (default: beside the records).")
+def report_table(records, out):
+    """The paper's table from a runs.jsonl written by `reproduce table`."""
+    from pathlib import Path
+    from .experiments import table
+    from .io import read_jsonl, write_text
+    p = Path(records)
+    if not p.is_file():
+        raise FileNotFoundError(f"{records}: no such records file (a runs.jsonl from `reproduce table`)")
+    recs = read_jsonl(p)
+    if not recs:
+        raise ValueError(f"{records}: holds no records")
+    rows = [r for r in table.ROWS if any(x["row"] == r for x in recs)]
+    md = table.table_markdown(recs, rows)
+    o = Path(out) if out else p.parent
+    write_text(o / "table.md", md)
+    table.plot(table.summarise(recs, rows), rows, o / "table.png")
+    click.echo(md)
 
 
 @kernel.command("fit")
@@ -324,8 +365,9 @@ def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, out):
 @click.option("--n-train", type=int, default=10000, show_default=True)
 @click.option("--n-test", type=int, default=2000, show_default=True)
 @click.option("--data-root", default=None)
+@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto (kernels in float64)")
 @click.option("--out", default=None, help="Append the result record to this JSON-lines file.")
-def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root, out):
+def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root, device, out):
     """Fit kernel ridge regression or an SVM on a network's NPK or NTK; print the test accuracy."""
     import time
     from . import datasets
@@ -336,7 +378,7 @@ def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
     net, xtr = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
-                             "float64", "cpu")
+                             "float64", device)
     ds = dataset or "mnist"
     if checkpoint:
         from . import checkpoints

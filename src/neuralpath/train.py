@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import checkpoints, datasets, distributed
+from . import checkpoints, datasets, distributed, precision
 from .errors import NeuralpathError, check_choice, check_positive_int
 from .io import append_jsonl, write_json
 from .regimes import ARCHS, REGIMES, build_regime
@@ -74,6 +74,7 @@ class TrainConfig:
     save_every: int = 0              # also keep epoch_K.pt and best_at_K.pt every K epochs (0: never)
     relu_checkpoint: str | None = None
     per_rank_batch: bool = False     # torchrun: batch_size per process (default: the global batch, shared out)
+    bf16: bool = False               # bfloat16 autocast for the training step (off: the paper's float32)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -263,6 +264,7 @@ class FitOptions:
     per_rank_batch: bool = False
     eval_batch: int = 1000
     state_every_s: float = 60.0      # write the resumable state at least this often (and after the last epoch)
+    bf16: bool = False               # bfloat16 autocast for forward and loss
 
 
 @dataclass
@@ -285,8 +287,11 @@ FRESH_BEST = {"best_test_acc": -1.0, "best_epoch": 0, "best_even_acc": -1.0, "be
 def _evaluate(stack, x, y, loss, device, batch, idx=None):
     """Per-run (mean loss, accuracy, accuracy on even rows, on odd rows): on shared (x, y), or with ``idx`` (R, m)
     on run r's own rows x[idx[r]]. Four (R,) float64 tensors."""
-    stack.train(False)
     R = stack.R
+    if len(y) == 0 or (idx is not None and idx.shape[1] == 0):  # nothing to evaluate on (e.g. an experiment's net)
+        nan = torch.full((R,), float("nan"), dtype=torch.float64)
+        return nan, nan, nan, nan
+    stack.train(False)
     tot = torch.zeros(R, dtype=torch.float64)
     hits = []
     m = len(y) if idx is None else idx.shape[1]
@@ -391,8 +396,10 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
                 rows = rows[:, rank::world]  # this process's share of every run's batch
             xb = xtr[rows]  # (R, b_local, ...)
             yb = ytr[rows]
-            out = stack.forward(xb, rows)  # (R, b_local, k)
-            per = loss(out.reshape(-1, out.shape[-1]), yb.reshape(-1)).reshape(R, -1)
+            with precision.autocast(device, opts.bf16):
+                out = stack.forward(xb, rows)  # (R, b_local, k)
+                o = out.reshape(-1, out.shape[-1])
+                per = loss(o.float() if o.dtype in (torch.bfloat16, torch.float16) else o, yb.reshape(-1)).reshape(R, -1)
             opt.zero_grad(set_to_none=True)
             (per.sum() / b).backward()  # each run's mean over its global batch: run r's gradient is its own
             if world > 1:
@@ -544,7 +551,7 @@ def run_spec(cfg: TrainConfig, data: RunData, out=None) -> RunSpec:
 
 
 SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "channels", "hidden",
-          "bias", "limit_train", "limit_test", "val_split", "data_root", "device", "save_every", "per_rank_batch")
+          "bias", "limit_train", "limit_test", "val_split", "data_root", "device", "save_every", "per_rank_batch", "bf16")
 
 
 def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | None = None, data: RunData | None = None,
@@ -592,7 +599,7 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
             raise NeuralpathError(f"{state_path} exists; pass --resume to continue it or pick another --out")
         opts = FitOptions(optimizer=base.optimizer, lr=base.lr, epochs=base.epochs, batch_size=base.batch_size,
                           device=base.device, save_every=base.save_every, fast=fast, per_rank_batch=base.per_rank_batch,
-                          state_every_s=state_every_s)
+                          state_every_s=state_every_s, bf16=base.bf16)
         res = fit(specs, data, opts, state_path=state_path, resume=resume, progress=progress, log=log)
         for i, r in zip(todo, res):
             if modes[i] == "extend":

@@ -20,7 +20,7 @@ from ..kernels.machines import accuracy, alignment, fit_predict
 from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..regimes import build_regime
-from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, train
+from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, resolve_device, train
 from .common import add, done_keys, pyplot, savefig
 
 BUDGETS = {"quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
@@ -30,14 +30,15 @@ BUDGETS = {"quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "
 def kernels_for(net, xtr, xte, kind):
     """(K_train (n, n), K_test_train (m, n)) in float64."""
     net = net.double()
-    a, b = xtr.double(), xte.double()
+    dev = next(net.parameters()).device
+    a, b = xtr.to(dev, torch.float64), xte.to(dev, torch.float64)
     if kind == "npk":
         return npk(net, a), npk(net, b, a)
     return ntk(net, a, params="all"), ntk(net, b, a, params="all")
 
 
 def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, seed=0, data_root=None,
-        progress=None, log=print) -> str:
+        device="cpu", progress=None, log=print) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
     b = dict(BUDGETS[budget])
@@ -47,7 +48,7 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
     dataset = "mnist" if arch == "fc" else "cifar10"
     cfg = TrainConfig(arch=arch, dataset=dataset, regime="relu", optimizer="adam",
                       lr=PAPER_DEFAULTS[(arch, "adam")][0], epochs=epochs, seed=seed, limit_train=n_train,
-                      limit_test=n_test, save_every=1, data_root=data_root, device="cpu")
+                      limit_test=n_test, save_every=1, data_root=data_root, device=device)
     log(f"training the ReLU {arch} net ({epochs} epochs on {n_train} training images) into {out / 'relu'}")
     relu = train(cfg, out / "relu", resume=True, progress=progress)
     xtr, ytr = datasets.load(dataset, "train", root=data_root, limit=n_train, seed=seed)
@@ -60,6 +61,7 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
         if all((kind, ep, m) in have for m in b["methods"]):
             continue
         net, _ = build_regime("relu", arch, seed, None, **net_kwargs(rc, xtr.shape[1:], 10))
+        net.to(resolve_device(device))
         if ep > 0:
             net.load_state_dict(checkpoints.load(out / "relu" / f"epoch_{ep}.pt")["model"])
         t = time.time()

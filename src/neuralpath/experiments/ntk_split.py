@@ -1,6 +1,6 @@
 """The NTK split during decoupled learning (SPEC §5): K = K^v + K^f for DLNPF, FC 6x128 on MNIST, SGD 1e-2.
 
-Every 5 epochs (and at initialisation), on 200 training images (20 per class): trace and Frobenius norm of the
+Every 5 epochs (and at initialisation), on 200 training images (exactly 20 per class): trace and Frobenius norm of the
 value part K^v and the feature part K^f of the empirical NTK of the logits (the authors' notebook differentiated the
 summed softmax, identically 1: zero gradients), and the kernel-target alignment of K^v, K^f and K with the one-hot
 labels. The network is trained by ``train.train`` with checkpoints every 5 epochs; the kernels are computed from
@@ -11,10 +11,11 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from .. import checkpoints, datasets
-from ..errors import check_choice
+from ..errors import NeuralpathError, check_choice
 from ..io import read_jsonl, write_text
 from ..kernels.machines import alignment
 from ..kernels.ntk import ntk
@@ -25,17 +26,30 @@ from .common import add, done_keys, pyplot, savefig
 BUDGETS = {"quick": dict(epochs=10, limit_train=6000), "paper": dict(epochs=60, limit_train=None)}
 
 
-def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, progress=None, log=print) -> str:
+def per_class(y, k=20, seed=0):
+    """Exactly ``k`` indices of every class (seeded), sorted."""
+    g = np.random.default_rng(seed)
+    y = np.asarray(y)
+    return np.sort(np.concatenate([g.choice(np.flatnonzero(y == c), k, replace=False) for c in np.unique(y)]))
+
+
+def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, device="auto", progress=None,
+        log=print) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     b = BUDGETS[budget]
-    epochs = epochs or b["epochs"]
+    epochs = b["epochs"] if epochs is None else epochs
+    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < every:
+        raise NeuralpathError(f"--epochs {epochs!r}: the kernels are measured every {every} epochs; give at least "
+                              f"{every}")
     out = Path(out)
     cfg = TrainConfig(arch="fc", regime="dlnpf", optimizer="sgd", lr=1e-2, epochs=epochs, seed=seed,
-                      limit_train=b["limit_train"], save_every=every, data_root=data_root, device="cpu")
+                      limit_train=b["limit_train"], save_every=every, data_root=data_root, device=device)
     t0 = time.time()
     log(f"training DLNPF FC 6x128 (SGD 1e-2, {epochs} epochs) into {out / 'run'}")
     res = train(cfg, out / "run", resume=True, progress=progress)
-    x, y = datasets.load("mnist", "train", root=data_root, limit=200, seed=0)  # 20 per class
+    xa, ya = datasets.load("mnist", "train", root=data_root)
+    sel = torch.from_numpy(per_class(ya.numpy(), 20, seed=0))  # exactly 20 per class
+    x, y = xa[sel], ya[sel]
     rec_path = out / "ntk_split.jsonl"
     have = done_keys(rec_path, lambda r: r["epoch"])
     stages = [0] + list(range(every, epochs + 1, every))
@@ -43,17 +57,19 @@ def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, progr
         if ep in have:
             continue
         net, _ = build_regime("dlnpf", "fc", seed, None, **net_kwargs(cfg.resolved(), x.shape[1:], 10))
+        net.cpu()
         if ep > 0:
             net.load_state_dict(checkpoints.load(out / "run" / f"epoch_{ep}.pt")["model"])
         net = net.double()
         xd = x.double()
-        kv = ntk(net, xd, params="value")
-        kf = ntk(net, xd, params="feature")
         rec = {"epoch": ep, "n": len(y)}
-        for name, K in (("value", kv), ("feature", kf), ("all", kv + kf)):
-            rec[f"trace_{name}"] = float(K.diagonal().sum())
-            rec[f"fro_{name}"] = float(K.norm())
-            rec[f"align_{name}"] = alignment(K, y)
+        for suffix, biases in (("", True), ("_w", False)):  # weights and biases; weights only (the authors')
+            kv = ntk(net, xd, params="value", biases=biases)
+            kf = ntk(net, xd, params="feature", biases=biases)
+            for name, K in (("value", kv), ("feature", kf), ("all", kv + kf)):
+                rec[f"trace_{name}{suffix}"] = float(K.diagonal().sum())
+                rec[f"fro_{name}{suffix}"] = float(K.norm())
+                rec[f"align_{name}{suffix}"] = alignment(K, y)
         add(rec_path, rec)
         log(f"epoch {ep}: trace K^v {rec['trace_value']:.4g}, K^f {rec['trace_feature']:.4g}; alignment "
             f"K^v {rec['align_value']:.3f}, K^f {rec['align_feature']:.3f}")
@@ -67,6 +83,14 @@ def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, progr
     for r in recs:
         lines.append(f"| {r['epoch']} | {r['trace_value']:.4g} | {r['trace_feature']:.4g} | {r['fro_value']:.4g} | "
                      f"{r['fro_feature']:.4g} | {r['align_value']:.3f} | {r['align_feature']:.3f} | {r['align_all']:.3f} |")
+    if recs and "trace_value_w" in recs[0]:
+        lines += ["", "Weights only (the authors' setting: no derivatives w.r.t. the biases):", "",
+                  "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for r in recs:
+            lines.append(f"| {r['epoch']} | {r['trace_value_w']:.4g} | {r['trace_feature_w']:.4g} | "
+                         f"{r['fro_value_w']:.4g} | {r['fro_feature_w']:.4g} | {r['align_value_w']:.3f} | "
+                         f"{r['align_feature_w']:.3f} | {r['align_all_w']:.3f} |")
     lines.append(f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'ntk_split.png'}")
     md = "\n".join(lines) + "\n"
     write_text(out / "ntk_split.md", md)

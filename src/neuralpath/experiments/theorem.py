@@ -24,6 +24,7 @@ from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..nets import FCDGN
 from ..nets.base import init_layers
+from ..train import FitOptions, RunData, RunSpec, fit
 
 C = math.sqrt(2.0)
 
@@ -64,23 +65,17 @@ def _draw_value(net, width, init, seed):
 
 
 def _trained_relu(width, depth, data_root, seed, epochs=1, n=2000):
-    """A briefly trained bias-free ReLU net (Adam 1e-3): the source of FLNPF's learnt gates."""
-    torch.manual_seed(seed)
+    """A briefly trained bias-free ReLU net (Adam 1e-3, batch 32, the training engine): the source of FLNPF's
+    learnt gates."""
     net = FCDGN(in_dim=784, width=width, depth=depth, out_dim=10, bias=False, tied=True,
                 generator=torch.Generator().manual_seed(seed))
     try:
         x, y = datasets.load("mnist", "train", root=data_root, limit=n, seed=seed + 1)
     except (FileNotFoundError, ValueError):
         x, y = datasets.load("synthetic", "train", n=n, shape=(1, 28, 28), seed=seed + 1)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        for i in range(0, len(y), 32):
-            idx = perm[i:i + 32]
-            loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    data = RunData(x, y, x[:0], y[:0])
+    fit([RunSpec(net=net, seed=seed, train_idx=torch.arange(len(y)), label="theorem relu")], data,
+        FitOptions(optimizer="adam", lr=1e-3, epochs=epochs, device="cpu", eval_batch=1000), progress=False)
     return net
 
 
@@ -88,7 +83,7 @@ def rel_err(a, b):
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def run(out, quick: bool = True, data_root=None, progress: bool = True, log=print) -> dict:
+def run(out, quick: bool = True, data_root=None, progress: bool = True, log=print, device="cpu") -> dict:
     """Run parts a, b, c; append records to out/theorem.jsonl, write out/theorem.png and out/theorem.md."""
     from tqdm import tqdm
     from pathlib import Path
@@ -99,6 +94,7 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
         recs_path.unlink()
     n = 32 if quick else 64
     x, src = _inputs(n, data_root)
+    x = x.to(device)
     widths = [16, 32, 64, 128, 256, 512] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
     depths = [2, 4, 6] if quick else [2, 3, 4, 5, 6]
     draws_a = [10, 40, 160] if quick else [10, 40, 160, 640]
@@ -115,7 +111,7 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
     w, d = 32, 4
     relu = _trained_relu(w, d, data_root, seed=0)
     for regime, gates_from in (("frnpf-ii", None), ("flnpf", relu)):
-        net = _gated_net(w, d, seed=100, gates_from=gates_from)
+        net = _gated_net(w, d, seed=100, gates_from=gates_from).to(device)
         H = npk(net, x)
         for init in ("bernoulli", "gaussian"):
             acc, done = torch.zeros_like(H), 0
@@ -133,22 +129,23 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
         relu = _trained_relu(ww, dd, data_root, seed=dd * 1000 + ww)
         for s in range(seeds_b):
             for regime in ("frnpf-ii", "flnpf"):
-                net = _gated_net(ww, dd, seed=s, gates_from=relu if regime == "flnpf" else None)
+                net = _gated_net(ww, dd, seed=s, gates_from=relu if regime == "flnpf" else None).to(device)
                 sigma = _draw_value(net, ww, "bernoulli", seed=10_000 + s)
                 H = npk(net, x)
                 Kv = ntk(net, x, params="value")
                 rec({"part": "b", "regime": regime, "init": "bernoulli", "width": ww, "depth": dd, "seed": s,
                      "rel_err": rel_err(Kv / (dd * sigma ** (2 * (dd - 1))), H)})
             # (c) the standard ReLU net: its gates come from the very weights being differentiated
-            tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double()
+            tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double().to(device)
             sigma = _draw_value(tied, ww, "bernoulli", seed=20_000 + s)
             rec({"part": "c", "regime": "relu", "init": "bernoulli", "width": ww, "depth": dd, "seed": s,
                  "rel_err": rel_err(ntk(tied, x, params="all") / (dd * sigma ** (2 * (dd - 1))), npk(tied, x))})
             # (c) DLNPF: soft gates from an independent feature net; K = K^v + K^f
             dl = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, gate="soft", init="gaussian",
-                       generator=torch.Generator().manual_seed(30_000 + s)).double()
+                       generator=torch.Generator().manual_seed(30_000 + s)).double().to(device)
             sigma = _draw_value(dl, ww, "bernoulli", seed=40_000 + s)
-            init_layers(dl.feature_layers, "bernoulli", C, torch.Generator().manual_seed(50_000 + s))
+            init_layers(dl.feature_layers.cpu(), "bernoulli", C, torch.Generator().manual_seed(50_000 + s))
+            dl.to(device)
             H = npk(dl, x)
             for params in ("value", "all"):
                 rec({"part": "c", "regime": f"dlnpf ({'K^v' if params == 'value' else 'K^v + K^f'})",

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..precision import exact
+
 from ..errors import NeuralpathError
 
 
@@ -85,10 +87,16 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
     return need
 
 
-def gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=torch.float32, progress: bool = False,
-         feature_budget: int = 1 << 30, feature_bytes_per_input: int | None = None, desc: str = "kernel",
-         memory_limit: int | None = None):
-    """Blocked Gram matrix; see the module docstring. Returns a tensor, or the out path when ``out`` is given."""
+def gram(featurize, pair, x1, x2=None, **kw):
+    """Blocked Gram matrix; see the module docstring. Returns a tensor, or the out path when ``out`` is given.
+    Computed without TF32 on GPUs (:func:`neuralpath.precision.exact`)."""
+    with exact():
+        return _gram(featurize, pair, x1, x2, **kw)
+
+
+def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=torch.float32, progress: bool = False,
+          feature_budget: int = 1 << 30, feature_bytes_per_input: int | None = None, desc: str = "kernel",
+          memory_limit: int | None = None):
     from tqdm import tqdm
     sym = x2 is None
     x2_ = x1 if sym else x2

@@ -33,6 +33,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
+from ..precision import exact
 from .gram import gram
 from .npk import _as_dtype, _check_inputs
 
@@ -126,7 +127,7 @@ def _signals(net: DGN, x, want_feature: bool):
     return value, feature
 
 
-def _featurize(net, x, params):
+def _featurize(net, x, params, biases=True):
     value, feature = _signals(net, x, want_feature=params in ("feature", "all"))
     groups = []
     if params in ("value", "all"):
@@ -137,9 +138,9 @@ def _featurize(net, x, params):
     for layer, a, delta in groups:
         gw, gb = _weight_grads(layer, a, delta)
         if gw is None:  # dense: keep the factors, contract them pairwise
-            out.append(("dense", a.reshape(a.shape[0], -1), delta, layer.bias is not None))
+            out.append(("dense", a.reshape(a.shape[0], -1), delta, biases and layer.bias is not None))
         else:
-            out.append(("conv", gw, gb if layer.bias is not None else None))
+            out.append(("conv", gw, gb if biases and layer.bias is not None else None))
     return out
 
 
@@ -168,8 +169,8 @@ def _pair_structured(f1, f2, trace: bool):
 
 
 # -- torch.func references --------------------------------------------------------------------------------
-def _param_dict(net: DGN, params):
-    names = dict(net.named_parameters())
+def _param_dict(net: DGN, params, biases=True):
+    names = {k: v for k, v in net.named_parameters() if biases or not k.endswith(".bias")}
     if net.tied:
         sel = {k: v for k, v in names.items()} if params in ("value", "all") else {}
     else:
@@ -191,8 +192,8 @@ def _fn(net):
     return f
 
 
-def _ntk_jacobian(net, x1, x2, params, trace):
-    p = _param_dict(net, params)
+def _ntk_jacobian(net, x1, x2, params, trace, biases=True):
+    p = _param_dict(net, params, biases)
     f = _fn(net)
     j1 = vmap(jacrev(f), (None, 0))(p, x1)
     j2 = j1 if x2 is None else vmap(jacrev(f), (None, 0))(p, x2)
@@ -204,8 +205,8 @@ def _ntk_jacobian(net, x1, x2, params, trace):
     return K
 
 
-def _ntk_vp(net, x1, x2, params, trace):
-    p = _param_dict(net, params)
+def _ntk_vp(net, x1, x2, params, trace, biases=True):
+    p = _param_dict(net, params, biases)
     f = _fn(net)
     x2_ = x1 if x2 is None else x2
     fb = lambda q: vmap(f, (None, 0))(q, x2_)  # noqa: E731  (n2, k)
@@ -219,10 +220,11 @@ def _ntk_vp(net, x1, x2, params, trace):
 
 
 def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structured", trace: bool = True,
-        dtype=None, block: int = 256, out=None, progress: bool = False):
+        biases: bool = True, dtype=None, block: int = 256, out=None, progress: bool = False):
     """Empirical NTK of a DGN, (n1, n2) traced over outputs (trace=False: (n1, n2, k, k)).
 
     params: 'value' | 'feature' | 'all';  method: 'structured' | 'jacobian' | 'vp' (see the module docstring).
+    biases=False: derivatives w.r.t. the weights only (the authors' NTK-split notebook), not the biases.
     The structured method runs through the blocked Gram engine (block, out=FILE.npy, progress).
     """
     check_choice("params", params, PARAMS)
@@ -240,12 +242,13 @@ def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structur
         return torch.zeros(shape, dtype=dt)  # hard gates: d G / d Theta^f = 0 exactly
     if method == "structured":
         if not trace:
-            f1 = _featurize(net, x1, params)
-            f2 = f1 if x2 is None else _featurize(net, x2, params)
+            f1 = _featurize(net, x1, params, biases)
+            f2 = f1 if x2 is None else _featurize(net, x2, params, biases)
             return _pair_structured(f1, f2, trace=False)
-        return gram(lambda x: _featurize(net, x, params), lambda a, b: _pair_structured(a, b, True), x1, x2,
+        return gram(lambda x: _featurize(net, x, params, biases), lambda a, b: _pair_structured(a, b, True), x1, x2,
                     block=block, out=out, dtype=dt, progress=progress, desc="NTK")
     if out is not None:
         raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
-    K = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(net, x1, x2, params, trace)
+    with exact():
+        K = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(net, x1, x2, params, trace, biases)
     return K.diagonal(dim1=2, dim2=3).sum(-1) if trace else K
