@@ -8,7 +8,9 @@ __version__ = "0.1.0"
 from . import datasets
 from .kernels.npk import npk, overlaps
 from .kernels.ntk import ntk
+from .loading import load_net, load_run
 from .nets import ConvDGN, FCDGN
 from .paths import npf, npv
 
-__all__ = ["FCDGN", "ConvDGN", "npf", "npv", "npk", "overlaps", "ntk", "datasets", "__version__"]
+__all__ = ["FCDGN", "ConvDGN", "npf", "npv", "npk", "overlaps", "ntk", "datasets", "load_net", "load_run",
+           "__version__"]

@@ -2,16 +2,36 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
+from pathlib import Path
 
 import click
 
+from . import __version__
 from .errors import NeuralpathError
 
-USER_ERRORS = (NeuralpathError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError)
+USER_ERRORS = (NeuralpathError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError,
+               NotADirectoryError, FileExistsError)
+# internal argument names -> the flags a user types, so that a message names what was typed
+FLAGS = {"limit_train": "--limit-train", "limit_test": "--limit-test", "val_split": "--val-split",
+         "batch_size": "--batch-size", "save_every": "--save-every", "seed": "--seed", "epochs": "--epochs",
+         "lr": "--lr", "width": "--width", "depth": "--depth", "regime": "--regime", "arch": "--arch",
+         "optimizer": "--optimizer", "dataset": "--dataset", "device": "--device", "budget": "--budget",
+         "row": "--rows", "seeds": "--seeds", "params": "--params", "dtype": "--dtype", "block": "--block"}
+
+
+def _flagify(msg: str) -> str:
+    """'seed=-1 must be ...' -> '--seed -1 must be ...' (only at the start of the message, for known names)."""
+    import re
+    m = re.match(r"([a-z_]+)=(\S+)(.*)", msg, re.S)
+    if m and m.group(1) in FLAGS:
+        return f"{FLAGS[m.group(1)]} {m.group(2)}{m.group(3)}"
+    return msg
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(version=__version__, prog_name="neuralpath", message="%(prog)s %(version)s")
 @click.option("--debug", is_flag=True, help="Show the full traceback on errors.")
 @click.pass_context
 def cli(ctx, debug):
@@ -112,32 +132,57 @@ def _kernel_options(f):
 
 
 def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device):
+    """(network, inputs, sidecar record) of a kernel request; every check happens before any data is decoded."""
     import torch
     from . import checkpoints, datasets
-    from .errors import check_choice
+    from .errors import NeuralpathError, check_choice
     from .regimes import build_regime
     from .train import TrainConfig, net_kwargs, resolve_device
-    check_choice("dtype", dtype, ("float32", "float64"))
+    check_choice("--dtype", dtype, ("float32", "float64"))
+    check_choice("--split", split, datasets.SPLITS)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise NeuralpathError(f"--num-inputs {n!r} must be a positive integer")
     if checkpoint:
         ck = checkpoints.load(checkpoint)
         cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in TrainConfig.__dataclass_fields__})
+        trained_on = cfg.dataset
         dataset = dataset or cfg.dataset
+        a, b = datasets.SHAPES.get(trained_on), datasets.SHAPES.get(dataset)
+        if a and b and a != b:
+            raise NeuralpathError(f"{checkpoint} was trained on {trained_on} ({a[0]}x{a[1]}x{a[2]} images); --dataset "
+                                  f"{dataset} has {b[0]}x{b[1]}x{b[2]} images: use a data set of the same shape")
     else:
         cfg = TrainConfig(arch=arch, regime=regime, width=width, depth=depth, seed=seed, dataset=dataset or "mnist")
+        cfg.resolved() if regime != "flnpf" else None
+        if regime == "flnpf":
+            raise NeuralpathError("--regime flnpf needs trained gates: pass --checkpoint of an FLNPF run instead")
         dataset = cfg.dataset
-    x, y = datasets.load(dataset, split, root=data_root, limit=n, seed=0)
+    check_choice("--dataset", dataset, datasets.NAMES)
+    dev = resolve_device(device)
+    datasets.check_limit("--num-inputs", n, dataset, split, root=data_root)
+    x, y, idx = datasets.load(dataset, split, root=data_root, limit=n, seed=0, with_indices=True)
     # an FLNPF checkpoint already holds its frozen feature network: build the same shape (hard, untied), then load
     build = "frnpf-ii" if (checkpoint and cfg.regime == "flnpf") else cfg.regime
     net, _ = build_regime(build, cfg.arch, cfg.seed, None, **net_kwargs(cfg, x.shape[1:], 10))
     if checkpoint:
         net.load_state_dict(ck["model"])
     from . import distributed
-    dev = resolve_device(device)
     _, world, local = distributed.init(dev.type)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local)
     net = net.to(dev, getattr(torch, dtype))
-    return net, x
+    side = {"dataset": dataset, "data": datasets.source_label(dataset, data_root), "split": split,
+            "indices": [int(i) for i in idx], "labels": [int(v) for v in y], "network": net.config(),
+            "checkpoint": None if not checkpoint else str(checkpoint),
+            "regime": cfg.regime, "seed": cfg.seed, "dtype": dtype,
+            "rows": "row i of the kernel is example indices[i] of the split (columns likewise)"}
+    return net, x, side
+
+
+def _write_sidecar(out, side):
+    from pathlib import Path
+    from .io import write_json
+    write_json(Path(out).with_suffix(".json"), side)
 
 
 @cli.group()
@@ -152,8 +197,11 @@ def kernel_npk(block, out, normalize, **kw):
     """Neural path kernel of a network's gates, written to --out (.npy). Under torchrun the tiles are split among
     the processes, which write into the one output file."""
     from . import distributed
+    from .errors import check_choice
+    from .kernels.gram import check_size
     from .kernels.npk import npk
-    net, x = _kernel_setup(**kw)
+    check_choice("--normalize", normalize, (None, "none", "trace", "cosine"))
+    net, x, side = _kernel_setup(**kw)
     if normalize in (None, "none"):
         path = npk(net, x, block=block, out=out, progress=sys.stderr.isatty())
     else:
@@ -163,7 +211,8 @@ def kernel_npk(block, out, normalize, **kw):
         if distributed.is_main():
             save_npy(out, K)
     if distributed.is_main():
-        click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}")
+        _write_sidecar(out, dict(side, kernel="npk", normalize=normalize))
+        click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}; rows described in {Path(out).with_suffix('.json')}")
 
 
 @kernel.command("ntk")
@@ -171,12 +220,16 @@ def kernel_npk(block, out, normalize, **kw):
 @click.option("--params", default="value", show_default=True, help="value | feature | all")
 def kernel_ntk(block, out, params, **kw):
     """Empirical NTK (structured, summed over outputs), written to --out (.npy)."""
-    from .kernels.ntk import ntk
-    net, x = _kernel_setup(**kw)
+    from .errors import check_choice
+    from .kernels.ntk import PARAMS, ntk
+    check_choice("--params", params, PARAMS)
+    net, x, side = _kernel_setup(**kw)
     path = ntk(net, x, params=params, block=block, out=out, progress=sys.stderr.isatty())
     from . import distributed
     if distributed.is_main():
-        click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}")
+        _write_sidecar(out, dict(side, kernel="ntk", params=params))
+        click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}; rows described in "
+                   f"{Path(out).with_suffix('.json')}")
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
@@ -377,12 +430,13 @@ def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n
     from .kernels.machines import accuracy, fit_predict
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
-    net, xtr = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
-                             "float64", device)
+    net, xtr, _ = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
+                                "float64", device)
     ds = dataset or "mnist"
     if checkpoint:
         from . import checkpoints
         ds = dataset or checkpoints.load(checkpoint)["config"].get("dataset", "mnist")
+    datasets.check_limit("--n-test", n_test, ds, "test", root=data_root)
     _, ytr = datasets.load(ds, "train", root=data_root, limit=n_train, seed=0)
     xte, yte = datasets.load(ds, "test", root=data_root, limit=n_test, seed=0)
     t = time.time()
@@ -396,8 +450,13 @@ def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n
                f"({n_train} train / {n_test} test, {rec['seconds']:.1f} s)" + (f"; record in {out}" if out else ""))
 
 
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds like an exception: partial files are removed on the way out
+
+
 def main(argv=None):
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         try:
             cli.main(args=argv, prog_name="neuralpath", standalone_mode=False)
@@ -414,7 +473,9 @@ def main(argv=None):
         if debug:
             raise
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        click.echo(f"error: {msg}", err=True)
+        if isinstance(e, OSError) and e.filename and str(e.filename) not in msg:
+            msg = f"{msg}: {e.filename}"
+        click.echo(f"error: {_flagify(msg)}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
         click.echo("interrupted", err=True)

@@ -8,12 +8,27 @@ import tempfile
 from pathlib import Path
 
 
+def _umask() -> int:
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+UMASK = _umask()
+
+
 @contextlib.contextmanager
 def atomic_path(path, suffix: str = ""):
-    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed."""
+    """Yield a temporary path beside ``path``; on success it is renamed onto ``path``, on error removed. The file
+    gets the permissions a plain ``open`` would give it (0666 less the umask), not mkstemp's 0600."""
     path = Path(path)
+    if path.parent.exists() and not path.parent.is_dir():
+        raise NotADirectoryError(f"cannot write {path}: {path.parent} is a file, not a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {path}: it is a folder")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.fchmod(fd, 0o666 & ~UMASK)
     os.close(fd)
     try:
         yield Path(tmp)

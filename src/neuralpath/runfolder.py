@@ -86,6 +86,7 @@ class RunFolder:
         from filelock import FileLock, Timeout
         if self.path.exists() and not self.path.is_dir():
             raise NeuralpathError(f"--out {self.path} is an existing file, not a folder; pick another --out")
+        self._created = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(self.file(".lock")))
         try:
@@ -104,7 +105,8 @@ class RunFolder:
                                          "since": time.strftime("%Y-%m-%d %H:%M:%S")})
         return self
 
-    def release(self):
+    def release(self, failed: bool = False):
+        """Give the folder up; after a failure, a folder this process created and left empty is removed."""
         if self._lock is not None:
             try:
                 self.file(".owner").unlink(missing_ok=True)
@@ -112,6 +114,11 @@ class RunFolder:
             finally:
                 self._lock.release()
                 self._lock = None
+            if failed and getattr(self, "_created", False):
+                try:
+                    self.path.rmdir()  # only if empty: nothing it holds is ever removed
+                except OSError:
+                    pass
 
     # -- identity --------------------------------------------------------------------------------------------------
     def check_request(self, config: dict, resume: bool, allow_change=()) -> str:

@@ -85,7 +85,7 @@ class LoopStack:
 
     def tensors(self):
         """Every parameter and buffer of every run: the state a resume restores."""
-        return [t for n in self.nets for t in n.state_dict(keep_vars=True).values()]
+        return [t for n in self.nets for t in n.state_dict(keep_vars=True).values() if torch.is_tensor(t)]
 
     def to(self, device):
         for n in self.nets:
@@ -98,13 +98,16 @@ class LoopStack:
         return self
 
     def state_dict_of(self, r: int) -> dict:
-        return {k: v.detach().cpu().clone() for k, v in self.nets[r].state_dict().items()}
+        return _detached(self.nets[r].state_dict())
 
     def sync(self):
         """The networks are the runs themselves: nothing to copy back."""
 
     def load_state_dict_of(self, r: int, sd: dict):
-        self.nets[r].load_state_dict(sd)
+        net = self.nets[r]
+        if "_extra_state" not in sd and hasattr(net, "get_extra_state"):  # a state saved before configs travelled
+            sd = dict(sd, _extra_state=net.get_extra_state())
+        net.load_state_dict(sd)
 
     @torch.no_grad()
     def cache_frozen_gates(self, x: torch.Tensor, rows_per_run, batch: int = 1024):
@@ -306,7 +309,7 @@ class FCStack:
                     net.feature_layers[l].weight.copy_(group[l][0][j].t())
                     if self.has_bias:
                         net.feature_layers[l].bias.copy_(group[l][1][j])
-        return {k: v.detach().cpu().clone() for k, v in net.state_dict().items()}
+        return _detached(net.state_dict())
 
     def sync(self):
         """Copy every run's stacked weights back into its own network (the nets the stack was built from)."""
@@ -327,6 +330,11 @@ class FCStack:
                     group[l][0][j].copy_(sd[f"feature_layers.{l}.weight"].t())
                     if self.has_bias:
                         group[l][1][j].copy_(sd[f"feature_layers.{l}.bias"])
+
+
+def _detached(sd: dict) -> dict:
+    """A CPU copy of a state_dict (tensors cloned; the network's configuration entry kept as it is)."""
+    return {k: v.detach().cpu().clone() if torch.is_tensor(v) else v for k, v in sd.items()}
 
 
 def make_stack(nets, fast: bool = True):

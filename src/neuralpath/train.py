@@ -155,13 +155,10 @@ class RunData:
         kw = dict(root=cfg.data_root)
         if cfg.dataset == "synthetic":
             kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
+        datasets.check_limit("--limit-train", cfg.limit_train, cfg.dataset, "train", **kw)
+        datasets.check_limit("--limit-test", cfg.limit_test, cfg.dataset, "test", **kw)
         x, y = datasets.load(cfg.dataset, "train", **kw)
         xt, yt = datasets.load(cfg.dataset, "test", limit=cfg.limit_test, seed=0, **kw)
-        if cfg.limit_train is not None and cfg.limit_train > len(y):
-            raise NeuralpathError(f"--limit-train {cfg.limit_train} exceeds the {len(y):,} training images of "
-                                  f"{cfg.dataset}; give at most {len(y)}")
-        if cfg.limit_test is not None and cfg.limit_test > len(yt) and cfg.limit_test != len(yt):
-            raise NeuralpathError(f"--limit-test {cfg.limit_test} exceeds the test images of {cfg.dataset}")
         return cls(x, y, xt, yt, datasets.source_label(cfg.dataset, cfg.data_root))
 
 
@@ -569,6 +566,7 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
                 raise NeuralpathError(f"runs of one stack must share {k}: {getattr(base, k)!r} vs {getattr(c, k)!r}")
     folders = [RunFolder(o) for o in outs]
     held = []
+    failed = True
     distributed.init(resolve_device(base.device).type)
     try:
         if distributed.is_main():
@@ -579,6 +577,7 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
         results = {i: f.result() for i, (f, m) in enumerate(zip(folders, modes)) if m == "done"}
         todo = [i for i, m in enumerate(modes) if m != "done"]
         if not todo:
+            failed = False
             return [results[i] for i in range(len(cfgs))]
         extend = [i for i in todo if modes[i] == "extend"]
         for i in extend:  # a finished run asked for more epochs: continue from its state
@@ -607,10 +606,11 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
             results[i] = r
         for i in extend:
             write_json(folders[i].file("result.json"), results[i])
+        failed = False
         return [results[i] for i in range(len(cfgs))]
     finally:
         for f in held:
-            f.release()
+            f.release(failed=failed)
 
 
 def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = None, log: Callable = print,

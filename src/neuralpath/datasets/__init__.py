@@ -8,17 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import NeuralpathError, check_choice
-from ..io import save_npy
+from ..io import save_npy, write_text
 from . import formats, sources
 from .sources import default_root
 
 NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # (C, H, W) of each image
 SPLITS = ("train", "test")
 CLASS_COUNTS = {("mnist", "train"): [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
                 ("mnist", "test"): [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]}
@@ -33,6 +35,8 @@ def fetch(name: str, root=None, mirrors=None, progress: bool = True, log=print) 
     """Put a verified copy of ``name`` into ``root`` (see :mod:`neuralpath.datasets.sources`). Idempotent."""
     check_choice("dataset", name, NAMES)
     root = Path(root) if root else default_root()
+    if root.exists() and not root.is_dir():
+        raise NeuralpathError(f"--root {root} is a file; give a folder for the data (it is created if missing)")
     if name == "synthetic":
         return {"synthetic": "generated on the fly, nothing to fetch"}
     if name == "cifar10":
@@ -79,21 +83,68 @@ def _decode(name, split, root, files):
     return x, y
 
 
+def _digest(x, y) -> str:
+    """sha256 of a decoded data set's content (images then labels): one pass, written beside the cache."""
+    h = hashlib.sha256()
+    h.update(np.ascontiguousarray(x).data)
+    h.update(np.ascontiguousarray(y).data)
+    return h.hexdigest()
+
+
+def _cache_dir(root: Path) -> Path:
+    """``root/cache`` when the data root is writable, else a per-user cache (a read-only shared data folder)."""
+    d = root / "cache"
+    if (d.is_dir() and os.access(d, os.W_OK)) or (not d.exists() and os.access(root, os.W_OK)):
+        return d
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "neuralpath" / "derived"
+    return base / hashlib.sha1(str(root.resolve()).encode()).hexdigest()[:12]
+
+
 def _load_uint8(name, split, root):
+    """The decoded uint8 images and labels of a split, from a verified cache or decoded (and cached) from the
+    verified source files. The cache carries the sha256 of its content, checked at every load: a cache whose
+    header is intact but whose content changed is rebuilt from the sources."""
     root = Path(root)
     files = _source_files(name, split, root)
     key = hashlib.sha1(json.dumps([(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
-    stem = root / "cache" / f"{name}-{split}-{key.hexdigest()[:12]}"
-    xp, yp = Path(str(stem) + "-x.npy"), Path(str(stem) + "-y.npy")
-    if xp.exists() and yp.exists():
+    stem = _cache_dir(root) / f"{name}-{split}-{key.hexdigest()[:12]}"
+    xp, yp, sp = (Path(str(stem) + s) for s in ("-x.npy", "-y.npy", ".sha256"))
+    if xp.exists() and yp.exists() and sp.exists():
         try:
-            return np.load(xp, mmap_mode="r"), np.load(yp)
+            x, y = np.load(xp, mmap_mode="r"), np.load(yp)
+            if _digest(x, y) == sp.read_text().strip():
+                return x, y
         except (ValueError, OSError):
-            pass  # a damaged cache is rebuilt below
+            pass
+        import sys
+        print(f"note: the decoded {name} {split} cache in {stem.parent} does not match its checksum; rebuilding it "
+              "from the verified source files", file=sys.stderr)
     x, y = _decode(name, split, root, files)
-    save_npy(yp, np.ascontiguousarray(y))
-    save_npy(xp, np.ascontiguousarray(x))
+    x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
+    save_npy(yp, y)
+    save_npy(xp, x)
+    write_text(sp, _digest(x, y) + "\n")
     return np.load(xp, mmap_mode="r"), np.load(yp)
+
+
+def split_size(name: str, split: str, root=None, **synthetic_kwargs) -> int:
+    """Number of examples in a split (decodes and caches it on first use)."""
+    _check(name, split)
+    if name == "synthetic":
+        return len(synthetic(split, **synthetic_kwargs)[1])
+    return len(_load_uint8(name, split, Path(root) if root else default_root())[1])
+
+
+def check_limit(flag: str, limit, name: str, split: str, root=None, **synthetic_kwargs):
+    """A requested subset size must be a positive integer no larger than the split: never clipped silently."""
+    if limit is None:
+        return
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0:
+        raise NeuralpathError(f"{flag} {limit!r} must be a positive integer")
+    n = split_size(name, split, root, **synthetic_kwargs)
+    if limit > n:
+        raise NeuralpathError(f"{flag} {limit:,} exceeds the {n:,} images of the {name} {split} split; give at "
+                              f"most {n:,}")
 
 
 def synthetic(split: str = "train", n: int | None = None, shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):
@@ -124,10 +175,11 @@ def stratified_indices(y, limit: int, seed: int = 0) -> np.ndarray:
 
 
 def load(name: str, split: str = "train", root=None, limit: int | None = None, seed: int = 0,
-         download: bool = False, **synthetic_kwargs):
-    """(x float32 (n, C, H, W) in [0, 1], y int64 (n,)).
+         download: bool = False, with_indices: bool = False, **synthetic_kwargs):
+    """(x float32 (n, C, H, W) in [0, 1], y int64 (n,)); with ``with_indices`` also the rows of the split taken.
 
-    ``limit``: a class-stratified subset of that size drawn with ``seed`` (original order kept).
+    ``limit``: a class-stratified subset of that size drawn with ``seed`` (original order kept); a limit larger than
+    the split is an error, never clipped.
     ``download``: fetch missing files first (see :func:`fetch`); otherwise a missing file is a FileNotFoundError.
     ``synthetic`` takes n, shape, num_classes, seed.
     """
@@ -136,21 +188,32 @@ def load(name: str, split: str = "train", root=None, limit: int | None = None, s
         raise NeuralpathError(f"limit={limit!r} must be a positive integer or None")
     if name == "synthetic":
         x, y = synthetic(split, seed=seed, **synthetic_kwargs)
+        idx = np.arange(len(y))
         if limit is not None:
-            idx = torch.from_numpy(stratified_indices(y.numpy(), limit, seed))
-            x, y = x[idx], y[idx]
-        return x, y
+            _too_many(limit, len(y), name, split)
+            idx = stratified_indices(y.numpy(), limit, seed)
+            x, y = x[torch.from_numpy(idx)], y[torch.from_numpy(idx)]
+        return (x, y, idx) if with_indices else (x, y)
     if synthetic_kwargs:
         raise NeuralpathError(f"unexpected arguments {sorted(synthetic_kwargs)} for dataset {name!r}")
     root = Path(root) if root else default_root()
     if download:
         fetch(name, root, progress=False, log=lambda *_: None)
     xu, yu = _load_uint8(name, split, root)
+    idx = np.arange(len(yu))
     if limit is not None:
+        _too_many(limit, len(yu), name, split)
         idx = stratified_indices(yu, limit, seed)
         xu, yu = xu[idx], yu[idx]
     x = torch.from_numpy(np.asarray(xu, dtype=np.float32)).div_(255.0)
-    return x, torch.from_numpy(np.array(yu, dtype=np.int64))
+    y = torch.from_numpy(np.array(yu, dtype=np.int64))
+    return (x, y, idx) if with_indices else (x, y)
+
+
+def _too_many(limit, n, name, split):
+    if limit > n:
+        raise NeuralpathError(f"{limit:,} images were asked for but the {name} {split} split has {n:,}; give at most "
+                              f"{n:,}")
 
 
 def info(name: str | None = None, root=None) -> list:

@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
@@ -78,7 +79,14 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
             raise NeuralpathError(f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB "
                                   "of memory is available; pass out=FILE.npy to stream it to disk, or use fewer inputs")
     else:
-        parent = Path(out).resolve().parent
+        out = Path(out)
+        if out.is_dir():
+            raise NeuralpathError(f"--out {out} is a folder; give a file name ending in .npy")
+        if out.suffix != ".npy":
+            raise NeuralpathError(f"--out {out}: a kernel is written as a .npy file; give a name ending in .npy")
+        parent = out.resolve().parent
+        if parent.exists() and not parent.is_dir():
+            raise NeuralpathError(f"--out {out}: {parent} is a file, not a folder")
         parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(parent).free
         if need > free:
@@ -97,25 +105,67 @@ def gram(featurize, pair, x1, x2=None, **kw):
 def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=torch.float32, progress: bool = False,
           feature_budget: int = 1 << 30, feature_bytes_per_input: int | None = None, desc: str = "kernel",
           memory_limit: int | None = None):
-    from tqdm import tqdm
     sym = x2 is None
     x2_ = x1 if sym else x2
     n1, n2 = len(x1), len(x2_)
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise NeuralpathError(f"--block {block!r} must be a positive integer (the tile size, e.g. 1024)")
     itemsize = torch.empty((), dtype=dtype).element_size()
-    check_size(n1, n2, itemsize, out, memory_limit)
+    need = check_size(n1, n2, itemsize, out, memory_limit)
     rank, world = _dist()
     if out is None:  # several ranks, in memory: each fills its tiles, then one all-reduce sums them
         K = (torch.zeros if world > 1 else torch.empty)((n1, n2), dtype=dtype)
-        target = K.numpy()
-    else:
-        out = Path(out)
-        tmp = out.with_name(f".{out.name}.partial.npy")
+        return _fill(featurize, pair, x1, x2_, sym, K.numpy(), block, dtype, progress, feature_budget,
+                     feature_bytes_per_input, desc, rank, world, K=K)
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.partial.npy")
+    lock = None
+    if rank == 0:
+        from filelock import FileLock, Timeout
+        lock = FileLock(str(out.with_name(f".{out.name}.lock")))
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise NeuralpathError(f"{out} is being written by another neuralpath process; wait for it or pick "
+                                  "another --out") from None
+    try:
         if rank == 0:
+            tmp.unlink(missing_ok=True)  # a stale partial of a killed run of the same name
+            if need > 1 << 30 and progress is not False:
+                import sys
+                print(f"{desc}: writing a ({n1:,} x {n2:,}) kernel, {need / 2**30:.1f} GiB, to {out}", file=sys.stderr)
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")),
                                       shape=(n1, n2)).flush()
         if world > 1:
             torch.distributed.barrier()
         target = _TileWriter(tmp, n2, itemsize)
+        try:
+            _fill(featurize, pair, x1, x2_, sym, target, block, dtype, progress, feature_budget,
+                  feature_bytes_per_input, desc, rank, world)
+        finally:
+            target.close()
+        if world > 1:
+            torch.distributed.barrier()
+        if rank == 0:
+            os.replace(tmp, out)
+        if world > 1:
+            torch.distributed.barrier()
+    except BaseException:
+        if rank == 0:
+            tmp.unlink(missing_ok=True)  # nothing half-written stays behind (SIGINT/SIGTERM arrive as exceptions)
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+            with contextlib.suppress(OSError):
+                os.unlink(lock.lock_file)
+    return out
+
+
+def _fill(featurize, pair, x1, x2_, sym, target, block, dtype, progress, feature_budget, feature_bytes_per_input,
+          desc, rank, world, K=None):
+    from tqdm import tqdm
+    n1, n2 = len(x1), len(x2_)
     cache1 = cache2 = None
     fb = feature_bytes_per_input
     if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
@@ -144,15 +194,6 @@ def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=to
             target[j0:j0 + tile.shape[1], i0:i0 + tile.shape[0]] = tile.T
         bar.update(1)
     bar.close()
-    if out is None:
-        if world > 1:
-            torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.SUM)
-        return K
-    target.close()
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        os.replace(tmp, out)
-    if world > 1:
-        torch.distributed.barrier()
-    return out
+    if K is not None and world > 1:
+        torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.SUM)
+    return K

@@ -87,6 +87,13 @@ class KernelRidge:
     def fit(self, K, y, seed: int = 0):
         K = _as64(K, "K_train")
         y = torch.as_tensor(y).long()
+        if K.dim() != 2 or K.shape[0] != K.shape[1]:
+            raise NeuralpathError(f"KernelRidge.fit: K_train must be a square (n, n) matrix, got {tuple(K.shape)}")
+        if y.dim() != 1 or len(y) != K.shape[0]:
+            raise NeuralpathError(f"KernelRidge.fit: y has shape {tuple(y.shape)} but K_train is {tuple(K.shape)}; "
+                                  "give one label per row of K_train")
+        if len(y) < 2 or int(y.min()) < 0:
+            raise NeuralpathError("KernelRidge.fit: needs at least 2 training points with labels 0..k-1")
         self.k = int(y.max()) + 1
         if self.lam is None:
             n = min(len(y), self.select_n)
@@ -103,7 +110,13 @@ class KernelRidge:
         return self
 
     def predict(self, K_test_train):
-        return (torch.as_tensor(K_test_train, dtype=torch.float64) @ self.alpha).argmax(1)
+        if not hasattr(self, "alpha"):
+            raise NeuralpathError("KernelRidge.predict was called before fit; call fit(K_train, y) first")
+        Kt = torch.as_tensor(K_test_train, dtype=torch.float64)
+        if Kt.dim() != 2 or Kt.shape[1] != self.alpha.shape[0]:
+            raise NeuralpathError(f"KernelRidge.predict: K_test_train must be (m, {self.alpha.shape[0]}) (test x "
+                                  f"training points), got {tuple(Kt.shape)}")
+        return (Kt @ self.alpha).argmax(1)
 
 
 def svm(K_train, y, K_test_train, C: float = 1.0):

@@ -152,3 +152,18 @@ class DGN(nn.Module):
     @property
     def has_bias(self) -> bool:
         return self.value_layers[0].bias is not None
+
+    # -- the configuration travels with the weights -----------------------------------------------------------
+    def get_extra_state(self):
+        """Stored in every state_dict: the network's configuration (gates, beta, shapes), so that weights never
+        load silently into a network that would compute something else (e.g. DLNPF's soft gates into hard ones)."""
+        return {"config": self.config(), "features_frozen": bool(getattr(self, "features_frozen", False))}
+
+    def set_extra_state(self, state):
+        theirs = state.get("config", {}) if isinstance(state, dict) else {}
+        mine = self.config()
+        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
+        if diff:
+            desc = ", ".join(f"{k}={a!r} in the weights vs {b!r} here" for k, (a, b) in diff.items())
+            raise NeuralpathError(f"these weights belong to another network configuration ({desc}); rebuild the "
+                                  "network with neuralpath.load_net(checkpoint)")

@@ -1,0 +1,69 @@
+"""Give back exactly the trained network: ``load_net(checkpoint)`` and ``load_run(folder)``.
+
+Every checkpoint the training engine writes stores the network's configuration (``net``: gates, beta, eps, shapes,
+tied) beside its weights and its run's training config; the weights also carry it (``_extra_state``), so they refuse
+to load into a network of another configuration. Loading rebuilds the network from that configuration, never from
+defaults (a DLNPF checkpoint rebuilt as ``FCDGN()`` would get hard gates and another accuracy).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import checkpoints
+from .errors import NeuralpathError
+from .nets import ConvDGN, FCDGN
+
+NETS = {"fc": FCDGN, "vconv": ConvDGN, "gconv": ConvDGN}
+FROZEN_REGIMES = ("flnpf", "frnpf-ii", "frnpf-di")
+
+
+def net_from_config(cfg: dict):
+    """A fresh network of the configuration ``net.config()`` returned (weights to be loaded)."""
+    cfg = dict(cfg)
+    arch = cfg.get("arch")
+    if arch not in NETS:
+        raise NeuralpathError(f"network configuration names arch={arch!r}; known: {', '.join(NETS)}")
+    if arch == "fc":
+        cfg.pop("arch")
+    return NETS[arch](**cfg)
+
+
+def load_net(path, map_location="cpu"):
+    """The network of one checkpoint (best.pt, best_even.pt, epoch_K.pt, last.pt or a run folder's best.pt), with
+    its weights; feature networks of frozen-gate regimes are frozen again."""
+    ck = checkpoints.load(path, map_location=map_location)
+    sd = ck["model"]
+    cfg = ck.get("net") or (sd.get("_extra_state") or {}).get("config")
+    if not cfg:
+        raise NeuralpathError(f"{path}: the checkpoint stores no network configuration (written by an older "
+                              "neuralpath); rebuild the network by hand and load its 'model' entry")
+    net = net_from_config(cfg)
+    net.load_state_dict(sd)
+    if ck.get("config", {}).get("regime") in FROZEN_REGIMES:
+        net.freeze_features(True)
+    return net
+
+
+@dataclass
+class Run:
+    """A finished (or unfinished) run folder: its network at the best test epoch, config, result and records."""
+    path: Path
+    net: object
+    config: dict
+    result: dict | None
+    records: list = field(default_factory=list)
+
+
+def load_run(path, which: str = "best.pt", map_location="cpu") -> Run:
+    """The run in folder ``path``: ``which`` picks the checkpoint (best.pt: the best test epoch; best_even.pt;
+    last.pt; epoch_K.pt)."""
+    from .runfolder import RunFolder
+    f = RunFolder(path)
+    if not f.path.is_dir():
+        raise NeuralpathError(f"{path}: no such run folder")
+    if not f.file(which).exists():
+        raise NeuralpathError(f"{path}: no {which} in this run folder "
+                              f"(has: {', '.join(sorted(p.name for p in f.path.glob('*.pt'))) or 'no checkpoints'})")
+    return Run(path=f.path, net=load_net(f.file(which), map_location), config=f.config() or {},
+               result=f.result() if f.finished else None, records=f.records())

@@ -1,0 +1,245 @@
+"""Reliability, round two: no silent wrong result, no traceback, no debris (docs/RELIABILITY.md lists the classes)."""
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+import neuralpath as npx
+from neuralpath import datasets
+from neuralpath.errors import NeuralpathError
+from neuralpath.kernels.machines import KernelRidge
+from neuralpath.train import TrainConfig, train
+
+from conftest import REPO
+
+SYN = ["--dataset", "synthetic", "--width", "16", "--depth", "3", "--lr", "3e-3"]
+
+
+def _one_line_error(r, *needles):
+    assert r.returncode == 1, (r.returncode, r.stdout[-500:], r.stderr[-500:])
+    lines = [x for x in r.stderr.strip().splitlines() if x.startswith("error: ")]  # progress lines may precede it
+    assert len(lines) == 1 and r.stderr.strip().splitlines()[-1] == lines[0] and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+
+
+# -- silent wrong results ----------------------------------------------------------------------------------------
+def test_two_writers_of_one_run_folder(tmp_path, cli):
+    """The second writer is refused with a line naming the holder; the first finishes undisturbed."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "400", "--out", str(out)],
+                         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (out / ".owner").exists():
+            time.sleep(0.05)
+        r = cli("train", *SYN, "--epochs", "400", "--out", out, "--resume")
+        _one_line_error(r, "being written by process", str(p.pid))
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+
+
+def test_two_writers_of_one_kernel_file(tmp_path):
+    from filelock import FileLock
+    out = tmp_path / "K.npy"
+    held = FileLock(str(tmp_path / ".K.npy.lock"))
+    held.acquire()
+    try:
+        net = npx.FCDGN(in_dim=4, width=3, depth=3, out_dim=2)
+        with pytest.raises(NeuralpathError, match="being written by another"):
+            npx.npk(net, torch.rand(5, 4), out=out)
+    finally:
+        held.release()
+    assert not out.exists() and not (tmp_path / ".K.npy.partial.npy").exists()
+
+
+def test_resume_with_other_settings_is_refused_naming_keys(tmp_path, cli):
+    out = tmp_path / "r"
+    assert cli("train", *SYN, "--epochs", "2", "--out", out).returncode == 0
+    _one_line_error(cli("train", *SYN, "--epochs", "2", "--lr", "0.1", "--out", out, "--resume"), "lr=0.003", "0.1")
+    _one_line_error(cli("train", *SYN, "--epochs", "2", "--regime", "dlnpf", "--out", out, "--resume"), "regime")
+    _one_line_error(cli("train", *SYN, "--epochs", "4", "--out", out, "--resume"), "epochs", "--allow-change")
+    before = (out / "result.json").read_text()
+    r = cli("train", *SYN, "--epochs", "2", "--out", out, "--resume")  # the same config: the finished run, untouched
+    assert r.returncode == 0 and (out / "result.json").read_text() == before
+    r = cli("train", *SYN, "--epochs", "4", "--out", out, "--resume", "--allow-change", "epochs")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "result.json").read_text())
+    assert res["epochs"] == 4 and res.get("extended") is True
+    assert [m["epoch"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+
+
+def test_table_refuses_a_folder_of_other_runs(mnist_root, tmp_path, cli):
+    args = ["reproduce", "table", "--rows", "fc-adam", "--seeds", "1", "--limit-train", "300", "--limit-test", "200",
+            "--data-root", mnist_root, "--out", tmp_path]
+    assert cli(*args, "--epochs", "1").returncode == 0
+    _one_line_error(cli(*args, "--epochs", "2"), "epochs=1 there vs 2 now")
+    table = (tmp_path / "table.md").read_text()
+    assert "1 epochs" in table and "2 epochs" not in table
+
+
+def test_scrambled_mnist_cache_is_rebuilt(mnist_root, tmp_path):
+    import shutil
+    root = tmp_path / "m"
+    shutil.copytree(mnist_root, root, ignore=shutil.ignore_patterns("cache"))
+    x1, y1 = datasets.load("mnist", "test", root=root)
+    xp = next((root / "cache").glob("mnist-test-*-x.npy"))
+    arr = np.load(xp, mmap_mode="r+")
+    arr[:] = arr[::-1].copy()  # scrambled pixels, intact header
+    arr.flush()
+    x2, y2 = datasets.load("mnist", "test", root=root)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2)
+
+
+def test_checkpoint_refuses_a_network_of_another_config(tmp_path):
+    train(TrainConfig(dataset="synthetic", regime="dlnpf", width=8, depth=3, epochs=1), tmp_path / "d", progress=False)
+    sd = torch.load(tmp_path / "d" / "best.pt", weights_only=True)["model"]
+    with pytest.raises(NeuralpathError, match="gate='soft' in the weights vs 'hard' here"):
+        npx.FCDGN(in_dim=64, width=8, depth=3).load_state_dict(sd)
+    run = npx.load_run(tmp_path / "d")
+    assert run.net.gate_kind == "soft" and run.config["regime"] == "dlnpf"
+    x, y = datasets.synthetic("test", shape=(1, 8, 8))
+    with torch.no_grad():
+        acc = (run.net(x).argmax(1) == y).double().mean().item()
+    assert acc == pytest.approx(run.result["best_test_acc"], abs=1e-12)
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["train", "--dataset", "synthetic", "--limit-train", "100000"], ["--limit-train 100,000", "512"]),
+    (["kernel", "npk", "--num-inputs", "1000000000"], ["--num-inputs", "60,000"]),
+    (["reproduce", "nu", "--runs", "0"], ["--runs 0"]),
+    (["reproduce", "ntk-split", "--epochs", "0"], ["--epochs 0"]),
+    (["reproduce", "ntk-split", "--epochs", "3"], ["every 5 epochs"]),
+])
+def test_requests_are_never_clipped(args, needles, cli, tmp_path, mnist_root):
+    extra = ["--out", tmp_path / ("k.npy" if args[0] == "kernel" else "o")]
+    if args[0] != "train":
+        extra += ["--data-root", mnist_root]
+    _one_line_error(cli(*args, *extra), *needles)
+    assert not (tmp_path / "o").exists() and not (tmp_path / "k.npy").exists()
+
+
+# -- tracebacks become one line -----------------------------------------------------------------------------------
+def test_formerly_traceback_cases(tmp_path, cli, mnist_root):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    _one_line_error(cli("data", "fetch", "mnist", "--root", f), "is a file")
+    _one_line_error(cli("train", *SYN, "--epochs", "1", "--out", f), "existing file")
+    _one_line_error(cli("reproduce", "table", "--rows", "fc-adam", "--out", f), "afile")
+    _one_line_error(cli("train", *SYN, "--seed", "-1", "--out", tmp_path / "s"), "--seed -1")
+    _one_line_error(cli("kernel", "npk", "--num-inputs", "0", "--out", tmp_path / "k.npy"), "--num-inputs 0")
+    run = tmp_path / "mn"
+    assert cli("train", "--width", "8", "--depth", "3", "--epochs", "1", "--limit-train", "200", "--limit-test", "100",
+               "--data-root", mnist_root, "--out", run).returncode == 0
+    t = time.time()
+    _one_line_error(cli("kernel", "npk", "--checkpoint", run, "--dataset", "cifar10", "--out", tmp_path / "k.npy"),
+                    "1x28x28", "3x32x32")
+    assert time.time() - t < 30  # refused before decoding anything
+    r = cli("train", *SYN, "--val-split", "0.999", "--epochs", "1", "--out", tmp_path / "vs")
+    assert r.returncode in (0, 1) and "Traceback" not in r.stderr
+
+
+def test_kernel_ridge_misuse_is_a_clear_error():
+    with pytest.raises(NeuralpathError, match="before fit"):
+        KernelRidge().predict(torch.eye(3))
+    with pytest.raises(NeuralpathError, match="one label per row"):
+        KernelRidge().fit(torch.eye(4, dtype=torch.float64), torch.tensor([0, 1, 0]))
+    m = KernelRidge(lam=1e-3).fit(torch.eye(4, dtype=torch.float64), torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(NeuralpathError, match=r"\(m, 4\)"):
+        m.predict(torch.ones(2, 3))
+
+
+# -- debris and false claims -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("bad", [["--block", "0"], ["--out-is-folder"]])
+def test_kernel_bad_output_leaves_nothing(bad, cli, tmp_path, mnist_root):
+    out = tmp_path if bad == ["--out-is-folder"] else tmp_path / "k.npy"
+    extra = [] if bad == ["--out-is-folder"] else bad
+    r = cli("kernel", "npk", "--num-inputs", "50", "--data-root", mnist_root, *extra, "--out", out)
+    _one_line_error(r)
+    assert [p.name for p in tmp_path.iterdir()] == []
+
+
+def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_path, mnist_root):
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = tmp_path / "K.npy"
+    args = [sys.executable, "-m", "neuralpath", "kernel", "ntk", "--num-inputs", "3000", "--block", "64",
+            "--data-root", str(mnist_root), "--out", str(out)]
+    p = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial = tmp_path / ".K.npy.partial.npy"
+    deadline = time.time() + 120
+    while time.time() < deadline and not partial.exists():
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)  # SIGTERM and SIGINT unwind: the partial file is removed
+    assert p.wait(60) != 0
+    assert not partial.exists() and not out.exists()
+    partial.write_bytes(b"stale")  # as a SIGKILL would leave it
+    r = cli("kernel", "npk", "--num-inputs", "20", "--data-root", mnist_root, "--out", out)
+    assert r.returncode == 0 and not partial.exists() and np.load(out).shape == (20, 20)
+    side = json.loads(out.with_suffix(".json").read_text())
+    assert side["dataset"] == "mnist" and len(side["indices"]) == 20 and len(side["labels"]) == 20
+    x, y = datasets.load("mnist", "train", root=mnist_root)
+    assert [int(v) for v in y[side["indices"]]] == side["labels"]
+
+
+def test_nan_stop_message_says_what_is_on_disk(tmp_path):
+    with pytest.raises(NeuralpathError, match="nothing was saved"):
+        train(TrainConfig(dataset="synthetic", regime="relu", optimizer="sgd", lr=1e12, width=64, depth=6, epochs=5),
+              tmp_path / "o", progress=False)
+    assert not (tmp_path / "o" / "result.json").exists()
+
+
+def test_refused_checkpoint_message_has_no_unsafe_hint(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+    torch.save({"model": Evil(), "config": {}}, tmp_path / "e.pt")
+    with pytest.raises(NeuralpathError) as e:
+        npx.load_net(tmp_path / "e.pt")
+    assert "weights_only=False" not in str(e.value) and "refused" in str(e.value)
+
+
+# -- operability -------------------------------------------------------------------------------------------------
+def test_files_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o"
+        subprocess.run([sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "1", "--out", str(out)],
+                       check=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), cwd=REPO, capture_output=True)
+    finally:
+        os.umask(old)
+    for p in out.iterdir():
+        assert stat.S_IMODE(p.stat().st_mode) == 0o644, p
+
+
+def test_progress_lines_when_not_a_terminal(cli, tmp_path):
+    r = cli("train", *SYN, "--epochs", "3", "--out", tmp_path / "p")
+    assert r.returncode == 0
+    lines = [x for x in r.stderr.splitlines() if "epoch" in x]
+    assert len(lines) == 3 and all("test acc" in x and " s" in x for x in lines)
+
+
+def test_read_only_data_root_is_usable(mnist_root, tmp_path):
+    import shutil
+    root = tmp_path / "ro"
+    shutil.copytree(mnist_root, root, ignore=shutil.ignore_patterns("cache"))
+    for d, _, files in os.walk(root):
+        os.chmod(d, 0o555)
+    if os.access(root, os.W_OK):  # root ignores permissions: nothing to test
+        pytest.skip("running as a user that can write anywhere")
+    x, y = datasets.load("mnist", "test", root=root, limit=100)
+    assert x.shape == (100, 1, 28, 28)
+
+
+def test_version_flag(cli):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"neuralpath {npx.__version__}"
