@@ -1,4 +1,4 @@
-"""Gates of a deep gated network (SPEC §2).
+"""Gates of a deep gated network (docs/THEORY.md §3).
 
 hard:  G = 1{q > 0}                      no gradient flows through it (the indicator is flat a.e.)
 soft:  G = (1 + eps) * sigmoid(beta * q) gradient flows into the feature network

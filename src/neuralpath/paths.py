@@ -1,4 +1,4 @@
-"""Explicit neural path features and values: the ground truth for small networks (SPEC §1).
+"""Explicit neural path features and values: the ground truth for small networks (docs/THEORY.md §1).
 
 A path picks one unit per layer, from an input coordinate (or a constant-1 bias unit of any layer) to the last
 hidden layer, along edges that exist in the network (every pair for dense layers; the k x k receptive field for

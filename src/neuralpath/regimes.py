@@ -1,4 +1,4 @@
-"""The five training regimes of the paper (SPEC §3): who is initialised how, what is copied, frozen and trained.
+"""The five training regimes of the paper (arXiv 2006.10529; docs/THEORY.md §3): who is initialised how, what is copied, frozen and trained.
 
 | regime   | gates | feature network                                   | trained           |
 |----------|-------|---------------------------------------------------|-------------------|

@@ -30,10 +30,13 @@ NOT_IDENTITY = ("device", "data_root", "save_every", "world_size")
 CHANGEABLE = ("epochs",)
 
 
-def config_diff(old: dict, new: dict) -> dict:
-    """{key: (old, new)} for every identity key whose value differs."""
+def config_diff(old: dict, new: dict, defaults: dict | None = None) -> dict:
+    """{key: (old, new)} for every identity key whose value differs. A key the old config lacks (a setting added
+    in a later version) counts as its default value."""
+    defaults = defaults or {}
     keys = (set(old) | set(new)) - set(NOT_IDENTITY)
-    return {k: (old.get(k), new.get(k)) for k in sorted(keys) if old.get(k) != new.get(k)}
+    get = lambda c, k: c[k] if k in c else defaults.get(k)  # noqa: E731
+    return {k: (get(old, k), get(new, k)) for k in sorted(keys) if get(old, k) != get(new, k)}
 
 
 class FolderBusy(NeuralpathError):
@@ -121,7 +124,7 @@ class RunFolder:
                     pass
 
     # -- identity --------------------------------------------------------------------------------------------------
-    def check_request(self, config: dict, resume: bool, allow_change=()) -> str:
+    def check_request(self, config: dict, resume: bool, allow_change=(), defaults: dict | None = None) -> str:
         """What to do with this folder for a request: 'new', 'resume', 'done' or 'extend' (finished, more epochs).
         Raises a one-line error when the request may not use the folder."""
         for k in allow_change:
@@ -136,7 +139,7 @@ class RunFolder:
             what = "a finished run" if self.finished else "an unfinished run"
             raise NeuralpathError(f"{self.path} already holds {what}; pass --resume to continue or reuse it, or pick "
                                   "another --out")
-        diff = config_diff(old, config)
+        diff = config_diff(old, config, defaults)
         bad = {k: v for k, v in diff.items() if k not in allow_change}
         if bad:
             desc = ", ".join(f"{k}={a!r} there vs {b!r} now" for k, (a, b) in bad.items())

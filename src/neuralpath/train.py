@@ -572,7 +572,8 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
         if distributed.is_main():
             for f in sorted(folders, key=lambda f: str(f.path)):
                 held.append(f.acquire())
-        modes = [f.check_request(identity(c), resume, allow_change) for f, c in zip(folders, cfgs)]
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
+        modes = [f.check_request(identity(c), resume, allow_change, defaults) for f, c in zip(folders, cfgs)]
         distributed.barrier()  # every process has judged the folders before rank 0 writes them
         results = {i: f.result() for i, (f, m) in enumerate(zip(folders, modes)) if m == "done"}
         todo = [i for i, m in enumerate(modes) if m != "done"]

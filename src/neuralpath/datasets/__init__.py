@@ -79,7 +79,8 @@ def _decode(name, split, root, files):
     kind, where = sources.cifar_location(root)
     if kind == "official":
         return formats.read_cifar_batches(where, split)
-    x, y, classes = formats.read_image_folder(where, split, channels=3, progress=True)
+    import sys
+    x, y, classes = formats.read_image_folder(where, split, channels=3, progress=sys.stderr.isatty())
     return x, y
 
 

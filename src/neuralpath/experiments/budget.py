@@ -26,7 +26,7 @@ from .common import pyplot, savefig, write_jsonl
 PAPER = {"relu": 80.32, "frnpf-ii": 67.09, "flnpf": 79.68}  # GCONV, Adam, the paper's budget
 # (width multiplier, training images, epochs, with FLNPF): the measured grid (docs/RESULTS.md)
 GRIDS = {
-    "cpu": [(0.25, 10000, 60, True), (0.125, 10000, 60, False), (0.25, 5000, 60, False), (0.25, 20000, 30, False),
+    "cpu": [(0.25, 10000, 60, True), (0.125, 10000, 150, False), (0.25, 5000, 100, False), (0.25, 20000, 40, False),
             (0.5, 10000, 20, False)],
     "tiny": [(0.125, 200, 2, True)],
 }

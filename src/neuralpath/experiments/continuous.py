@@ -1,4 +1,4 @@
-"""Continuous NPF learning (SPEC §5): how much of a ReLU net's accuracy its gates carry as they are learnt.
+"""Continuous NPF learning (arXiv 2006.10529, experiments; docs/THEORY.md): how much of a ReLU net's accuracy its gates carry as they are learnt.
 
 A ReLU net (GCONV, Adam 3e-4) is trained, keeping its best-so-far checkpoint every ``step`` epochs. Stage 0 is
 FRNPF-II (random frozen gates); stage k is FLNPF whose frozen gates are the ReLU net's best-so-far after k*step

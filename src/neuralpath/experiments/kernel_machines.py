@@ -1,4 +1,4 @@
-"""Kernel machines on the NPK as the gates evolve (beyond the paper; SPEC §4, "the information is in the gates").
+"""Kernel machines on the NPK as the gates evolve (beyond the paper; docs/THEORY.md §2, "the information is in the gates").
 
 A ReLU net (FC 6x128, Adam 1e-4; or a conv net on CIFAR-10) is trained with a checkpoint every epoch. For the
 gates at initialisation (random: what FRNPF freezes), after each saved epoch, and for the NTK of the final network,

@@ -1,4 +1,4 @@
-"""The NTK split during decoupled learning (SPEC §5): K = K^v + K^f for DLNPF, FC 6x128 on MNIST, SGD 1e-2.
+"""The NTK split during decoupled learning (arXiv 2006.10529, experiments; docs/THEORY.md): K = K^v + K^f for DLNPF, FC 6x128 on MNIST, SGD 1e-2.
 
 Every 5 epochs (and at initialisation), on 200 training images (exactly 20 per class): trace and Frobenius norm of the
 value part K^v and the feature part K^f of the empirical NTK of the logits (the authors' notebook differentiated the

@@ -1,4 +1,4 @@
-"""nu_t = y^T (H_t / trace H_t)^(-1) y during training (SPEC §5): binary MNIST 4 (-1) vs 7 (+1).
+"""nu_t = y^T (H_t / trace H_t)^(-1) y during training (arXiv 2006.10529, experiments; docs/THEORY.md): binary MNIST 4 (-1) vs 7 (+1).
 
 Bias-free ReLU FC, width 100, d = 6, every weight +-sqrt(2/w) with probability 1/2 (w = 100, also in the first
 and last layer, as the setup states), one output, MSE, RMSprop lr 1e-4 with Keras' defaults (rho 0.9, eps 1e-7),

@@ -1,4 +1,4 @@
-"""The paper's table (SPEC §5-§6): 6 rows (arch x optimiser) x 5 regimes x seeds, beside the authors' numbers.
+"""The paper's table (arXiv 2006.10529, its table of results): 6 rows (arch x optimiser) x 5 regimes x seeds, beside the authors' numbers.
 
 Layout of ``out``:
     runs/<row>/<regime>-s<seed>/     one run folder each (train.train's format: metrics.jsonl, best.pt, result.json)
@@ -29,7 +29,7 @@ from .common import mean_std
 ROWS = {"fc-sgd": ("fc", "sgd", "mnist"), "fc-adam": ("fc", "adam", "mnist"),
         "vconv-sgd": ("vconv", "sgd", "cifar10"), "vconv-adam": ("vconv", "adam", "cifar10"),
         "gconv-sgd": ("gconv", "sgd", "cifar10"), "gconv-adam": ("gconv", "adam", "cifar10")}
-# The authors' table (SPEC §6): regime -> (mean %, std %)
+# The authors' table (arXiv 2006.10529): regime -> (mean %, std %)
 PAPER = {
     "fc-sgd": {"frnpf-ii": (95.85, .10), "frnpf-di": (95.85, .17), "dlnpf": (97.86, .11), "flnpf": (97.10, .09), "relu": (97.85, .09)},
     "fc-adam": {"frnpf-ii": (96.02, .13), "frnpf-di": (96.09, .12), "dlnpf": (98.22, .05), "flnpf": (97.82, .02), "relu": (98.14, .07)},

@@ -1,4 +1,4 @@
-"""Theorem 5.1 measured (SPEC §4).
+"""Theorem 5.1 measured (arXiv 2006.10529; docs/THEORY.md §4).
 
 For gates fixed independently of the value weights (FRNPF-II: a random frozen feature net; FLNPF: the hidden layers
 of a trained ReLU net), bias-free, scalar output, value weights i.i.d. +-sigma (symmetric Bernoulli) or N(0, sigma^2)

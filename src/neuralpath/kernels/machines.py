@@ -50,7 +50,7 @@ def psd_solve(K, Y, jitters=JITTERS):
 
 
 def quadratic_form_inverse(K, y, jitters=JITTERS):
-    """(y^T K^-1 y, jitter) via a Cholesky solve: the nu_t of SPEC §5 when K is the trace-normalised NPK."""
+    """(y^T K^-1 y, jitter) via a Cholesky solve: the nu_t of docs/THEORY.md §5 when K is the trace-normalised NPK."""
     L, j = cholesky(K, jitters)
     y = torch.as_tensor(y, dtype=torch.float64)
     z = torch.linalg.solve_triangular(L, y[:, None], upper=False)

@@ -1,4 +1,4 @@
-"""The neural path kernel in closed form (SPEC §1), for fully connected and convolutional DGNs.
+"""The neural path kernel in closed form (docs/THEORY.md §1), for fully connected and convolutional DGNs.
 
     H(x, x') = <phi_x, phi_x'> = <x, x'> * Lambda(x, x'),   Lambda = prod_{l=1}^{d-1} overlap_l(x, x'),
     overlap_l(x, x') = sum_i G_x(i, l) G_x'(i, l)

@@ -1,4 +1,4 @@
-"""The empirical neural tangent kernel of deep gated networks (SPEC §2, §4).
+"""The empirical neural tangent kernel of deep gated networks (docs/THEORY.md §4).
 
     K(x, x') = sum_k < d yhat_k(x) / d Theta, d yhat_k(x') / d Theta >      (traced over the k outputs)
 

@@ -1,4 +1,4 @@
-"""The deep gated network (DGN) shared by the fully connected and convolutional models (SPEC §2).
+"""The deep gated network (DGN) shared by the fully connected and convolutional models (docs/THEORY.md §3).
 
 A DGN of depth d has a feature network (d-1 hidden layers, a ReLU network whose pre-activations q^f give
 the gates) and a value network (d layers, the last one the linear output head):

@@ -1,4 +1,4 @@
-"""Convolutional deep gated networks of the paper (SPEC §5): VCONV and GCONV.
+"""Convolutional deep gated networks of the paper (arXiv 2006.10529, experiments; docs/THEORY.md): VCONV and GCONV.
 
     x (n, C, H, W) -> [3x3 'same' conv, stride 1, gated] x len(channels)
                    -> flatten (vconv) | global average pooling (gconv)

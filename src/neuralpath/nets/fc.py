@@ -1,4 +1,4 @@
-"""Fully connected deep gated network (SPEC §1-§2): in_dim -> (d-1) gated hidden layers of `width` -> out_dim."""
+"""Fully connected deep gated network (docs/THEORY.md §1, §3): in_dim -> (d-1) gated hidden layers of `width` -> out_dim."""
 from __future__ import annotations
 
 import math
