@@ -71,7 +71,7 @@ def data_info(name, root):
 
 # -- train ----------------------------------------------------------------------------------------------
 @cli.command()
-@click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv")
+@click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv | resnet")
 @click.option("--dataset", default="mnist", show_default=True, help="mnist | fashion-mnist | cifar10 | synthetic")
 @click.option("--regime", default="relu", show_default=True, help="relu | dlnpf | flnpf | frnpf-ii | frnpf-di")
 @click.option("--optimizer", default="adam", show_default=True, help="adam | sgd")
@@ -79,8 +79,9 @@ def data_info(name, root):
 @click.option("--epochs", type=int, default=None, help="Epochs (default: the paper's for arch/optimizer).")
 @click.option("--batch-size", type=int, default=32, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--width", type=int, default=128, show_default=True, help="fc width.")
+@click.option("--width", type=int, default=None, help="fc: width (128); resnet: first-stage channels (16).")
 @click.option("--depth", type=int, default=6, show_default=True, help="fc depth d (d-1 gated hidden layers).")
+@click.option("--blocks", default=None, help="resnet: basic blocks per stage, comma-separated (default 1,1,1).")
 @click.option("--relu-checkpoint", default=None, help="FLNPF: a ReLU run folder (its best.pt) or a checkpoint file.")
 @click.option("--limit-train", type=int, default=None, help="Train on a stratified subset of this size.")
 @click.option("--limit-test", type=int, default=None, help="Evaluate on a stratified subset of this size.")
@@ -95,10 +96,15 @@ def data_info(name, root):
               help="With --resume: a setting that may differ from the run's (only 'epochs': train it longer).")
 @click.option("--per-rank-batch", is_flag=True,
               help="Under torchrun: --batch-size is per process (default: the global batch, split among processes).")
-def train(out, resume, allow_change, **kw):
+def train(out, resume, allow_change, blocks, **kw):
     """Train one network in one regime; writes metrics.jsonl, checkpoints and result.json to --out."""
     from .train import TrainConfig
     from .train import train as run
+    if blocks is not None:
+        try:
+            kw["blocks"] = [int(b) for b in blocks.split(",")]
+        except ValueError:
+            raise click.BadParameter(f"--blocks {blocks!r}: give integers separated by commas, e.g. 2,2,2") from None
     cfg = TrainConfig(**kw)
     res = run(cfg, out, resume=resume, allow_change=allow_change, log=lambda m: click.echo(m, err=True))
     from . import distributed
@@ -111,6 +117,9 @@ def train(out, resume, allow_change, **kw):
 def _kernel_options(f):
     opts = [
         click.option("--checkpoint", default=None, help="A run folder (its best.pt) or a checkpoint file."),
+        click.option("--module", "module", default=None,
+                     help="Your own ReLU model: pkg.module:factory (a callable returning the nn.Module)."),
+        click.option("--weights", default=None, help="With --module: a state_dict file for the model (weights only)."),
         click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv (fresh network)."),
         click.option("--regime", default="relu", show_default=True, help="Regime of a fresh network."),
         click.option("--width", type=int, default=128, show_default=True),
@@ -131,7 +140,42 @@ def _kernel_options(f):
     return f
 
 
-def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device):
+def _user_model(spec, weights):
+    """The nn.Module named by --module pkg.module:factory, with --weights loaded (weights_only)."""
+    import importlib
+    import os
+    import torch
+    from .errors import NeuralpathError
+    if ":" not in spec:
+        raise NeuralpathError(f"--module {spec!r}: give pkg.module:factory (a callable that returns the model)")
+    mod, fn = spec.split(":", 1)
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        factory = getattr(importlib.import_module(mod), fn)
+    except (ImportError, AttributeError) as e:
+        raise NeuralpathError(f"--module {spec!r}: cannot import it ({e})") from None
+    model = factory()
+    if not isinstance(model, torch.nn.Module):
+        raise NeuralpathError(f"--module {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
+    if weights:
+        try:
+            sd = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any unreadable or unsafe file is refused the same way
+            raise NeuralpathError(f"--weights {weights}: refused to load ({str(e).splitlines()[0][:120]})") from None
+        if isinstance(sd, dict) and "model" in sd and isinstance(sd["model"], dict):
+            sd = sd["model"]
+        elif isinstance(sd, dict) and "state_dict" in sd:
+            sd = sd["state_dict"]
+        try:
+            model.load_state_dict(sd)
+        except RuntimeError as e:
+            raise NeuralpathError(f"--weights {weights} do not fit the model: {str(e).splitlines()[0][:160]}") from None
+    return model.eval()
+
+
+def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device,
+                  module=None, weights=None):
     """(network, inputs, sidecar record) of a kernel request; every check happens before any data is decoded."""
     import torch
     from . import checkpoints, datasets
@@ -142,6 +186,23 @@ def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, 
     check_choice("--split", split, datasets.SPLITS)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise NeuralpathError(f"--num-inputs {n!r} must be a positive integer")
+    if module:
+        from .anynet import from_module
+        if checkpoint:
+            raise NeuralpathError("give --module (your model) or --checkpoint (a neuralpath run), not both")
+        model = _user_model(module, weights)
+        dataset = dataset or "mnist"
+        check_choice("--dataset", dataset, datasets.NAMES)
+        datasets.check_limit("--num-inputs", n, dataset, split, root=data_root)
+        x, y, idx = datasets.load(dataset, split, root=data_root, limit=n, seed=0, with_indices=True)
+        dev = resolve_device(device)
+        model = model.to(dev, getattr(torch, dtype))
+        net = from_module(model, x[:2].to(dev, getattr(torch, dtype)))
+        side = {"dataset": dataset, "data": datasets.source_label(dataset, data_root), "split": split,
+                "indices": [int(i) for i in idx], "labels": [int(v) for v in y], "network": net.config(),
+                "module": module, "weights": weights, "dtype": dtype,
+                "rows": "row i of the kernel is example indices[i] of the split (columns likewise)"}
+        return net, x, side
     if checkpoint:
         ck = checkpoints.load(checkpoint)
         cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in TrainConfig.__dataclass_fields__})
@@ -409,6 +470,8 @@ def report_table(records, out):
 
 @kernel.command("fit")
 @click.option("--checkpoint", default=None, help="A run folder (its best.pt) or checkpoint; default: a fresh network.")
+@click.option("--module", "module", default=None, help="Your own ReLU model: pkg.module:factory.")
+@click.option("--weights", default=None, help="With --module: a state_dict file for the model.")
 @click.option("--arch", default="fc", show_default=True)
 @click.option("--regime", default="relu", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -420,7 +483,8 @@ def report_table(records, out):
 @click.option("--data-root", default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto (kernels in float64)")
 @click.option("--out", default=None, help="Append the result record to this JSON-lines file.")
-def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root, device, out):
+def kernel_fit(checkpoint, module, weights, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root,
+               device, out):
     """Fit kernel ridge regression or an SVM on a network's NPK or NTK; print the test accuracy."""
     import time
     from . import datasets
@@ -431,7 +495,7 @@ def kernel_fit(checkpoint, arch, regime, seed, dataset, kind, method, n_train, n
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
     net, xtr, _ = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
-                                "float64", device)
+                                "float64", device, module, weights)
     ds = dataset or "mnist"
     if checkpoint:
         from . import checkpoints

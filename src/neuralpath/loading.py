@@ -14,7 +14,16 @@ from . import checkpoints
 from .errors import NeuralpathError
 from .nets import ConvDGN, FCDGN
 
-NETS = {"fc": FCDGN, "vconv": ConvDGN, "gconv": ConvDGN}
+def _resnet(cfg):
+    import torch
+    from .anynet import from_module
+    from .regimes import make_resnet
+    model = make_resnet(0, (cfg["in_channels"], 32, 32), cfg["out_dim"], cfg["width"], cfg["blocks"], cfg["bn"])
+    return from_module(model, torch.zeros(1, cfg["in_channels"], 32, 32), gate=cfg["gate"], tied=cfg["tied"],
+                       beta=cfg["beta"], eps=cfg["eps"])
+
+
+NETS = {"fc": FCDGN, "vconv": ConvDGN, "gconv": ConvDGN, "resnet": _resnet}
 FROZEN_REGIMES = ("flnpf", "frnpf-ii", "frnpf-di")
 
 
@@ -22,10 +31,13 @@ def net_from_config(cfg: dict):
     """A fresh network of the configuration ``net.config()`` returned (weights to be loaded)."""
     cfg = dict(cfg)
     arch = cfg.get("arch")
+    if arch == "module":
+        raise NeuralpathError(f"the checkpoint holds the DGN of a user model ({cfg.get('model')}); rebuild it with "
+                              "neuralpath.from_module(your_model, example) and load the 'model' entry")
     if arch not in NETS:
         raise NeuralpathError(f"network configuration names arch={arch!r}; known: {', '.join(NETS)}")
-    if arch == "fc":
-        cfg.pop("arch")
+    if arch in ("fc", "resnet"):
+        return NETS[arch](cfg) if arch == "resnet" else NETS[arch](**{k: v for k, v in cfg.items() if k != "arch"})
     return NETS[arch](**cfg)
 
 

@@ -128,14 +128,20 @@ def _enumerate(net: DGN, x, max_entries: int):
 @torch.no_grad()
 def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES):
     """Explicit neural path features phi_x, (n, P); refuses, with the path count, when P is too large."""
+    from .anynet import ModuleDGN, npf_module
+    if isinstance(net, ModuleDGN):
+        return npf_module(_as_dtype(net, dtype), x)
     if not isinstance(net, DGN):
-        raise TypeError(f"net must be an FCDGN or ConvDGN, got {type(net).__name__}")
+        raise TypeError(f"net must be an FCDGN, a ConvDGN or from_module(...), got {type(net).__name__}")
     return _enumerate(_as_dtype(net, dtype), x, max_entries)[0]
 
 
 @torch.no_grad()
 def npv(net: DGN, *, dtype=None, max_entries: int = MAX_ENTRIES):
     """Explicit neural path values v, (P, out_dim), in the same path order as :func:`npf`."""
+    from .anynet import ModuleDGN, npv_module
+    if isinstance(net, ModuleDGN):
+        return npv_module(_as_dtype(net, dtype))
     if not isinstance(net, DGN):
-        raise TypeError(f"net must be an FCDGN or ConvDGN, got {type(net).__name__}")
+        raise TypeError(f"net must be an FCDGN, a ConvDGN or from_module(...), got {type(net).__name__}")
     return _enumerate(_as_dtype(net, dtype), None, max_entries)[1]

@@ -17,7 +17,38 @@ from .errors import NeuralpathError, check_choice
 from .nets import ConvDGN, FCDGN
 
 REGIMES = ("relu", "dlnpf", "flnpf", "frnpf-ii", "frnpf-di")
-ARCHS = ("fc", "vconv", "gconv")
+ARCHS = ("fc", "vconv", "gconv", "resnet")
+
+
+def make_resnet(seed: int, in_shape=(3, 32, 32), out_dim: int = 10, width: int = 16, blocks=(1, 1, 1),
+                bn: bool = False):
+    """A CIFAR ResNet (neuralpath.nets.resnet) with PyTorch's default initialisation drawn under ``seed``."""
+    from .nets.resnet import CifarResNet
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        return CifarResNet(blocks=tuple(blocks), width=width, in_channels=in_shape[0], out_dim=out_dim, bn=bn)
+
+
+def _resnet_regime(regime, seed, relu_state, in_shape=(3, 32, 32), out_dim=10, width=16, blocks=(1, 1, 1),
+                   bn=False, **_):
+    from .anynet import from_module, module_regime
+    example = torch.zeros((1, *in_shape))
+    model = make_resnet(seed, in_shape, out_dim, width, blocks, bn)
+    if regime == "relu":
+        d = from_module(model, example, tied=True)
+        return d, list(d.parameters())
+    init = None
+    if regime == "flnpf":
+        if relu_state is None:
+            raise NeuralpathError("regime 'flnpf' needs a trained ReLU network: pass --relu-checkpoint RUN_DIR_OR_FILE")
+        src = {k.removeprefix("feature."): v for k, v in relu_state.items() if k.startswith("feature.")}
+        try:
+            model.load_state_dict(src)
+        except RuntimeError as e:
+            raise NeuralpathError(f"the ReLU checkpoint does not fit this ResNet ({str(e).splitlines()[0][:120]})") from None
+    elif regime in ("frnpf-ii", "dlnpf"):
+        init = make_resnet(seed + 1_000_003, in_shape, out_dim, width, blocks, bn)  # independent of the value init
+    return module_regime(model, example, regime, seed=seed, init_model=init)
 
 
 def make_net(arch: str, *, in_shape=(1, 28, 28), out_dim: int = 10, width: int = 128, depth: int = 6,
@@ -26,6 +57,8 @@ def make_net(arch: str, *, in_shape=(1, 28, 28), out_dim: int = 10, width: int =
     """A DGN of the named architecture for images of shape ``in_shape``."""
     check_choice("arch", arch, ARCHS)
     c, h, w = in_shape
+    if arch == "resnet":
+        raise NeuralpathError("make_net builds FC and conv DGNs; build ResNets with build_regime(..., 'resnet', ...)")
     if arch == "fc":
         return FCDGN(in_dim=c * h * w, width=width, depth=depth, out_dim=out_dim, gate=gate, tied=tied, bias=bias,
                      generator=generator, init=init, **kw)
@@ -53,6 +86,8 @@ def build_regime(regime: str, arch: str, seed: int = 0, relu_state: dict | None 
     layers' weights and biases become the frozen feature network.
     """
     check_choice("regime", regime, REGIMES)
+    if arch == "resnet":
+        return _resnet_regime(regime, seed, relu_state, **net_kw)
     g = torch.Generator().manual_seed(int(seed))
     if regime == "relu":
         net = make_net(arch, gate="hard", tied=True, generator=g, **net_kw)

@@ -110,11 +110,11 @@ class LoopStack:
         net.load_state_dict(sd)
 
     @torch.no_grad()
-    def cache_frozen_gates(self, x: torch.Tensor, rows_per_run, batch: int = 1024):
+    def cache_frozen_gates(self, x: torch.Tensor, rows_per_run, batch: int = 64):
         """Compute, once, the gates of every frozen run on its training rows ``x[rows_per_run[r]]``, bit-packed."""
         for r, net in enumerate(self.nets):
-            if self.kinds[r] != FROZEN:
-                continue
+            if self.kinds[r] != FROZEN or not getattr(net, "gate_cache_ok", True):
+                continue  # (max-pool routing and leaky gates are not 0/1 bits: those nets recompute their gates)
             rows = rows_per_run[r]
             rowmap = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
             rowmap[rows] = torch.arange(len(rows), device=x.device)

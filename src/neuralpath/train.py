@@ -41,6 +41,7 @@ from . import checkpoints, datasets, distributed, precision
 from .errors import NeuralpathError, check_choice, check_positive_int
 from .io import append_jsonl, write_json
 from .regimes import ARCHS, REGIMES, build_regime
+from .nets import FCDGN
 from .runfolder import RunFolder
 from .stacks import make_stack
 
@@ -61,8 +62,9 @@ class TrainConfig:
     epochs: int | None = None        # None: the paper's value for (arch, optimizer)
     batch_size: int = 32             # the authors' batch size in every run
     seed: int = 0
-    width: int = 128                 # fc only: the paper's FC-MNIST width
+    width: int | None = None         # fc: 128 (the paper's FC-MNIST width); resnet: 16 (its first stage's channels)
     depth: int = 6                   # fc only: 5 gated hidden layers + output
+    blocks: list | None = None       # resnet only: basic blocks per stage, default (1, 1, 1) (ResNet-8)
     channels: list | None = None     # conv only: override (64, 64, 128, 128)
     hidden: list | None = None       # conv only: override (256, 256)
     bias: bool = True                # the authors' Keras layers have biases; the theory is bias-free
@@ -83,9 +85,13 @@ class TrainConfig:
         check_choice("regime", c.regime, REGIMES)
         check_choice("optimizer", c.optimizer, ("adam", "sgd"))
         check_choice("dataset", c.dataset, datasets.NAMES)
-        lr, ep = PAPER_DEFAULTS[(c.arch, c.optimizer)]
+        lr, ep = PAPER_DEFAULTS[("gconv" if c.arch == "resnet" else c.arch, c.optimizer)]
         c.lr = lr if c.lr is None else float(c.lr)
         c.epochs = ep if c.epochs is None else c.epochs
+        if c.width is None:
+            c.width = 16 if c.arch == "resnet" else 128
+        if c.arch == "resnet" and c.blocks is None:
+            c.blocks = [1, 1, 1]
         check_positive_int("epochs", c.epochs)
         check_positive_int("batch_size", c.batch_size)
         check_positive_int("width", c.width)
@@ -147,7 +153,8 @@ class RunData:
     def num_classes(self) -> int:
         if self.y_train.is_floating_point():
             return 1
-        return int(max(self.y_train.max(), self.y_test.max()).item()) + 1
+        top = self.y_train.max() if len(self.y_test) == 0 else max(self.y_train.max(), self.y_test.max())
+        return int(top.item()) + 1
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> "RunData":
@@ -186,6 +193,8 @@ def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
     kw = dict(in_shape=tuple(in_shape), out_dim=out_dim, bias=cfg.bias)
     if cfg.arch == "fc":
         kw.update(width=cfg.width, depth=cfg.depth)
+    elif cfg.arch == "resnet":
+        kw = dict(in_shape=tuple(in_shape), out_dim=out_dim, width=cfg.width, blocks=tuple(cfg.blocks or (1, 1, 1)))
     else:
         if cfg.channels:
             kw["channels"] = tuple(cfg.channels)
@@ -259,7 +268,8 @@ class FitOptions:
     save_every: int = 0
     fast: bool = True                # FC stacks as batched products (tested equal to the loop)
     per_rank_batch: bool = False
-    eval_batch: int = 1000
+    eval_batch: int | None = None    # None: 1000 rows for FC stacks; 32 for conv nets (3x faster per image on this
+                                     # CPU than 1000: the activations of small batches stay in cache)
     state_every_s: float = 60.0      # write the resumable state at least this often (and after the last epoch)
     bf16: bool = False               # bfloat16 autocast for forward and loss
 
@@ -342,6 +352,7 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
     for r in runs:
         r.net.to(device)
     stack = make_stack([r.net for r in runs], fast=opts.fast).to(device)
+    eval_batch = opts.eval_batch or (1000 if all(isinstance(r.net, FCDGN) for r in runs) else 32)
     params = stack.parameters()
     opt = make_optimizer(opts.optimizer, params, opts.lr)
     best = [dict(FRESH_BEST) for _ in range(R)]
@@ -420,8 +431,8 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
         if not main:  # rank 0 evaluates and writes; the others wait for it
             distributed.barrier()
             continue
-        te = _evaluate(stack, data.x_test, data.y_test, loss, device, opts.eval_batch)
-        va = _evaluate(stack, xtr, ytr, loss, device, opts.eval_batch, idx=va_idx) if va_idx is not None else None
+        te = _evaluate(stack, data.x_test, data.y_test, loss, device, eval_batch)
+        va = _evaluate(stack, xtr, ytr, loss, device, eval_batch, idx=va_idx) if va_idx is not None else None
         te_acc = te[1]
         secs = time.time() - t0
         extra = None
@@ -526,7 +537,8 @@ def load_relu_state(cfg: TrainConfig):
     ck = checkpoints.load(cfg.relu_checkpoint)
     if ck["config"].get("regime") != "relu":
         raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
-    keys = ("arch", "dataset", "bias") + (("width", "depth") if cfg.arch == "fc" else ("channels", "hidden"))
+    keys = ("arch", "dataset", "bias") + {"fc": ("width", "depth"), "resnet": ("width", "blocks")}.get(
+        cfg.arch, ("channels", "hidden"))
     for k in keys:
         if k in ck["config"] and ck["config"][k] != getattr(cfg, k):
             raise NeuralpathError(f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
@@ -547,7 +559,7 @@ def run_spec(cfg: TrainConfig, data: RunData, out=None) -> RunSpec:
                    config=identity(cfg), label=f"{cfg.regime} {cfg.arch} seed {cfg.seed}")
 
 
-SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "channels", "hidden",
+SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "blocks", "channels", "hidden",
           "bias", "limit_train", "limit_test", "val_split", "data_root", "device", "save_every", "per_rank_batch", "bf16")
 
 

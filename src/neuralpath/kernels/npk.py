@@ -49,9 +49,15 @@ def _as_dtype(net: DGN, dtype):
     return copy.deepcopy(net).to(dtype)
 
 
+def _is_module_dgn(net) -> bool:
+    from ..anynet import ModuleDGN
+    return isinstance(net, ModuleDGN)
+
+
 def _check_inputs(net, x1, x2):
-    if not isinstance(net, DGN):
-        raise TypeError(f"net must be an FCDGN or ConvDGN, got {type(net).__name__}")
+    if not isinstance(net, DGN) and not _is_module_dgn(net):
+        raise TypeError(f"net must be an FCDGN, a ConvDGN or neuralpath.from_module(model, example), got "
+                        f"{type(net).__name__}")
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None:
             continue
@@ -159,6 +165,19 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
     """
     check_choice("normalize", normalize, NORMALIZE)
     _check_inputs(net, x1, x2)
+    if _is_module_dgn(net):
+        from ..anynet import npk_module
+        K = npk_module(net, x1, x2, dtype=dtype, block=min(block, 256), out=None if normalize else out,
+                       progress=progress)
+        if normalize is None:
+            return K
+        if normalize == "trace":
+            if x2 is not None:
+                raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
+            return K / K.diagonal().sum()
+        d1 = npk_module(net, x1, diag=True, dtype=dtype)
+        d2 = d1 if x2 is None else npk_module(net, x2, diag=True, dtype=dtype)
+        return K / torch.sqrt(d1[:, None] * d2[None, :])
     if normalize == "trace" and x2 is not None:
         raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
     net = _as_dtype(net, dtype)
@@ -196,10 +215,13 @@ def npk_diag(net: DGN, x, scaled: bool = False, block: int = 4096):
     return torch.cat(out)
 
 
-def overlaps(net: DGN, x1, x2=None, dtype=None):
+def overlaps(net, x1, x2=None, dtype=None):
     """Per-hidden-layer overlap matrices overlap_l(x1, x2) = sum_i G_x1(i,l) G_x2(i,l), each (n1, n2)."""
     _check_inputs(net, x1, x2)
     net = _as_dtype(net, dtype)
+    if _is_module_dgn(net):
+        from ..anynet import overlaps_module
+        return overlaps_module(net, x1, x2)
     f1 = featurize(net, x1)
     f2 = f1 if x2 is None else featurize(net, x2)
     return [_overlap(a, b) if a.dim() == 2 else _overlap(a, b).sum(dim=(-2, -1)) for a, b in zip(f1[1], f2[1])]

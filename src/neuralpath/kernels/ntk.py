@@ -171,11 +171,11 @@ def _pair_structured(f1, f2, trace: bool):
 # -- torch.func references --------------------------------------------------------------------------------
 def _param_dict(net: DGN, params, biases=True):
     names = {k: v for k, v in net.named_parameters() if biases or not k.endswith(".bias")}
+    vp, fp = ("value.", "feature.") if not isinstance(net, DGN) else ("value_layers.", "feature_layers.")
     if net.tied:
         sel = {k: v for k, v in names.items()} if params in ("value", "all") else {}
     else:
-        keep = {"value": ("value_layers.",), "feature": ("feature_layers.",),
-                "all": ("value_layers.", "feature_layers.")}[params]
+        keep = {"value": (vp,), "feature": (fp,), "all": (vp, fp)}[params]
         sel = {k: v for k, v in names.items() if k.startswith(keep)}
     return {k: v.detach() for k, v in sel.items()}
 
@@ -240,6 +240,8 @@ def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structur
         n2 = len(x1) if x2 is None else len(x2)
         shape = (len(x1), n2) if trace else (len(x1), n2, k, k)
         return torch.zeros(shape, dtype=dt)  # hard gates: d G / d Theta^f = 0 exactly
+    if method == "structured" and not isinstance(net, DGN):
+        method = "jacobian"  # any-network DGNs: the torch.func reference (the structured sweep is for FC/conv DGNs)
     if method == "structured":
         if not trace:
             f1 = _featurize(net, x1, params, biases)
