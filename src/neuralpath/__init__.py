@@ -6,6 +6,8 @@ deep learning", NeurIPS 2020 (arXiv 2006.10529).
 __version__ = "0.1.0"
 
 from . import datasets
+from .anynet import from_module
+from .dlgn import DLGNVT, gate_hyperplanes
 from .kernels.npk import npk, overlaps
 from .kernels.ntk import ntk
 from .loading import load_net, load_run
@@ -13,4 +15,4 @@ from .nets import ConvDGN, FCDGN
 from .paths import npf, npv
 
 __all__ = ["FCDGN", "ConvDGN", "npf", "npv", "npk", "overlaps", "ntk", "datasets", "load_net", "load_run",
-           "__version__"]
+           "from_module", "gate_hyperplanes", "DLGNVT", "__version__"]

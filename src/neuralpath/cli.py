@@ -359,6 +359,21 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
                           progress=_progress(), log=lambda m: click.echo(m, err=True)))
 
 
+@reproduce.command("dlgn")
+@click.option("--budget", default="cpu", show_default=True,
+              help="quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)")
+@click.option("--sets", default="sd-i,sd-ii,sd-iii", show_default=True, help="Comma-separated oblique-tree sets.")
+@click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
+@click.option("--seeds", type=int, default=None, help="Override the budget's seeds.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="runs/dlgn", show_default=True)
+def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
+    """DLGN, DLGN-SF, a ReLU net and KRR on the DLGN's NPK on the oblique-decision-tree sets; 2-D hyperplane plot."""
+    from .experiments import dlgn
+    click.echo(dlgn.run(out, budget, sets=[s.strip() for s in sets.split(",") if s.strip()], epochs=epochs,
+                        seeds=seeds, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+
+
 @reproduce.command("theorem")
 @click.option("--budget", default="quick", show_default=True, help="quick | full")
 @click.option("--data-root", default=None)

@@ -80,7 +80,7 @@ def _enumerate(net: DGN, x, max_entries: int):
                               f"(limit {max_entries:,}); use a smaller network, fewer inputs, or npk for the kernel")
     p = next(net.parameters())
     if x is not None:
-        xin = net._prepare(x.to(p.device, p.dtype)).reshape(n, -1)
+        xin = net.value_in(net._prepare(x.to(p.device, p.dtype))).reshape(n, -1)
         gates = [g.reshape(n, -1) for g in net.gates(x.to(p.device, p.dtype))]
     else:
         xin, gates = None, None

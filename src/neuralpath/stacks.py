@@ -183,8 +183,8 @@ class FCStack:
     @staticmethod
     def compatible(nets) -> bool:
         """True when the nets can share an FCStack: FC DGNs of one shape, bias and gate settings."""
-        if not all(type(n) is FCDGN for n in nets):
-            return False
+        if not all(type(n) is FCDGN and n.gating == "relu" and n.value_input == "x" for n in nets):
+            return False  # the stacked forward is the paper's DGN (ReLU gating network, value input x)
         keys = {(n.in_dim, n.width, n.depth, n.out_dim, n.has_bias) for n in nets}
         soft = {(n.beta, n.eps) for n in nets if regime_kind(n) == SOFT}
         hard_ok = all(n.gate_kind == "hard" for n in nets if regime_kind(n) != SOFT)

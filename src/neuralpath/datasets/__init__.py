@@ -16,10 +16,10 @@ import torch
 
 from ..errors import NeuralpathError, check_choice
 from ..io import save_npy, write_text
-from . import formats, sources
+from . import formats, sources, trees
 from .sources import default_root
 
-NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic")
+NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic", "sd-i", "sd-ii", "sd-iii")
 SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # (C, H, W) of each image
 SPLITS = ("train", "test")
 CLASS_COUNTS = {("mnist", "train"): [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
@@ -37,8 +37,8 @@ def fetch(name: str, root=None, mirrors=None, progress: bool = True, log=print) 
     root = Path(root) if root else default_root()
     if root.exists() and not root.is_dir():
         raise NeuralpathError(f"--root {root} is a file; give a folder for the data (it is created if missing)")
-    if name == "synthetic":
-        return {"synthetic": "generated on the fly, nothing to fetch"}
+    if name == "synthetic" or name in trees.SETS:
+        return {name: "generated on the fly, nothing to fetch"}
     if name == "cifar10":
         return sources.fetch_cifar(root, url=(mirrors[0] if mirrors else None), progress=progress, log=log)
     return sources.fetch_idx(name, root, mirrors=mirrors, progress=progress, log=log)
@@ -49,7 +49,8 @@ def source_label(name: str, root=None) -> str:
     if name == "cifar10":
         kind, _ = sources.cifar_location(Path(root) if root else default_root())
         return "CIFAR-10 (JPEG copy)" if kind == "jpeg" else "CIFAR-10"
-    return {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "synthetic": "synthetic"}[name]
+    return {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "synthetic": "synthetic", "sd-i": "SD-I (generated)",
+            "sd-ii": "SD-II (generated)", "sd-iii": "SD-III (generated)"}[name]
 
 
 def _source_files(name, split, root):
@@ -128,9 +129,23 @@ def _load_uint8(name, split, root):
     return np.load(xp, mmap_mode="r"), np.load(yp)
 
 
+_TREES = {}
+
+
+def _tree_split(name, split):
+    if name not in _TREES:
+        d, n = trees.SETS[name]
+        x, y, _ = trees.generate(d, n)
+        tr, te = trees.split(y)
+        _TREES[name] = {"train": (x[tr], y[tr]), "test": (x[te], y[te])}
+    return _TREES[name][split]
+
+
 def split_size(name: str, split: str, root=None, **synthetic_kwargs) -> int:
     """Number of examples in a split (decodes and caches it on first use)."""
     _check(name, split)
+    if name in trees.SETS:
+        return len(_tree_split(name, split)[1])
     if name == "synthetic":
         return len(synthetic(split, **synthetic_kwargs)[1])
     return len(_load_uint8(name, split, Path(root) if root else default_root())[1])
@@ -187,6 +202,16 @@ def load(name: str, split: str = "train", root=None, limit: int | None = None, s
     _check(name, split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise NeuralpathError(f"limit={limit!r} must be a positive integer or None")
+    if name in trees.SETS:  # the oblique-decision-tree sets: (n, d) vectors, generated (seeded, deterministic)
+        if synthetic_kwargs:
+            raise NeuralpathError(f"unexpected arguments {sorted(synthetic_kwargs)} for dataset {name!r}")
+        x, y = _tree_split(name, split)
+        idx = np.arange(len(y))
+        if limit is not None:
+            _too_many(limit, len(y), name, split)
+            idx = stratified_indices(y, limit, seed)
+        xt, yt = torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+        return (xt, yt, idx) if with_indices else (xt, yt)
     if name == "synthetic":
         x, y = synthetic(split, seed=seed, **synthetic_kwargs)
         idx = np.arange(len(y))
@@ -224,7 +249,7 @@ def info(name: str | None = None, root=None) -> list:
     for nm in ([name] if name else [n for n in NAMES if n != "synthetic"]):
         check_choice("dataset", nm, NAMES)
         rec = {"name": nm, "root": str(root), "label": source_label(nm, root)}
-        if nm == "synthetic":
+        if nm == "synthetic" or nm in trees.SETS:
             rec["status"] = "generated on the fly"
         else:
             try:

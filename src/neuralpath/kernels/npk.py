@@ -86,7 +86,7 @@ def _structure(net: DGN):
 def featurize(net: DGN, x):
     """(prepared input, list of gates) for a block of inputs."""
     x = x.to(next(net.parameters()).device, next(net.parameters()).dtype)
-    return net._prepare(x), net.gates(x)
+    return net.value_in(net._prepare(x)), net.gates(x)
 
 
 def _overlap(g1, g2):
@@ -164,6 +164,11 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
     block/out/progress: see :func:`neuralpath.kernels.gram.gram` (out streams into a .npy memmap).
     """
     check_choice("normalize", normalize, NORMALIZE)
+    from ..dlgn import DLGNVT
+    if isinstance(net, DLGNVT):
+        if normalize is not None or out is not None:
+            raise NeuralpathError("the DLGN-VT kernel is returned in memory, unnormalised")
+        return net.npk(x1, x2)
     _check_inputs(net, x1, x2)
     if _is_module_dgn(net):
         from ..anynet import npk_module

@@ -75,7 +75,7 @@ def _weight_grads(layer, a, delta):
 def _signals(net: DGN, x, want_feature: bool):
     """Forward + batched backward sweep. Returns per layer (layer, input a_l, signals delta_l (n, k, *out)) for
     the value network, and the same for the feature network when want_feature."""
-    z = net._prepare(x)
+    z = net.value_in(net._prepare(x))
     n = z.shape[0]
     d = net.depth
     with torch.no_grad():
@@ -106,22 +106,24 @@ def _signals(net: DGN, x, want_feature: bool):
         value = [(net.value_layers[l], a_v[l], deltas[l]) for l in range(d)]
         feature = []
         if want_feature and net.gate_kind == "soft" and not net.tied:
-            zf = net._prepare(x)
+            x0 = net._prepare(x)
+            zf = x0
             a_f = []
             for l in range(d - 1):
-                a_f.append(net.transition(l, zf))
-                zf = torch.relu(qf[l])
+                a_f.append(net.transition(l, x0 if net.gating == "shallow" else zf))
+                zf = torch.relu(qf[l]) if net.gating == "relu" else qf[l]
             gam = [None] * (d - 1)
             for l in range(d - 2, -1, -1):
                 s = torch.sigmoid(net.beta * qf[l])
                 dsig = (1 + net.eps) * net.beta * s * (1 - s)
                 g = (u_v[l] * dsig)[:, None] * rhos[l]
-                if l < d - 2:
+                if l < d - 2 and net.gating != "shallow":  # DLGN-SF: no gating layer feeds another
                     nxt = net.feature_layers[l + 1]
                     flat = gam[l + 1].reshape(n * k, *gam[l + 1].shape[2:])
                     back = _transpose_op(nxt, flat, a_f[l + 1].shape[1:])
                     back = _transition_adjoint(net.transitions[l + 1], back, qf[l].shape[1:])
-                    g = g + (qf[l] > 0).to(g.dtype)[:, None] * back.reshape(n, k, *qf[l].shape[1:])
+                    mask = (qf[l] > 0).to(g.dtype) if net.gating == "relu" else torch.ones_like(qf[l])
+                    g = g + mask[:, None] * back.reshape(n, k, *qf[l].shape[1:])
                 gam[l] = g
             feature = [(net.feature_layers[l], a_f[l], gam[l]) for l in range(d - 1)]
     return value, feature

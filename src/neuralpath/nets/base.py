@@ -23,6 +23,8 @@ from ..errors import NeuralpathError, check_choice
 from ..gates import GATES, gate_fn
 
 INITS = ("glorot", "gaussian", "bernoulli")
+GATINGS = ("relu", "linear", "shallow")   # the feature network: a ReLU net (the paper), linear (DLGN), reads x (DLGN-SF)
+VALUE_INPUTS = ("x", "ones")              # the value network's input: x, or all ones ("pwc": piecewise constant in x)
 
 
 def init_layers(layers, init: str = "glorot", c: float = math.sqrt(2.0), generator: torch.Generator | None = None):
@@ -57,12 +59,22 @@ class DGN(nn.Module):
     feature_layers: nn.ModuleList
     transitions: list  # transitions[l] in {"none", "flatten", "gap"}, applied to the input of layer l (0-based)
 
-    def _setup_gating(self, gate: str, beta: float, eps: float, tied: bool):
+    def _setup_gating(self, gate: str, beta: float, eps: float, tied: bool, gating: str = "relu",
+                      value_input: str = "x"):
         check_choice("gate", gate, GATES)
+        check_choice("gating", gating, GATINGS)
+        check_choice("value_input", value_input, VALUE_INPUTS)
         if tied and gate != "hard":
             raise NeuralpathError(f"tied=True is the ReLU network and needs gate='hard', got gate={gate!r}")
+        if tied and (gating != "relu" or value_input != "x"):
+            raise NeuralpathError("tied=True is the ReLU network: it needs gating='relu' and value_input='x'")
         self.gate_kind, self.beta, self.eps, self.tied = gate, float(beta), float(eps), bool(tied)
+        self.gating, self.value_input = gating, value_input
         self._gate = gate_fn(gate, beta, eps)
+
+    def value_in(self, z: torch.Tensor) -> torch.Tensor:
+        """The value network's input: x itself, or all ones ("pwc": every gate region gets a constant)."""
+        return z if self.value_input == "x" else torch.ones_like(z)
 
     @property
     def depth(self) -> int:
@@ -93,16 +105,20 @@ class DGN(nn.Module):
 
     # -- the two networks -------------------------------------------------------------------------
     def feature_forward(self, x: torch.Tensor):
-        """Pre-activations q^f_l and gates G_l of the feature network, l = 1..d-1."""
-        z = self._prepare(x)
+        """Pre-activations q^f_l and gates G_l of the feature network, l = 1..d-1.
+
+        gating 'relu': q_l = Theta^f_l(relu(q_{l-1})) (the paper); 'linear': q_l = Theta^f_l(q_{l-1}) (DLGN: each
+        gate is a half-space test on x); 'shallow': q_l = Theta^f_l(x) (DLGN-SF)."""
+        x0 = self._prepare(x)
+        z = x0
         qs, gs = [], []
         # a frozen feature network (FLNPF, FRNPF) builds no autograd graph at all
         with torch.no_grad() if getattr(self, "features_frozen", False) else contextlib.nullcontext():
             for l, layer in enumerate(self.feature_layers):
-                q = layer(self.transition(l, z))
+                q = layer(self.transition(l, x0 if self.gating == "shallow" else z))
                 qs.append(q)
                 gs.append(self._gate(q))
-                z = torch.relu(q)
+                z = torch.relu(q) if self.gating == "relu" else q
         return qs, gs
 
     def gates(self, x: torch.Tensor):
@@ -111,7 +127,7 @@ class DGN(nn.Module):
 
     def value_forward(self, x: torch.Tensor, gates):
         """Output of the value network with the given gates (the gates are not recomputed)."""
-        z = self._prepare(x)
+        z = self.value_in(self._prepare(x))
         for l, g in enumerate(gates):
             z = g * self.value_layers[l](self.transition(l, z))
         return self.value_layers[-1](self.transition(self.depth - 1, z))
@@ -160,7 +176,9 @@ class DGN(nn.Module):
         return {"config": self.config(), "features_frozen": bool(getattr(self, "features_frozen", False))}
 
     def set_extra_state(self, state):
-        theirs = state.get("config", {}) if isinstance(state, dict) else {}
+        theirs = dict(state.get("config", {})) if isinstance(state, dict) else {}
+        theirs.setdefault("gating", "relu")  # weights saved before the DLGN settings existed
+        theirs.setdefault("value_input", "x")
         mine = self.config()
         diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
         if diff:

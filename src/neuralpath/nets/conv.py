@@ -22,7 +22,8 @@ class ConvDGN(DGN):
     def __init__(self, arch: str = "gconv", in_channels: int = 3, out_dim: int = 10, gate: str = "hard",
                  bias: bool = True, tied: bool = False, channels=(64, 64, 128, 128), hidden=(256, 256),
                  image_size: int = 32, kernel_size: int = 3, beta: float = 4.0, eps: float = 0.1,
-                 init: str = "glorot", init_scale: float = math.sqrt(2.0), generator: torch.Generator | None = None):
+                 init: str = "glorot", init_scale: float = math.sqrt(2.0), generator: torch.Generator | None = None,
+                 gating: str = "relu", value_input: str = "x"):
         super().__init__()
         check_choice("arch", arch, ARCHS)
         for name, v in (("in_channels", in_channels), ("out_dim", out_dim), ("image_size", image_size)):
@@ -34,24 +35,28 @@ class ConvDGN(DGN):
             check_positive_int("channels/hidden entry", v)
         if kernel_size % 2 != 1:
             raise NeuralpathError(f"kernel_size={kernel_size} must be odd for 'same' padding")
-        self._setup_gating(gate, beta, eps, tied)
+        self._setup_gating(gate, beta, eps, tied, gating, value_input)
         self.arch, self.in_channels, self.out_dim = arch, in_channels, out_dim
         self.channels, self.hidden, self.image_size, self.kernel_size = channels, hidden, image_size, kernel_size
 
-        def build():
+        def build(shallow=False):
+            # shallow (DLGN-SF): every gating layer reads x itself (conv layers the image, dense layers its
+            # flattened (vconv) or pooled (gconv) form)
             layers, c_in = [], in_channels
             for c in channels:
-                layers.append(nn.Conv2d(c_in, c, kernel_size, stride=1, padding=kernel_size // 2, bias=bias))
+                layers.append(nn.Conv2d(in_channels if shallow else c_in, c, kernel_size, stride=1,
+                                        padding=kernel_size // 2, bias=bias))
                 c_in = c
             d_in = c_in * image_size * image_size if arch == "vconv" else c_in
+            d_x = in_channels * image_size * image_size if arch == "vconv" else in_channels
             for h in hidden:
-                layers.append(nn.Linear(d_in, h, bias=bias))
+                layers.append(nn.Linear(d_x if shallow else d_in, h, bias=bias))
                 d_in = h
             return layers, d_in
 
         layers, d_last = build()
         self.value_layers = nn.ModuleList(layers + [nn.Linear(d_last, out_dim, bias=bias)])
-        self.feature_layers = nn.ModuleList(layers if tied else build()[0])
+        self.feature_layers = nn.ModuleList(layers if tied else build(shallow=gating == "shallow")[0])
         n_conv = len(channels)
         self.transitions = ["none"] * (n_conv + len(hidden) + 1)
         self.transitions[n_conv] = "flatten" if arch == "vconv" else "gap"
@@ -60,7 +65,8 @@ class ConvDGN(DGN):
     def config(self) -> dict:
         return dict(arch=self.arch, in_channels=self.in_channels, out_dim=self.out_dim, gate=self.gate_kind,
                     bias=self.has_bias, tied=self.tied, channels=list(self.channels), hidden=list(self.hidden),
-                    image_size=self.image_size, kernel_size=self.kernel_size, beta=self.beta, eps=self.eps)
+                    image_size=self.image_size, kernel_size=self.kernel_size, beta=self.beta, eps=self.eps,
+                    gating=self.gating, value_input=self.value_input)
 
     @property
     def n_conv(self) -> int:
