@@ -14,6 +14,7 @@
     python -m benchmarks convntk  structured NTK of a small GCONV vs torch.func Jacobian contraction
     python -m benchmarks roofline lower bound on the fc-adam row from this machine's measured GEMM rate and memory
                                   bandwidth, beside the measured ensemble steps
+    python -m benchmarks convstep conv optimiser steps per regime kind and width, single and stacked, vs the GEMM rate
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 import argparse
@@ -134,18 +135,17 @@ def _row_phases(n_seeds=5):
 
 def _ensemble_step_time(regs, seeds, x, y, steps, opt_name, repeat, batch=32):
     import torch.nn.functional as F
-    from neuralpath.ensemble import FCEnsemble
-    ens = FCEnsemble(_make_nets(regs, seeds), regs)
+    from neuralpath.stacks import FCStack
+    ens = FCStack(_make_nets(regs, seeds))
     opt = _opt_for(ens.parameters(), opt_name)
-    R, nt, nf = ens.R, ens.nt, ens.nf
-    table = ens.frozen_gate_table(x) if nf else None
-    rows = torch.arange(nf)[:, None]
+    R = ens.R
+    ens.cache_frozen_gates(x, None)
 
     def step():
         idx = torch.randint(0, len(x), (R, batch))
         flat = idx.reshape(-1)
         xb, yb = x.index_select(0, flat).view(R, batch, -1), y.index_select(0, flat).view(R, batch)
-        out = ens.forward(xb, table[rows, idx[nt:nt + nf]] if nf else None)
+        out = ens.forward(xb, idx)
         loss = F.cross_entropy(out.reshape(R * batch, -1), yb.reshape(-1), reduction="sum") / batch
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -245,6 +245,122 @@ def bench_roofline(args):
                 phases=phases, first_layer_layouts=first, row_lower_bound_min=sum(p["lower_bound_step_s"] for p in phases) * steps_row / 60,
                 row_measured_min=sum(p["measured_step_s"] for p in phases) * steps_row / 60,
                 note="training steps only; the bound ignores activations, elementwise work and evaluation")
+
+
+def _conv_fwd_flops(arch, channels, hidden, image=32, k=3, classes=10):
+    """Forward multiply-add FLOPs per image of each layer of a GCONV/VCONV value network (2 FLOP per MAC)."""
+    fl, cin = [], 3
+    for c in channels:
+        fl.append(2 * image * image * k * k * cin * c)
+        cin = c
+    d = cin * image * image if arch == "vconv" else cin
+    for h in list(hidden) + [classes]:
+        fl.append(2 * d * h)
+        d = h
+    return fl
+
+
+def _conv_step_flops(arch, channels, hidden, regime, batch=32):
+    """Matrix-product FLOPs of one training step, from the shapes: forward, weight gradient and input gradient of
+    every trained layer (no input gradient into the data); DLNPF adds its feature network (no output layer), trained
+    the same way; a frozen-gate step with cached gates is the value network's step alone."""
+    fl = _conv_fwd_flops(arch, channels, hidden)
+    value = 3 * sum(fl) - fl[0]
+    if regime == "dlnpf":
+        feat = fl[:-1]
+        value += 3 * sum(feat) - feat[0]
+    return value * batch
+
+
+def _grouped_relu_step(arch, channels, hidden, R, batch=32):
+    """R tied ReLU nets stacked as ONE network with grouped convolutions (groups = R) and batched dense layers: the
+    alternative stacking design, measured against the loop of separate networks."""
+    import torch.nn.functional as F
+    ws, cin = [], 3
+    for c in channels:
+        ws.append(torch.nn.Parameter(torch.randn(R * c, cin, 3, 3) * 0.05))
+        ws.append(torch.nn.Parameter(torch.zeros(R * c)))
+        cin = c
+    d = cin * 32 * 32 if arch == "vconv" else cin
+    dense = []
+    for h in list(hidden) + [10]:
+        dense.append(torch.nn.Parameter(torch.randn(R, d, h) * d ** -0.5))
+        dense.append(torch.nn.Parameter(torch.zeros(R, 1, h)))
+        d = h
+    opt = torch.optim.Adam(ws + dense, lr=1e-4, eps=1e-7, foreach=True)
+    x = torch.rand(batch, R * 3, 32, 32)
+    y = torch.randint(0, 10, (R, batch))
+
+    def step():
+        z = x
+        for i in range(0, len(ws), 2):
+            z = torch.relu(F.conv2d(z, ws[i], ws[i + 1], padding=1, groups=R))
+        c = z.shape[1] // R
+        z = z.view(batch, R, c, 32, 32)
+        z = z.flatten(2).transpose(0, 1) if arch == "vconv" else z.mean((3, 4)).transpose(0, 1)  # (R, B, D)
+        for i in range(0, len(dense), 2):
+            z = torch.baddbmm(dense[i + 1], z, dense[i])
+            if i < len(dense) - 2:
+                z = torch.relu(z)
+        loss = F.cross_entropy(z.reshape(-1, 10), y.reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return step
+
+
+def bench_convstep(args):
+    """One optimiser step (Adam, batch 32) of GCONV and VCONV for each regime kind (tied ReLU, soft-gate DLNPF,
+    frozen gates looked up from the bit-packed cache), at the paper's widths and x1/2, x1/4: single runs and stacks
+    of R = 3 (the engine's loop), and the grouped-convolution stacking design; each against its matrix-product
+    FLOPs at the large-GEMM rate measured in the same run."""
+    import torch.nn.functional as F
+    from neuralpath.experiments.budget import conv_widths
+    from neuralpath.stacks import make_stack
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = 2 * 2048 ** 3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
+    steps, R = args.n or 4, 3
+    x = torch.rand(512, 3, 32, 32)
+    y = torch.randint(0, 10, (512,))
+    rows_all = torch.arange(512)
+    out = []
+    archs = [args.arch] if args.arch else ["gconv", "vconv"]
+    for arch in archs:
+        for mult in (1.0, 0.5, 0.25):
+            ch, hid = conv_widths(mult)
+            kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
+            rec = dict(arch=arch, width=mult, channels=ch, hidden=hid)
+            for regime in ("relu", "frnpf-ii", "dlnpf"):
+                for r in (1, R):
+                    nets = [build_regime(regime, arch, s, None, **kw)[0] for s in range(r)]
+                    st = make_stack(nets)
+                    st.cache_frozen_gates(x, [rows_all] * r)
+                    opt = torch.optim.Adam(st.parameters(), lr=1e-4, eps=1e-7, foreach=True)
+
+                    def step():
+                        idx = torch.randint(0, 512, (r, 32))
+                        o = st.forward(x[idx], idx)
+                        loss = F.cross_entropy(o.reshape(-1, 10), y[idx].reshape(-1), reduction="sum") / 32
+                        opt.zero_grad(set_to_none=True)
+                        loss.backward()
+                        opt.step()
+                    t = timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps / r
+                    fl = _conv_step_flops(arch, ch, hid, regime)
+                    rec[f"{regime}_R{r}_step_s"] = t
+                    rec[f"{regime}_R{r}_gflops"] = fl / t / 1e9
+                    rec[f"{regime}_R{r}_of_gemm"] = fl / t / 1e9 / gemm
+            rec["frozen_over_relu"] = rec["frnpf-ii_R1_step_s"] / rec["relu_R1_step_s"]
+            rec["dlnpf_over_relu"] = rec["dlnpf_R1_step_s"] / rec["relu_R1_step_s"]
+            g = _grouped_relu_step(arch, ch, hid, R)
+            t = timeit(lambda: [g() for _ in range(steps)], args.repeat) / steps / R
+            rec["relu_grouped_R3_step_s"] = t
+            rec["relu_grouped_R3_gflops"] = _conv_step_flops(arch, ch, hid, "relu") / t / 1e9
+            out.append(rec)
+            print(json.dumps(rec), file=sys.stderr, flush=True)
+    full = {r["arch"]: r["relu_R3_gflops"] for r in out if r["width"] == 1.0}
+    for r in out:
+        r["relu_R3_rate_vs_full_width"] = r["relu_R3_gflops"] / full[r["arch"]] if r["arch"] in full else None
+    return dict(bench="convstep", large_gemm_gflops=gemm, steps=steps, stack=R, rows=out)
 
 
 def bench_ntk10k(args):
@@ -401,7 +517,8 @@ def bench_convntk(args):
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data",
-                                      "npkscale", "convntk", "roofline"])
+                                      "npkscale", "convntk", "roofline", "convstep"])
+    p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5)

@@ -25,7 +25,8 @@ def torchrun(*args, timeout=300):
 SYN = ["--dataset", "synthetic", "--width", "32", "--depth", "3", "--epochs", "3", "--lr", "3e-3"]
 
 
-@pytest.mark.parametrize("regime", ["relu", "frnpf-ii", "dlnpf"])
+@pytest.mark.parametrize("regime", ["relu", pytest.param("frnpf-ii", marks=pytest.mark.slow),
+                                    pytest.param("dlnpf", marks=pytest.mark.slow)])
 def test_ddp_training_is_sound_and_rank0_writes(tmp_path, regime, cli):
     out = tmp_path / "ddp"
     r = torchrun("train", "--regime", regime, *SYN, "--out", out)
@@ -43,6 +44,7 @@ def test_ddp_training_is_sound_and_rank0_writes(tmp_path, regime, cli):
     assert abs(one["best_test_acc"] - res["best_test_acc"]) < 0.15  # same global batch: comparable training
 
 
+@pytest.mark.slow
 def test_ddp_resume_after_a_finished_epoch(tmp_path):
     out = tmp_path / "r"
     assert torchrun("train", *SYN[:-4], "--epochs", "2", "--lr", "3e-3", "--out", out).returncode == 0
@@ -54,7 +56,7 @@ def test_ddp_resume_after_a_finished_epoch(tmp_path):
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.mark.parametrize("kind", ["npk", "ntk"])
+@pytest.mark.parametrize("kind", ["npk", pytest.param("ntk", marks=pytest.mark.slow)])
 def test_distributed_kernel_equals_single_process(tmp_path, kind, cli, mnist_root):
     args = ["kernel", kind, "--num-inputs", "300", "--block", "64", "--width", "32", "--depth", "4", "--dtype", "float64",
             "--data-root", mnist_root]

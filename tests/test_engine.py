@@ -48,7 +48,8 @@ def _specs(arch, bias=True):
 
 def _max_rel(a, b):
     return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-300)).item()
-               for sa, sb in zip(a, b) for x, y in zip(sa.net.state_dict().values(), sb.net.state_dict().values()))
+               for sa, sb in zip(a, b) for x, y in zip(sa.net.state_dict().values(), sb.net.state_dict().values())
+               if torch.is_tensor(x))
 
 
 @pytest.mark.parametrize("arch", ["fc", "vconv", "gconv"])
@@ -115,8 +116,10 @@ def test_stacked_configs_equal_single_runs(tmp_path, over):
         a = torch.load(tmp_path / f"e{i}" / "best.pt", weights_only=True)["model"]
         b = torch.load(tmp_path / f"s{i}" / "best.pt", weights_only=True)["model"]
         assert sorted(a) == sorted(b)
+        assert a["_extra_state"] == b["_extra_state"]  # the same network configuration
         for k in b:  # float32 rounding of the batched products only
-            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+            if torch.is_tensor(b[k]):
+                torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
         ra = [json.loads(x) for x in (tmp_path / f"e{i}" / "metrics.jsonl").read_text().splitlines()]
         rb = [json.loads(x) for x in (tmp_path / f"s{i}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["train_loss"] for r in ra] == pytest.approx([r["train_loss"] for r in rb], rel=1e-4)
@@ -168,14 +171,14 @@ import sys
 from neuralpath.train import TrainConfig, train_many
 arch = sys.argv[2]
 KW = dict(arch=arch, dataset="synthetic", optimizer="adam", lr=3e-3, device="cpu", extra={"shape": [3, 8, 8]})
-KW.update(dict(epochs=60, width=64, depth=4) if arch == "fc" else dict(epochs=25, channels=[4, 6], hidden=[8]))
+KW.update(dict(epochs=60, width=64, depth=4) if arch == "fc" else dict(epochs=12, channels=[4, 6], hidden=[8]))
 out = sys.argv[1]
 cfgs = [TrainConfig(regime=r, seed=s, **KW) for r, s in [("relu", 0), ("frnpf-ii", 1), ("dlnpf", 2)]]
 train_many(cfgs, [f"{out}/r{i}" for i in range(3)], f"{out}/ens.pt", progress=False, state_every_s=0)
 """
 
 
-@pytest.mark.parametrize("arch", ["fc", "gconv"])
+@pytest.mark.parametrize("arch", [pytest.param("fc", marks=pytest.mark.slow), "gconv"])
 def test_killed_stack_resumes_to_the_same_result(tmp_path, arch):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     ref = tmp_path / "ref"
@@ -199,7 +202,7 @@ def test_killed_stack_resumes_to_the_same_result(tmp_path, arch):
                                                                               b["final_test_acc"])
         ma = torch.load(ref / f"r{i}" / "best.pt", weights_only=True)["model"]
         mb = torch.load(k / f"r{i}" / "best.pt", weights_only=True)["model"]
-        assert all(torch.equal(ma[x], mb[x]) for x in ma)
+        assert all(torch.equal(ma[x], mb[x]) if torch.is_tensor(ma[x]) else ma[x] == mb[x] for x in ma)
         ra = [json.loads(x) for x in (ref / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
         rb = [json.loads(x) for x in (k / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
         assert [(x["epoch"], x["test_acc"], x["train_loss"]) for x in ra] == [(x["epoch"], x["test_acc"], x["train_loss"]) for x in rb]

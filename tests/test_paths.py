@@ -127,7 +127,7 @@ def test_bad_inputs():
         npx.npk(net, torch.full((2, 6), float("nan")))
     with pytest.raises(NeuralpathError, match="x1 has per-example shape"):
         npx.npk(net, torch.rand(2, 6), torch.rand(2, 7))
-    with pytest.raises(TypeError, match="FCDGN or ConvDGN"):
+    with pytest.raises(TypeError, match="FCDGN, a ConvDGN"):
         npx.npk(torch.nn.Linear(2, 2), torch.rand(2, 2))
 
 

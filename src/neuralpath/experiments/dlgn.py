@@ -37,8 +37,9 @@ SETTINGS = {
 PAPER = {"sd-i": {"dlgn": 96.05, "dlgn-sf": 97.43}, "sd-ii": {"dlgn": 94.25, "dlgn-sf": 90.29},
          "sd-iii": {"dlgn": 65.04, "dlgn-sf": 63.83}}
 MODELS = ("dlgn", "dlgn-sf", "relu")
-BUDGETS = {"paper": dict(epochs=1500, seeds=3, krr_n=5000), "cpu": dict(epochs=300, seeds=3, krr_n=5000),
-           "quick": dict(epochs=20, seeds=1, krr_n=1000)}
+BUDGETS = {"paper": dict(epochs=1500, seeds=3, krr_n=5000, toy_epochs=300),
+           "cpu": dict(epochs=300, seeds=3, krr_n=5000, toy_epochs=300),
+           "quick": dict(epochs=20, seeds=1, krr_n=1000, toy_epochs=60)}
 
 
 def make_model(model: str, d: int, set_name: str, seed: int):
@@ -100,7 +101,7 @@ def run(out, budget="cpu", sets=("sd-i", "sd-ii", "sd-iii"), epochs=None, seeds=
     md = report(recs, budget, b) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
     write_text(out / "dlgn.md", md)
     plot(recs, out / "dlgn.png")
-    plot_toy(out / "hyperplanes.png")
+    plot_toy(out / "hyperplanes.png", epochs=b["toy_epochs"])
     return md
 
 
@@ -235,6 +236,6 @@ def plot_toy(path, seed=0, epochs=300):
     ax.set_xlim(-1.05, 1.05)
     ax.set_ylim(-1.05, 1.05)
     ax.set_aspect("equal")
-    ax.set_title("DLGN on a 2-D oblique tree: every gate is a half-plane")
+    ax.set_title("A DLGN on a 2-D XOR of two half-planes: every gate is a half-plane")
     fig.tight_layout()
     savefig(fig, path)
