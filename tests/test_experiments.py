@@ -51,5 +51,5 @@ def test_reproduce_kernels(mnist_root, cli, tmp_path):
     assert r.returncode == 0, r.stderr
     recs = read_jsonl(tmp_path / "kernels.jsonl")
     assert {(x["kernel"], x["epoch"], x["method"]) for x in recs} == {
-        (k, e, m) for k, e in (("npk", 0), ("npk", 1), ("ntk", 1)) for m in ("krr", "svm")}
+        (k, e, m) for k, e in (("npk-inf", 0), ("npk", 0), ("npk", 1), ("ntk", 1)) for m in ("krr", "svm")}
     assert all(x["test_acc"] > 0.5 for x in recs) and _png(tmp_path / "kernels.png")

@@ -374,6 +374,20 @@ def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
                         seeds=seeds, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True)))
 
 
+@reproduce.command("gates")
+@click.option("--budget", default="quick", show_default=True, help="quick (10 epochs, 10,000 images) | paper (100, all)")
+@click.option("--epochs", type=int, default=None)
+@click.option("--pairs", type=int, default=None, help="Segments per kind (same / different class) for the regions.")
+@click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="runs/gates", show_default=True)
+def reproduce_gates(budget, epochs, pairs, data_root, device, out):
+    """Gate dynamics during training: flips, activation patterns, class sub-network overlap, regions on segments."""
+    from .experiments import gates
+    click.echo(gates.run(out, budget, epochs=epochs, pairs=pairs, data_root=data_root, device=device, progress=_progress(),
+                         log=lambda m: click.echo(m, err=True)))
+
+
 @reproduce.command("theorem")
 @click.option("--budget", default="quick", show_default=True, help="quick | full")
 @click.option("--data-root", default=None)

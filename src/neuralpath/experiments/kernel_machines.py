@@ -28,10 +28,14 @@ BUDGETS = {"quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "
 
 
 def kernels_for(net, xtr, xte, kind):
-    """(K_train (n, n), K_test_train (m, n)) in float64."""
+    """(K_train (n, n), K_test_train (m, n)) in float64; kind npk | ntk | npk-inf (the infinite-width NPK of random
+    ReLU gates of the network's depth)."""
     net = net.double()
     dev = next(net.parameters()).device
     a, b = xtr.to(dev, torch.float64), xte.to(dev, torch.float64)
+    if kind == "npk-inf":
+        from ..kernels.infinite import npk_infinite
+        return npk_infinite(a, depth=net.depth), npk_infinite(b, a, depth=net.depth)
     if kind == "npk":
         return npk(net, a), npk(net, b, a)
     return ntk(net, a, params="all"), ntk(net, b, a, params="all")
@@ -54,7 +58,8 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
     xtr, ytr = datasets.load(dataset, "train", root=data_root, limit=n_train, seed=seed)
     xte, yte = datasets.load(dataset, "test", root=data_root, limit=n_test, seed=0)
     rc = cfg.resolved()
-    stages = [("npk", 0)] + [("npk", e) for e in range(1, epochs + 1)] + [("ntk", epochs)]
+    stages = ([("npk-inf", 0)] if arch == "fc" else []) + [("npk", 0)] + [("npk", e) for e in range(1, epochs + 1)] + [
+        ("ntk", epochs)]
     rec_path = out / "kernels.jsonl"
     have = done_keys(rec_path, lambda r: (r["kernel"], r["epoch"], r["method"]))
     for kind, ep in stages:
@@ -84,7 +89,8 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
     lines = [f"# Kernel machines on the NPK as the gates evolve ({arch}, budget `{budget}`: {n_train} training / "
              f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})",
              "", "Test accuracy %. NPK@e = neural path kernel of the ReLU net's gates after e epochs (e = 0: random "
-             "gates); NTK = empirical NTK of the final net. 'net' = that ReLU net's own test accuracy at epoch e.", "",
+             "gates); NPK-INF = the infinite-width NPK of random gates (docs/THEORY.md §8); NTK = empirical NTK of "
+             "the final net. 'net' = that ReLU net's own test accuracy at epoch e.", "",
              "| kernel | gates from epoch | KRR | SVM | net | alignment (2000 pts) |", "|---|---|---|---|---|---|"]
     for kind, ep in stages:
         row = {r["method"]: r for r in recs if r["kernel"] == kind and r["epoch"] == ep}
@@ -92,7 +98,7 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
             continue
         any_r = next(iter(row.values()))
         na = net_acc.get(ep)
-        lines.append(f"| {kind.upper()} | {ep} | " + " | ".join(
+        lines.append(f"| {kind.upper()} | {'∞ width' if kind == 'npk-inf' else ep} | " + " | ".join(
             f"{100 * row[m]['test_acc']:.2f}" if m in row else "—" for m in ("krr", "svm"))
             + f" | {'—' if na is None else f'{100 * na:.2f}'} | {any_r['alignment_2000']:.3f} |")
     lines.append(f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
@@ -105,6 +111,10 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
         pts = sorted((r["epoch"], 100 * r["test_acc"]) for r in recs if r["kernel"] == "npk" and r["method"] == m)
         if pts:
             ax.plot(*zip(*pts), style, label=f"NPK + {m.upper()}")
+        inf = [100 * r["test_acc"] for r in recs if r["kernel"] == "npk-inf" and r["method"] == m]
+        if inf:
+            ax.axhline(inf[0], ls="--", color="tab:gray" if m == "krr" else "silver",
+                       label=f"infinite-width NPK + {m.upper()}")
         nt = [100 * r["test_acc"] for r in recs if r["kernel"] == "ntk" and r["method"] == m]
         if nt:
             ax.axhline(nt[0], ls=":", color="tab:green" if m == "krr" else "tab:olive", label=f"final NTK + {m.upper()}")
