@@ -17,6 +17,7 @@
     python -m benchmarks convstep conv optimiser steps per regime kind and width, single and stacked, vs the GEMM rate
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
+
 import argparse
 import json
 import resource
@@ -62,8 +63,15 @@ def bench_npk(args):
     t_gemm = timeit(lambda: a @ b.T, args.repeat)
     t_npk = timeit(lambda: npx.npk(net, x, block=n), args.repeat)
     t_npk_blocked = timeit(lambda: npx.npk(net, x, block=1024), args.repeat)
-    return dict(bench="npk", n=n, gemm_s=t_gemm, npk_s=t_npk, npk_blocked1024_s=t_npk_blocked,
-                ratio=t_npk / t_gemm, ratio_blocked=t_npk_blocked / t_gemm)
+    return dict(
+        bench="npk",
+        n=n,
+        gemm_s=t_gemm,
+        npk_s=t_npk,
+        npk_blocked1024_s=t_npk_blocked,
+        ratio=t_npk / t_gemm,
+        ratio_blocked=t_npk_blocked / t_gemm,
+    )
 
 
 def bench_ntk(args):
@@ -75,8 +83,17 @@ def bench_ntk(args):
     small = x[:128]
     t_s_small = timeit(lambda: npx.ntk(net, small, params="all"), args.repeat)
     t_vp = timeit(lambda: npx.ntk(net, small, params="all", method="vp"), 1, warmup=0)
-    return dict(bench="ntk", n=n, structured_s=t_s, jacobian_s=t_j, speedup_vs_jacobian=t_j / t_s,
-                n_vp=128, structured_small_s=t_s_small, vp_s=t_vp, speedup_vs_vp=t_vp / t_s_small)
+    return dict(
+        bench="ntk",
+        n=n,
+        structured_s=t_s,
+        jacobian_s=t_j,
+        speedup_vs_jacobian=t_j / t_s,
+        n_vp=128,
+        structured_small_s=t_s_small,
+        vp_s=t_vp,
+        speedup_vs_vp=t_vp / t_s_small,
+    )
 
 
 def bench_step(args):
@@ -88,13 +105,19 @@ def bench_step(args):
 
         def epoch():
             for i in range(0, len(y), 32):
-                loss = torch.nn.functional.cross_entropy(net(x[i:i + 32]), y[i:i + 32])
+                loss = torch.nn.functional.cross_entropy(net(x[i : i + 32]), y[i : i + 32])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
         out[regime] = timeit(epoch, args.repeat) / 50
-    return dict(bench="step", batch=32, step_s=out, frozen_over_relu=out["frnpf-ii"] / out["relu"],
-                dlnpf_over_relu=out["dlnpf"] / out["relu"])
+    return dict(
+        bench="step",
+        batch=32,
+        step_s=out,
+        frozen_over_relu=out["frnpf-ii"] / out["relu"],
+        dlnpf_over_relu=out["dlnpf"] / out["relu"],
+    )
 
 
 def bench_stream(args):
@@ -117,13 +140,18 @@ def bench_convnpk(args):
 
 def _make_nets(regs, seeds):
     relu_state = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
-    return [build_regime(r, "fc", s, relu_state if r == "flnpf" else None, in_shape=(1, 28, 28))[0]
-            for r, s in zip(regs, seeds)]
+    return [
+        build_regime(r, "fc", s, relu_state if r == "flnpf" else None, in_shape=(1, 28, 28))[0]
+        for r, s in zip(regs, seeds)
+    ]
 
 
 def _opt_for(params, opt_name):
-    return (torch.optim.Adam(params, lr=1e-4, eps=1e-7, fused=True) if opt_name == "adam"
-            else torch.optim.SGD(params, lr=1e-2))
+    return (
+        torch.optim.Adam(params, lr=1e-4, eps=1e-7, fused=True)
+        if opt_name == "adam"
+        else torch.optim.SGD(params, lr=1e-2)
+    )
 
 
 def _row_phases(n_seeds=5):
@@ -135,7 +163,9 @@ def _row_phases(n_seeds=5):
 
 def _ensemble_step_time(regs, seeds, x, y, steps, opt_name, repeat, batch=32):
     import torch.nn.functional as F
+
     from neuralpath.stacks import FCStack
+
     ens = FCStack(_make_nets(regs, seeds))
     opt = _opt_for(ens.parameters(), opt_name)
     R = ens.R
@@ -150,19 +180,26 @@ def _ensemble_step_time(regs, seeds, x, y, steps, opt_name, repeat, batch=32):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return timeit(lambda: [step() for _ in range(steps)], repeat) / steps, ens
 
 
 def bench_ensemble(args):
     import torch.nn.functional as F
+
     x = mnist(60000).flatten(1)
     y = torch.randint(0, 10, (60000,))
     steps = args.n or 150
     opt_name = args.optimizer
 
     def single_step_time(regime):
-        net, params = build_regime(regime, "fc", 0, build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict()
-                                   if regime == "flnpf" else None, in_shape=(1, 28, 28))
+        net, params = build_regime(
+            regime,
+            "fc",
+            0,
+            build_regime("relu", "fc", 0, in_shape=(1, 28, 28))[0].state_dict() if regime == "flnpf" else None,
+            in_shape=(1, 28, 28),
+        )
         opt = torch.optim.Adam(params, lr=1e-4, eps=1e-7) if opt_name == "adam" else torch.optim.SGD(params, lr=1e-2)
 
         def step():
@@ -171,6 +208,7 @@ def bench_ensemble(args):
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
         return timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps
 
     (p1, s1), (p2, s2) = _row_phases()
@@ -181,9 +219,17 @@ def bench_ensemble(args):
     steps_row = 1875 * epochs
     row_single = 5 * sum(single.values()) * steps_row
     row_ens = (t1 + t2) * steps_row
-    return dict(bench="ensemble", optimizer=opt_name, ensemble_phase1_step_s=t1, ensemble_phase2_step_s=t2,
-                single_step_s=single, row_one_at_a_time_min=row_single / 60, row_ensemble_min=row_ens / 60,
-                speedup=row_single / row_ens, note="training steps only; evaluation adds ~1 test pass per run-epoch")
+    return dict(
+        bench="ensemble",
+        optimizer=opt_name,
+        ensemble_phase1_step_s=t1,
+        ensemble_phase2_step_s=t2,
+        single_step_s=single,
+        row_one_at_a_time_min=row_single / 60,
+        row_ensemble_min=row_ens / 60,
+        speedup=row_single / row_ens,
+        note="training steps only; evaluation adds ~1 test pass per run-epoch",
+    )
 
 
 def _step_work(ens, batch=32):
@@ -207,15 +253,17 @@ def bench_roofline(args):
     x = mnist(60000).flatten(1)
     y = torch.randint(0, 10, (60000,))
     steps = args.n or 100
+
     def fastest(fn):  # a bound wants the best rate seen, not the median
         return min(timeit(fn, 1, warmup=0) for _ in range(max(args.repeat, 5)))
+
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     a @ b
-    gemm_gflops = 2 * 2048 ** 3 / fastest(lambda: a @ b) / 1e9
+    gemm_gflops = 2 * 2048**3 / fastest(lambda: a @ b) / 1e9
     big = 1 << 26  # 256 MiB per float32 array
-    u, v, w = torch.empty(big), torch.rand(big), torch.rand(big)
-    triad_gbs = 3 * 4 * big / fastest(lambda: torch.add(v, w, alpha=0.5, out=u)) / 1e9
-    del u, v, w
+    arrays = [torch.empty(big), torch.rand(big), torch.rand(big)]
+    triad_gbs = 3 * 4 * big / fastest(lambda: torch.add(arrays[1], arrays[2], alpha=0.5, out=arrays[0])) / 1e9
+    arrays.clear()  # free the 768 MiB
     steps_row = 1875 * 100
     phases = []
     for regs, seeds in _row_phases():
@@ -228,10 +276,19 @@ def bench_roofline(args):
         t_adam = fastest(adam.step)
         adam_gbs = adam_bytes / t_adam / 1e9  # fused Adam alone can stream faster than the triad: take the faster
         bound = flops / (gemm_gflops * 1e9) + adam_bytes / (max(triad_gbs, adam_gbs) * 1e9)
-        phases.append(dict(runs=len(regs), gemm_mflop_per_step=flops / 1e6, adam_params=params,
-                           adam_mb_per_step=adam_bytes / 1e6, measured_step_s=t, fused_adam_alone_s=t_adam,
-                           fused_adam_alone_gb_per_s=adam_gbs,
-                           lower_bound_step_s=bound, measured_over_bound=t / bound))
+        phases.append(
+            dict(
+                runs=len(regs),
+                gemm_mflop_per_step=flops / 1e6,
+                adam_params=params,
+                adam_mb_per_step=adam_bytes / 1e6,
+                measured_step_s=t,
+                fused_adam_alone_s=t_adam,
+                fused_adam_alone_gb_per_s=adam_gbs,
+                lower_bound_step_s=bound,
+                measured_over_bound=t / bound,
+            )
+        )
     # The alternative layout for the first layer: the five networks of one seed (ReLU, FRNPF-II, FRNPF-DI, DLNPF value
     # and feature) share its batch, so per seed one (32 x 784) x (784 x 640) product instead of the batched (32 x 784)
     # x (784 x 128) per network. GFLOP/s of the forward and of the weight gradient, both layouts, 5 seeds.
@@ -239,12 +296,21 @@ def bench_roofline(args):
     for name, r, o in (("batched_per_network", 25, 128), ("merged_per_seed", 5, 640)):
         xb, wb, gb = torch.randn(r, 32, 784), torch.randn(r, 784, o), torch.randn(r, 32, o)
         fl = 2 * r * 32 * 784 * o
-        first[name] = {"forward_gflops": fl / timeit(lambda: torch.bmm(xb, wb), args.repeat * 20) / 1e9,
-                       "weight_grad_gflops": fl / timeit(lambda: torch.bmm(xb.transpose(1, 2), gb), args.repeat * 20) / 1e9}
-    return dict(bench="roofline", large_gemm_gflops=gemm_gflops, triad_gb_per_s=triad_gbs, steps_in_row=steps_row,
-                phases=phases, first_layer_layouts=first, row_lower_bound_min=sum(p["lower_bound_step_s"] for p in phases) * steps_row / 60,
-                row_measured_min=sum(p["measured_step_s"] for p in phases) * steps_row / 60,
-                note="training steps only; the bound ignores activations, elementwise work and evaluation")
+        first[name] = {
+            "forward_gflops": fl / timeit(lambda: torch.bmm(xb, wb), args.repeat * 20) / 1e9,
+            "weight_grad_gflops": fl / timeit(lambda: torch.bmm(xb.transpose(1, 2), gb), args.repeat * 20) / 1e9,
+        }
+    return dict(
+        bench="roofline",
+        large_gemm_gflops=gemm_gflops,
+        triad_gb_per_s=triad_gbs,
+        steps_in_row=steps_row,
+        phases=phases,
+        first_layer_layouts=first,
+        row_lower_bound_min=sum(p["lower_bound_step_s"] for p in phases) * steps_row / 60,
+        row_measured_min=sum(p["measured_step_s"] for p in phases) * steps_row / 60,
+        note="training steps only; the bound ignores activations, elementwise work and evaluation",
+    )
 
 
 def _conv_fwd_flops(arch, channels, hidden, image=32, k=3, classes=10):
@@ -276,6 +342,7 @@ def _grouped_relu_step(arch, channels, hidden, R, batch=32):
     """R tied ReLU nets stacked as ONE network with grouped convolutions (groups = R) and batched dense layers: the
     alternative stacking design, measured against the loop of separate networks."""
     import torch.nn.functional as F
+
     ws, cin = [], 3
     for c in channels:
         ws.append(torch.nn.Parameter(torch.randn(R * c, cin, 3, 3) * 0.05))
@@ -284,7 +351,7 @@ def _grouped_relu_step(arch, channels, hidden, R, batch=32):
     d = cin * 32 * 32 if arch == "vconv" else cin
     dense = []
     for h in list(hidden) + [10]:
-        dense.append(torch.nn.Parameter(torch.randn(R, d, h) * d ** -0.5))
+        dense.append(torch.nn.Parameter(torch.randn(R, d, h) * d**-0.5))
         dense.append(torch.nn.Parameter(torch.zeros(R, 1, h)))
         d = h
     opt = torch.optim.Adam(ws + dense, lr=1e-4, eps=1e-7, foreach=True)
@@ -306,6 +373,7 @@ def _grouped_relu_step(arch, channels, hidden, R, batch=32):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+
     return step
 
 
@@ -315,10 +383,12 @@ def bench_convstep(args):
     of R = 3 (the engine's loop), and the grouped-convolution stacking design; each against its matrix-product
     FLOPs at the large-GEMM rate measured in the same run."""
     import torch.nn.functional as F
+
     from neuralpath.experiments.budget import conv_widths
     from neuralpath.stacks import make_stack
+
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gemm = 2 * 2048 ** 3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
+    gemm = 2 * 2048**3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
     steps, R = args.n or 4, 3
     x = torch.rand(512, 3, 32, 32)
     y = torch.randint(0, 10, (512,))
@@ -344,6 +414,7 @@ def bench_convstep(args):
                         opt.zero_grad(set_to_none=True)
                         loss.backward()
                         opt.step()
+
                     t = timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps / r
                     fl = _conv_step_flops(arch, ch, hid, regime)
                     rec[f"{regime}_R{r}_step_s"] = t
@@ -376,14 +447,20 @@ def bench_ntk10k(args):
 def _peer_python():
     import os
     from pathlib import Path
-    cand = [os.environ.get("NEURALPATH_PEER_PYTHON"), str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python")]
+
+    cand = [
+        os.environ.get("NEURALPATH_PEER_PYTHON"),
+        str(Path(__file__).resolve().parents[1] / ".venv-peers/bin/python"),
+    ]
     return next((c for c in cand if c and Path(c).exists()), None)
 
 
 def bench_peer(args):
     import subprocess
     import tempfile
+
     import numpy as np
+
     net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
     ns = [64, 128, 256, 512, 1024] if not args.n else [args.n]
     x = mnist(max(ns)).flatten(1)
@@ -395,11 +472,21 @@ def bench_peer(args):
         recs.append(rec)
         print(json.dumps(rec), file=sys.stderr, flush=True)
         if n <= 256:
-            recs.append({"impl": "torch.func jacobian", "n": n,
-                         "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="jacobian"), 1)})
+            recs.append(
+                {
+                    "impl": "torch.func jacobian",
+                    "n": n,
+                    "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="jacobian"), 1),
+                }
+            )
         if n <= 128:
-            recs.append({"impl": "torch.func ntk-vector products", "n": n,
-                         "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="vp"), 1, warmup=0)})
+            recs.append(
+                {
+                    "impl": "torch.func ntk-vector products",
+                    "n": n,
+                    "seconds": timeit(lambda: npx.ntk(net, xs, params="all", method="vp"), 1, warmup=0),
+                }
+            )
     py = _peer_python()
     peer = {"skipped": "neural-tangents environment absent (bash scripts/peer-env.sh)"}
     if py:
@@ -407,8 +494,13 @@ def bench_peer(args):
             z = {f"W{i}": l.weight.detach().numpy() for i, l in enumerate(net.value_layers)}
             z.update({f"b{i}": l.bias.detach().numpy() for i, l in enumerate(net.value_layers)})
             np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array(ns), **z)
-            r = subprocess.run([py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz",
-                                f"{d}/out.json"], stdout=subprocess.PIPE, stderr=None, text=True, timeout=3000)
+            r = subprocess.run(
+                [py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz", f"{d}/out.json"],
+                stdout=subprocess.PIPE,
+                stderr=None,
+                text=True,
+                timeout=3000,
+            )
             if r.returncode != 0:
                 peer = {"error": f"exit status {r.returncode} (see the output above)"}
             else:
@@ -425,6 +517,7 @@ def bench_peer(args):
 def bench_data(args):
     """Share of an FC epoch spent getting batches: time the indexing alone, and the full steps."""
     import torch.nn.functional as F
+
     x = mnist(60000).flatten(1)
     y = torch.randint(0, 10, (60000,))
     net, params = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
@@ -434,17 +527,18 @@ def bench_data(args):
 
     def fetch_only():
         for i in range(0, 32 * steps, 32):
-            idx = order[i:i + 32]
+            idx = order[i : i + 32]
             x[idx], y[idx]
 
     def full():
         for i in range(0, 32 * steps, 32):
-            idx = order[i:i + 32]
+            idx = order[i : i + 32]
             xb, yb = x[idx], y[idx]
             loss = F.cross_entropy(net(xb), yb)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
     tf, tt = timeit(fetch_only, args.repeat), timeit(full, args.repeat)
     return dict(bench="data", steps=steps, fetch_s=tf, step_total_s=tt, data_share=tf / tt)
 
@@ -452,6 +546,7 @@ def bench_data(args):
 def bench_npkscale(args):
     """NPK time against the same-multiply-add GEMM while n, width, depth and the gate kind vary."""
     from neuralpath.nets import FCDGN
+
     recs = []
     x_all = mnist(8000).flatten(1)
 
@@ -464,6 +559,7 @@ def bench_npkscale(args):
         tn = timeit(lambda: npx.npk(net, x, block=1024), args.repeat)
         recs.append(dict(n=n, width=width, depth=depth, gate=gate, npk_s=tn, gemm_s=tg, ratio=tn / tg))
         print(json.dumps(recs[-1]), file=sys.stderr, flush=True)
+
     for n in (1000, 2000, 4000, 8000):
         one(n, 128, 6, "hard")
     for w in (64, 256, 512):
@@ -479,11 +575,20 @@ def bench_convntk(args):
     environment exists), CIFAR-shaped inputs."""
     import subprocess
     import tempfile
+
     import numpy as np
 
     def make():
-        return npx.ConvDGN("gconv", in_channels=3, out_dim=10, channels=(16, 16, 32, 32), hidden=(64, 64), tied=True,
-                           generator=torch.Generator().manual_seed(0))
+        return npx.ConvDGN(
+            "gconv",
+            in_channels=3,
+            out_dim=10,
+            channels=(16, 16, 32, 32),
+            hidden=(64, 64),
+            tied=True,
+            generator=torch.Generator().manual_seed(0),
+        )
+
     net = make()
     n = args.n or 32
     x = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1))
@@ -502,22 +607,44 @@ def bench_convntk(args):
         z.update({f"b{i}": l.bias.detach().numpy() for i, l in enumerate(ref.value_layers)})
         n_conv = sum(isinstance(l, torch.nn.Conv2d) for l in ref.value_layers)
         np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array([n]), n_conv=np.array(n_conv), **z)
-        r = subprocess.run([py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz",
-                            f"{d}/out.json"], stdout=subprocess.PIPE, text=True, timeout=3000)
+        r = subprocess.run(
+            [py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz", f"{d}/out.json"],
+            stdout=subprocess.PIPE,
+            text=True,
+            timeout=3000,
+        )
         if r.returncode:
             rec["neural_tangents"] = {"error": f"exit status {r.returncode}"}
             return rec
         peer = json.loads(open(f"{d}/out.json").read())
         k_nt = np.load(f"{d}/out.json.kernel.npy")
-        peer["max_rel_diff_vs_neuralpath"] = float(np.abs(k_nt - ours.numpy() / 10).max() / np.abs(ours.numpy() / 10).max())
+        peer["max_rel_diff_vs_neuralpath"] = float(
+            np.abs(k_nt - ours.numpy() / 10).max() / np.abs(ours.numpy() / 10).max()
+        )
         rec["neural_tangents"] = peer
     return rec
 
 
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
-    p.add_argument("which", choices=["npk", "ntk", "step", "stream", "convnpk", "ensemble", "ntk10k", "peer", "data",
-                                      "npkscale", "convntk", "roofline", "convstep"])
+    p.add_argument(
+        "which",
+        choices=[
+            "npk",
+            "ntk",
+            "step",
+            "stream",
+            "convnpk",
+            "ensemble",
+            "ntk10k",
+            "peer",
+            "data",
+            "npkscale",
+            "convntk",
+            "roofline",
+            "convstep",
+        ],
+    )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
@@ -525,7 +652,9 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rec = globals()[f"bench_{args.which}"](args)
-    rec.update(threads=torch.get_num_threads(), torch=torch.__version__, peak_rss_gib=rec.get("peak_rss_gib", peak_rss_gib()))
+    rec.update(
+        threads=torch.get_num_threads(), torch=torch.__version__, peak_rss_gib=rec.get("peak_rss_gib", peak_rss_gib())
+    )
     print(json.dumps(rec))
 
 

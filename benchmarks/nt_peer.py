@@ -7,6 +7,7 @@ For each implementation (JACOBIAN_CONTRACTION, NTK_VECTOR_PRODUCTS, STRUCTURED_D
 NTK traced over the logits on the first n rows for each n in the file's list, and saves the kernel of the largest n
 that STRUCTURED_DERIVATIVES did for a value check against neuralpath.
 """
+
 import json
 import statistics
 import sys
@@ -19,6 +20,7 @@ def main(inp, outp):
     import jax
     import jax.numpy as jnp
     import neural_tangents as nt
+
     jax.config.update("jax_enable_x64", False)
     z = np.load(inp)
     layers = sorted({int(k[1:]) for k in z.files if k.startswith("W")})
@@ -28,8 +30,12 @@ def main(inp, outp):
 
     n_conv = int(z["n_conv"]) if "n_conv" in z.files else 0
     if n_conv:  # conv layers keep PyTorch's OIHW layout
-        params = [(jnp.asarray(z[f"W{i}"]), jnp.asarray(z[f"b{i}"])) if i < n_conv else
-                  (jnp.asarray(z[f"W{i}"].T), jnp.asarray(z[f"b{i}"])) for i in layers]
+        params = [
+            (jnp.asarray(z[f"W{i}"]), jnp.asarray(z[f"b{i}"]))
+            if i < n_conv
+            else (jnp.asarray(z[f"W{i}"].T), jnp.asarray(z[f"b{i}"]))
+            for i in layers
+        ]
 
     def f(p, x):
         h = x
@@ -44,9 +50,11 @@ def main(inp, outp):
         return h @ w + b
 
     recs = []
-    impls = {"STRUCTURED_DERIVATIVES": nt.NtkImplementation.STRUCTURED_DERIVATIVES,
-             "NTK_VECTOR_PRODUCTS": nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
-             "JACOBIAN_CONTRACTION": nt.NtkImplementation.JACOBIAN_CONTRACTION}
+    impls = {
+        "STRUCTURED_DERIVATIVES": nt.NtkImplementation.STRUCTURED_DERIVATIVES,
+        "NTK_VECTOR_PRODUCTS": nt.NtkImplementation.NTK_VECTOR_PRODUCTS,
+        "JACOBIAN_CONTRACTION": nt.NtkImplementation.JACOBIAN_CONTRACTION,
+    }
     saved = None
     for name, impl in impls.items():
         fn = jax.jit(nt.empirical_ntk_fn(f, trace_axes=(-1,), vmap_axes=0, implementation=impl))
@@ -71,8 +79,15 @@ def main(inp, outp):
     if saved is not None:
         np.save(outp + ".kernel.npy", saved[1])
     with open(outp, "w") as fh:
-        json.dump({"records": recs, "kernel_n": None if saved is None else saved[0], "jax": jax.__version__,
-                   "neural_tangents": nt.__version__}, fh)
+        json.dump(
+            {
+                "records": recs,
+                "kernel_n": None if saved is None else saved[0],
+                "jax": jax.__version__,
+                "neural_tangents": nt.__version__,
+            },
+            fh,
+        )
 
 
 if __name__ == "__main__":

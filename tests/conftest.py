@@ -13,6 +13,7 @@ REPO = Path(__file__).resolve().parents[1]
 def mnist_root():
     """A verified MNIST copy (fetched once through the project's own sources); skips if none can be had."""
     from neuralpath import datasets
+
     root = datasets.default_root()
     try:
         datasets.fetch("mnist", root, progress=False, log=lambda *_: None)
@@ -24,8 +25,14 @@ def mnist_root():
 def run_cli(*args, env=None, timeout=300):
     e = dict(os.environ)
     e.update(env or {})
-    return subprocess.run([sys.executable, "-m", "neuralpath", *map(str, args)], capture_output=True, text=True,
-                          env=e, timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [sys.executable, "-m", "neuralpath", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=e,
+        timeout=timeout,
+        cwd=REPO,
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Any ReLU network: the path algebra of from_module checked against explicit path enumeration (float64), the DGN of
 a model, its regimes through the training engine, the CLI with --module, and clear refusals."""
+
 import textwrap
 
 import pytest
@@ -34,8 +35,11 @@ class UserBlock(nn.Module):  # written the way torchvision's BasicBlock is
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(c_out)
-        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
-                           if stride != 1 or c_in != c_out else None)
+        self.downsample = (
+            nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+            if stride != 1 or c_in != c_out
+            else None
+        )
 
     def forward(self, x):
         identity = x
@@ -65,8 +69,16 @@ class UserResNet(nn.Module):
 
 
 def user_cnn():
-    return nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(3, 4, 3, padding=1),
-                         nn.LeakyReLU(0.1), nn.MaxPool2d(2, stride=1), nn.Flatten(), nn.Linear(4, 3))
+    return nn.Sequential(
+        nn.Conv2d(3, 3, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.LeakyReLU(0.1),
+        nn.MaxPool2d(2, stride=1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    )
 
 
 class Concat(nn.Module):
@@ -82,9 +94,21 @@ class Concat(nn.Module):
 
 
 def _models():
-    return {"resnet": lambda: _randomize_bn(UserResNet(c=1)), "cnn-maxpool": user_cnn, "concat": Concat,
-            "mlp": lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 6), nn.ReLU(), nn.Dropout(0.5), nn.Linear(6, 5),
-                                         nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 2))}
+    return {
+        "resnet": lambda: _randomize_bn(UserResNet(c=1)),
+        "cnn-maxpool": user_cnn,
+        "concat": Concat,
+        "mlp": lambda: nn.Sequential(
+            nn.Flatten(),
+            nn.Linear(48, 6),
+            nn.ReLU(),
+            nn.Dropout(0.5),
+            nn.Linear(6, 5),
+            nn.BatchNorm1d(5),
+            nn.ReLU(),
+            nn.Linear(5, 2),
+        ),
+    }
 
 
 def _check_exact(model, x, dgn=None):
@@ -142,8 +166,12 @@ def _random_module(draw):
     if draw(st.booleans()):
         layers.append(nn.BatchNorm2d(c))
     groups = c if draw(st.booleans()) else 1
-    layers += [nn.Conv2d(c, c, 3, padding=1, groups=groups, dilation=1), nn.ReLU(),
-               nn.AdaptiveAvgPool2d(draw(st.sampled_from([1, 2]))), nn.Flatten()]
+    layers += [
+        nn.Conv2d(c, c, 3, padding=1, groups=groups, dilation=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(draw(st.sampled_from([1, 2]))),
+        nn.Flatten(),
+    ]
     return nn.Sequential(*layers), c
 
 
@@ -169,7 +197,7 @@ def test_ntk_of_the_value_network_with_frozen_gates_equals_autograd():
     for i in range(3):
         rows = []
         for k in range(3):
-            g = torch.autograd.grad(d(x[i:i + 1])[0, k], d.value_parameters(), allow_unused=True)
+            g = torch.autograd.grad(d(x[i : i + 1])[0, k], d.value_parameters(), allow_unused=True)
             rows.append(torch.cat([t.flatten() for t in g if t is not None]))
         G.append(torch.stack(rows))
     G = torch.stack(G)
@@ -179,6 +207,7 @@ def test_ntk_of_the_value_network_with_frozen_gates_equals_autograd():
 
 def test_regimes_of_a_model_and_training_through_the_engine():
     from neuralpath.train import FitOptions, RunData, RunSpec, fit
+
     torch.manual_seed(3)
     x = torch.rand(64, 3, 4, 4)
     y = (x.mean((1, 2, 3)) > 0.5).long() + (x[:, 0].mean((1, 2)) > 0.5).long()
@@ -199,12 +228,17 @@ def test_regimes_of_a_model_and_training_through_the_engine():
     assert torch.equal(one(x), specs[0].net(x))
 
 
-@pytest.mark.parametrize("bad, match", [
-    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.GELU(), nn.Linear(4, 2)), "GELU"),
-    (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Tanh(), nn.Linear(4, 2)), "Tanh"),
-    (lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)).train(),
-     "training mode"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.GELU(), nn.Linear(4, 2)), "GELU"),
+        (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Tanh(), nn.Linear(4, 2)), "Tanh"),
+        (
+            lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)).train(),
+            "training mode",
+        ),
+    ],
+)
 def test_unsupported_models_are_refused_naming_the_node(bad, match):
     with pytest.raises(NeuralpathError, match=match):
         from_module(bad(), torch.randn(2, 3, 4, 4))
@@ -218,40 +252,75 @@ def test_data_dependent_control_flow_is_refused():
 
         def forward(self, x):
             return self.l(x) if x.sum() > 0 else -self.l(x)
+
     with pytest.raises(NeuralpathError, match="branch on the data"):
         from_module(Branchy(), torch.randn(2, 4))
 
     class Tanh(nn.Module):
         def forward(self, x):
             return torch.tanh(x)
+
     with pytest.raises(NeuralpathError, match="tanh"):
         from_module(Tanh(), torch.randn(2, 4))
 
 
 def test_cli_kernel_fit_and_npk_with_a_user_module(tmp_path, cli, mnist_root):
-    (tmp_path / "usernet.py").write_text(textwrap.dedent("""
+    (tmp_path / "usernet.py").write_text(
+        textwrap.dedent("""
         import torch.nn as nn
         def make():
             return nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
                                  nn.Linear(4 * 6 * 6, 32), nn.ReLU(), nn.Linear(32, 10))
-    """))
+    """)
+    )
     import sys
+
     sys.path.insert(0, str(tmp_path))
     try:
         import usernet
+
         torch.manual_seed(0)
         torch.save(usernet.make().state_dict(), tmp_path / "w.pt")
     finally:
         sys.path.remove(str(tmp_path))
     env = {"PYTHONPATH": str(tmp_path)}
-    r = cli("kernel", "npk", "--module", "usernet:make", "--weights", tmp_path / "w.pt", "--num-inputs", "40",
-            "--data-root", mnist_root, "--dtype", "float64", "--out", tmp_path / "K.npy", env=env)
+    r = cli(
+        "kernel",
+        "npk",
+        "--module",
+        "usernet:make",
+        "--weights",
+        tmp_path / "w.pt",
+        "--num-inputs",
+        "40",
+        "--data-root",
+        mnist_root,
+        "--dtype",
+        "float64",
+        "--out",
+        tmp_path / "K.npy",
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     import numpy as np
+
     K = np.load(tmp_path / "K.npy")
     assert K.shape == (40, 40) and np.allclose(K, K.T) and (np.linalg.eigvalsh(K) > -1e-8 * K.max()).all()
-    r = cli("kernel", "fit", "--module", "usernet:make", "--weights", tmp_path / "w.pt", "--n-train", "300",
-            "--n-test", "100", "--data-root", mnist_root, env=env)
+    r = cli(
+        "kernel",
+        "fit",
+        "--module",
+        "usernet:make",
+        "--weights",
+        tmp_path / "w.pt",
+        "--n-train",
+        "300",
+        "--n-test",
+        "100",
+        "--data-root",
+        mnist_root,
+        env=env,
+    )
     assert r.returncode == 0 and "NPK + KRR: test accuracy" in r.stdout, r.stderr
     r = cli("kernel", "npk", "--module", "usernet:nope", "--out", tmp_path / "K2.npy", env=env)
     assert r.returncode == 1 and "cannot import" in r.stderr and "Traceback" not in r.stderr
@@ -259,11 +328,10 @@ def test_cli_kernel_fit_and_npk_with_a_user_module(tmp_path, cli, mnist_root):
 
 def test_resnet_arch_trains_and_loads(tmp_path):
     from neuralpath.train import TrainConfig, train
-    kw = dict(arch="resnet", dataset="synthetic", width=4, blocks=[1, 1], epochs=1, lr=3e-3,
-              extra={"shape": [3, 8, 8]})
+
+    kw = dict(arch="resnet", dataset="synthetic", width=4, blocks=[1, 1], epochs=1, lr=3e-3, extra={"shape": [3, 8, 8]})
     train(TrainConfig(regime="relu", **kw), tmp_path / "r", progress=False)
-    res = train(TrainConfig(regime="flnpf", relu_checkpoint=str(tmp_path / "r"), **kw), tmp_path / "f",
-                progress=False)
+    res = train(TrainConfig(regime="flnpf", relu_checkpoint=str(tmp_path / "r"), **kw), tmp_path / "f", progress=False)
     run = npx.load_run(tmp_path / "f")
     x, y = npx.datasets.synthetic("test", shape=(3, 8, 8))
     with torch.no_grad():

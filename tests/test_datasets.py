@@ -3,7 +3,6 @@ import hashlib
 import http.server
 import io
 import pickle
-import shutil
 import tarfile
 import threading
 from pathlib import Path
@@ -67,7 +66,9 @@ def test_corrupt_mnist_refused(mnist_root, tmp_path, layout, damage, cli):
     with pytest.raises(NeuralpathError, match="t10k-images"):
         datasets.load("mnist", "test", root=tmp_path)
     out = tmp_path / "run"
-    r = cli("train", "--dataset", "mnist", "--data-root", tmp_path, "--epochs", "1", "--limit-train", "100", "--out", out)
+    r = cli(
+        "train", "--dataset", "mnist", "--data-root", tmp_path, "--epochs", "1", "--limit-train", "100", "--out", out
+    )
     assert r.returncode != 0
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
     assert not (out / "result.json").exists()
@@ -85,8 +86,14 @@ def test_unknown_names_and_missing_files(tmp_path):
 def test_idx_parser_errors():
     good = idx_bytes(np.zeros((3, 2, 2), np.uint8))
     assert formats.parse_idx(good).shape == (3, 2, 2)
-    for bad, msg in ((b"", "magic"), (b"\x01\x00\x08\x01", "magic"), (good[:6], "truncated"),
-                     (good[:-1], "holds"), (good + b"x", "holds"), (bytes([0, 0, 0x42, 1]) + good[4:], "header")):
+    for bad, msg in (
+        (b"", "magic"),
+        (b"\x01\x00\x08\x01", "magic"),
+        (good[:6], "truncated"),
+        (good[:-1], "holds"),
+        (good + b"x", "holds"),
+        (bytes([0, 0, 0x42, 1]) + good[4:], "header"),
+    ):
         with pytest.raises(NeuralpathError, match=msg):
             formats.parse_idx(bad)
 
@@ -140,23 +147,32 @@ def server():
 def test_download_verifies_checksums_and_survives_drops(server, tmp_path, monkeypatch):
     imgs = idx_bytes(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3))
     labs = idx_bytes(np.array([3, 1], np.uint8))
-    res = [Resource("train-images-idx3-ubyte", hashlib.md5(imgs).hexdigest()),
-           Resource("train-labels-idx1-ubyte", hashlib.md5(labs).hexdigest())]
+    res = [
+        Resource("train-images-idx3-ubyte", hashlib.md5(imgs).hexdigest()),
+        Resource("train-labels-idx1-ubyte", hashlib.md5(labs).hexdigest()),
+    ]
     wrong = imgs[:-1] + b"\x09"
-    _Handler.files = {"good/train-images-idx3-ubyte.gz": gzip.compress(imgs),
-                      "good/train-labels-idx1-ubyte.gz": gzip.compress(labs),
-                      "bad/train-images-idx3-ubyte.gz": gzip.compress(wrong),
-                      "bad/train-labels-idx1-ubyte.gz": gzip.compress(labs),
-                      "drop/train-images-idx3-ubyte.gz": gzip.compress(imgs),
-                      "drop/train-labels-idx1-ubyte.gz": gzip.compress(labs)}
+    _Handler.files = {
+        "good/train-images-idx3-ubyte.gz": gzip.compress(imgs),
+        "good/train-labels-idx1-ubyte.gz": gzip.compress(labs),
+        "bad/train-images-idx3-ubyte.gz": gzip.compress(wrong),
+        "bad/train-labels-idx1-ubyte.gz": gzip.compress(labs),
+        "drop/train-images-idx3-ubyte.gz": gzip.compress(imgs),
+        "drop/train-labels-idx1-ubyte.gz": gzip.compress(labs),
+    }
     # wrong checksum and dropped connection: refused, nothing left behind
     for mirror in ("bad", "drop"):
         with pytest.raises(NeuralpathError, match="every source failed"):
             sources.fetch_idx("mnist", tmp_path, mirrors=[f"{server}/{mirror}/"], resources=res[:1], use_npm=False)
-        assert not any(sources.raw_dir("mnist", tmp_path).glob("*")) if sources.raw_dir("mnist", tmp_path).exists() else True
+        assert (
+            not any(sources.raw_dir("mnist", tmp_path).glob("*"))
+            if sources.raw_dir("mnist", tmp_path).exists()
+            else True
+        )
     # the bad mirror first, then the good one: the good copy is used
-    rep = sources.fetch_idx("mnist", tmp_path, mirrors=[f"{server}/bad/", f"{server}/good/"], resources=res,
-                            use_npm=False)
+    rep = sources.fetch_idx(
+        "mnist", tmp_path, mirrors=[f"{server}/bad/", f"{server}/good/"], resources=res, use_npm=False
+    )
     assert all("downloaded" in v for v in rep.values())
     got = formats.parse_idx(formats.open_maybe_gz(sources.raw_dir("mnist", tmp_path) / "train-images-idx3-ubyte.gz"))
     assert got.shape == (2, 3, 3)
@@ -171,8 +187,12 @@ def _cifar_folder(tmp_path):
     d.mkdir()
     rng = np.random.default_rng(0)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        obj = {b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9],
-               b"batch_label": b"x", b"filenames": [b"a", b"b", b"c", b"d"]}
+        obj = {
+            b"data": rng.integers(0, 256, (4, 3072), dtype=np.uint8),
+            b"labels": [0, 1, 2, 9],
+            b"batch_label": b"x",
+            b"filenames": [b"a", b"b", b"c", b"d"],
+        }
         (d / name).write_bytes(pickle.dumps(obj, protocol=2))
     return d
 
@@ -211,9 +231,13 @@ def test_safe_extract_refuses_traversal_links_and_absolute(tmp_path):
         ti = tarfile.TarInfo(name)
         ti.type, ti.linkname, ti.size = kind, link, len(data) if kind == tarfile.REGTYPE else 0
         tar.addfile(ti, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
-    cases = {"dotdot": lambda t: member(t, "../evil.txt"), "abs": lambda t: member(t, "/tmp/evil.txt"),
-             "link": lambda t: member(t, "l", kind=tarfile.SYMTYPE, link="/etc/passwd"),
-             "dev": lambda t: member(t, "d", kind=tarfile.CHRTYPE)}
+
+    cases = {
+        "dotdot": lambda t: member(t, "../evil.txt"),
+        "abs": lambda t: member(t, "/tmp/evil.txt"),
+        "link": lambda t: member(t, "l", kind=tarfile.SYMTYPE, link="/etc/passwd"),
+        "dev": lambda t: member(t, "d", kind=tarfile.CHRTYPE),
+    }
     for name, add in cases.items():
         p = _tar_with(tmp_path, name + ".tar.gz", add)
         dest = tmp_path / ("out_" + name)
@@ -224,6 +248,7 @@ def test_safe_extract_refuses_traversal_links_and_absolute(tmp_path):
 
 def test_image_folder_tar_and_dir(tmp_path):
     from PIL import Image
+
     root = tmp_path / "imgs"
     for split in ("train", "test"):
         for c in ("cat", "ant"):

@@ -1,4 +1,5 @@
 """The authors' later models: DLGN / DLGN-SF gating, value input all ones, hyperplanes, DLGN-VT, the tree sets."""
+
 import numpy as np
 import pytest
 import torch
@@ -16,10 +17,22 @@ def _nets():
     for gating in ("linear", "shallow", "relu"):
         for vin in ("x", "ones"):
             for gate in ("soft", "hard"):
-                out.append(npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3, gate=gate, gating=gating,
-                                     value_input=vin).double())
-                out.append(npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(2, 2), hidden=(3,), image_size=4,
-                                       gate=gate, gating=gating, value_input=vin).double())
+                out.append(
+                    npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3, gate=gate, gating=gating, value_input=vin).double()
+                )
+                out.append(
+                    npx.ConvDGN(
+                        "gconv",
+                        in_channels=2,
+                        out_dim=3,
+                        channels=(2, 2),
+                        hidden=(3,),
+                        image_size=4,
+                        gate=gate,
+                        gating=gating,
+                        value_input=vin,
+                    ).double()
+                )
     for n in out:
         for m in n.modules():
             if getattr(m, "bias", None) is not None:
@@ -29,8 +42,11 @@ def _nets():
 
 def _x(net, n=6):
     g = torch.Generator().manual_seed(2)
-    return (torch.randn(n, 5, dtype=F64, generator=g) if isinstance(net, npx.FCDGN)
-            else torch.rand(n, 2, 4, 4, dtype=F64, generator=g))
+    return (
+        torch.randn(n, 5, dtype=F64, generator=g)
+        if isinstance(net, npx.FCDGN)
+        else torch.rand(n, 2, 4, 4, dtype=F64, generator=g)
+    )
 
 
 @pytest.mark.parametrize("net", _nets(), ids=lambda n: f"{type(n).__name__}-{n.gating}-{n.value_input}-{n.gate_kind}")

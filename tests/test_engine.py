@@ -1,5 +1,6 @@
 """The training engine: a stack of runs trains each run exactly as it would alone, for every architecture and regime
 kind; it resumes bit-identically after SIGKILL; FC stacks (batched products) equal the generic loop."""
+
 import json
 import os
 import signal
@@ -9,17 +10,35 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 
 from neuralpath import datasets
 from neuralpath.errors import NeuralpathError
 from neuralpath.regimes import build_regime
 from neuralpath.stacks import FCStack, LoopStack, pack_bits, unpack_bits
-from neuralpath.train import FitOptions, RunData, RunSpec, TrainConfig, fit, run_spec, train, train_many, value_init_seed
+from neuralpath.train import (
+    FitOptions,
+    RunData,
+    RunSpec,
+    TrainConfig,
+    fit,
+    run_spec,
+    train,
+    train_many,
+    value_init_seed,
+)
 
-from conftest import REPO
-
-KW = dict(arch="fc", dataset="synthetic", optimizer="adam", lr=3e-3, epochs=2, width=16, depth=4, device="cpu",
-          extra={"shape": [1, 6, 6]})
+KW = dict(
+    arch="fc",
+    dataset="synthetic",
+    optimizer="adam",
+    lr=3e-3,
+    epochs=2,
+    width=16,
+    depth=4,
+    device="cpu",
+    extra={"shape": [1, 6, 6]},
+)
 RUNS = [("relu", 0), ("frnpf-ii", 1), ("frnpf-di", 0), ("dlnpf", 2), ("relu", 1)]
 KINDS = [("relu", 0), ("frnpf-ii", 1), ("frnpf-di", 2), ("dlnpf", 3), ("flnpf", 4)]
 
@@ -47,9 +66,12 @@ def _specs(arch, bias=True):
 
 
 def _max_rel(a, b):
-    return max(((x - y).abs().max() / y.abs().max().clamp_min(1e-300)).item()
-               for sa, sb in zip(a, b) for x, y in zip(sa.net.state_dict().values(), sb.net.state_dict().values())
-               if torch.is_tensor(x))
+    return max(
+        ((x - y).abs().max() / y.abs().max().clamp_min(1e-300)).item()
+        for sa, sb in zip(a, b)
+        for x, y in zip(sa.net.state_dict().values(), sb.net.state_dict().values())
+        if torch.is_tensor(x)
+    )
 
 
 @pytest.mark.parametrize("arch", ["fc", "vconv", "gconv"])
@@ -87,12 +109,19 @@ def test_bit_packing_roundtrip():
 
 def test_flnpf_value_init_is_independent_of_the_relu_run():
     """FLNPF seed s must not start at the initial weights of the ReLU run s whose gates it freezes."""
-    data = RunData(*datasets.synthetic("train", n=64, shape=(1, 6, 6)), *datasets.synthetic("test", n=32, shape=(1, 6, 6)))
+    data = RunData(
+        *datasets.synthetic("train", n=64, shape=(1, 6, 6)), *datasets.synthetic("test", n=32, shape=(1, 6, 6))
+    )
     relu = run_spec(TrainConfig(regime="relu", **KW).resolved(), data).net
     import tempfile
+
     from neuralpath import checkpoints
+
     with tempfile.TemporaryDirectory() as d:
-        checkpoints.save(f"{d}/r.pt", {"model": relu.state_dict(), "config": dict(TrainConfig(regime="relu", **KW).resolved().__dict__)})
+        checkpoints.save(
+            f"{d}/r.pt",
+            {"model": relu.state_dict(), "config": dict(TrainConfig(regime="relu", **KW).resolved().__dict__)},
+        )
         fl = run_spec(TrainConfig(regime="flnpf", relu_checkpoint=f"{d}/r.pt", **KW).resolved(), data).net
     for lr_, lf in zip(relu.value_layers, fl.value_layers):
         assert not torch.equal(lr_.weight, lf.weight)
@@ -162,8 +191,9 @@ def test_more_seeds_after_a_finished_stack(tmp_path):
     assert res[1]["best_test_acc"] == pytest.approx(alone["best_test_acc"], abs=1e-12)
     (tmp_path / "relu-s1" / "result.json").unlink()  # as if the seed-1 stack had been killed
     with pytest.raises(NeuralpathError, match="another, unfinished set of runs"):
-        train_many([TrainConfig(regime="relu", seed=2, **KW)], [tmp_path / "relu-s2"], tmp_path / "ens.pt",
-                       progress=False)
+        train_many(
+            [TrainConfig(regime="relu", seed=2, **KW)], [tmp_path / "relu-s2"], tmp_path / "ens.pt", progress=False
+        )
 
 
 SCRIPT = r"""
@@ -198,20 +228,41 @@ def test_killed_stack_resumes_to_the_same_result(tmp_path, arch):
     for i in range(3):
         a = json.loads((ref / f"r{i}" / "result.json").read_text())
         b = json.loads((k / f"r{i}" / "result.json").read_text())
-        assert (a["best_test_acc"], a["best_epoch"], a["final_test_acc"]) == (b["best_test_acc"], b["best_epoch"],
-                                                                              b["final_test_acc"])
+        assert (a["best_test_acc"], a["best_epoch"], a["final_test_acc"]) == (
+            b["best_test_acc"],
+            b["best_epoch"],
+            b["final_test_acc"],
+        )
         ma = torch.load(ref / f"r{i}" / "best.pt", weights_only=True)["model"]
         mb = torch.load(k / f"r{i}" / "best.pt", weights_only=True)["model"]
         assert all(torch.equal(ma[x], mb[x]) if torch.is_tensor(ma[x]) else ma[x] == mb[x] for x in ma)
         ra = [json.loads(x) for x in (ref / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
         rb = [json.loads(x) for x in (k / f"r{i}" / "metrics.jsonl").read_text().splitlines()]
-        assert [(x["epoch"], x["test_acc"], x["train_loss"]) for x in ra] == [(x["epoch"], x["test_acc"], x["train_loss"]) for x in rb]
+        assert [(x["epoch"], x["test_acc"], x["train_loss"]) for x in ra] == [
+            (x["epoch"], x["test_acc"], x["train_loss"]) for x in rb
+        ]
 
 
 def test_table_cli_on_real_mnist(mnist_root, tmp_path, cli):
     out = tmp_path / "t"
-    r = cli("reproduce", "table", "--rows", "fc-adam", "--epochs", "1", "--seeds", "2", "--limit-train", "2000",
-            "--limit-test", "1000", "--data-root", mnist_root, "--out", out)
+    r = cli(
+        "reproduce",
+        "table",
+        "--rows",
+        "fc-adam",
+        "--epochs",
+        "1",
+        "--seeds",
+        "2",
+        "--limit-train",
+        "2000",
+        "--limit-test",
+        "1000",
+        "--data-root",
+        mnist_root,
+        "--out",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     assert "| fc-adam | RELU | 98.14±0.07 |" in r.stdout and "NOT the paper's budget" in r.stdout
     recs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
@@ -222,8 +273,24 @@ def test_table_cli_on_real_mnist(mnist_root, tmp_path, cli):
     assert flnpf["relu_checkpoint"].endswith("relu-s1/best.pt")
     # rerun: everything is finished, so nothing is retrained and the table is the same
     t = time.time()
-    r2 = cli("reproduce", "table", "--rows", "fc-adam", "--epochs", "1", "--seeds", "2", "--limit-train", "2000",
-             "--limit-test", "1000", "--data-root", mnist_root, "--out", out)
+    r2 = cli(
+        "reproduce",
+        "table",
+        "--rows",
+        "fc-adam",
+        "--epochs",
+        "1",
+        "--seeds",
+        "2",
+        "--limit-train",
+        "2000",
+        "--limit-test",
+        "1000",
+        "--data-root",
+        mnist_root,
+        "--out",
+        out,
+    )
     assert r2.returncode == 0 and r2.stdout.split("Wall time")[0] == r.stdout.split("Wall time")[0]
     assert time.time() - t < 60
 
@@ -236,5 +303,6 @@ def test_table_rejects_bad_rows(cli, tmp_path):
 def test_stratified_subsets_match_between_trainers():
     y = datasets.synthetic("train", n=1000, shape=(1, 4, 4))[1]
     from neuralpath.train import train_val_indices
+
     tr, va = train_val_indices(TrainConfig(limit_train=300, val_split=0.1, seed=3), y)
     assert len(tr) + len(va) == 300 and not set(tr.tolist()) & set(va.tolist())

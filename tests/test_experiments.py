@@ -1,4 +1,5 @@
 """Every `reproduce` sub-command runs end to end at a tiny budget and writes records, a table and a plot."""
+
 import json
 
 from neuralpath.io import read_jsonl
@@ -29,12 +30,34 @@ def test_reproduce_ntk_split(mnist_root, cli, tmp_path):
 
 
 def test_reproduce_continuous_fc(mnist_root, cli, tmp_path):
-    r = cli("reproduce", "continuous", "--arch", "fc", "--seeds", "2", "--stages", "2", "--step", "1",
-            "--stage-epochs", "1", "--limit-train", "1000", "--data-root", mnist_root, "--out", tmp_path)
+    r = cli(
+        "reproduce",
+        "continuous",
+        "--arch",
+        "fc",
+        "--seeds",
+        "2",
+        "--stages",
+        "2",
+        "--step",
+        "1",
+        "--stage-epochs",
+        "1",
+        "--limit-train",
+        "1000",
+        "--data-root",
+        mnist_root,
+        "--out",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
-    assert "| 2 | ReLU best-so-far at epoch 2 |" in r.stdout and "67.09" in r.stdout and _png(tmp_path / "continuous.png")
+    assert (
+        "| 2 | ReLU best-so-far at epoch 2 |" in r.stdout and "67.09" in r.stdout and _png(tmp_path / "continuous.png")
+    )
     recs = read_jsonl(tmp_path / "continuous.jsonl")
-    assert sorted((x["stage"], x["seed"]) for x in recs if x["stage"] >= 0) == [(k, s) for k in range(3) for s in (0, 1)]
+    assert sorted((x["stage"], x["seed"]) for x in recs if x["stage"] >= 0) == [
+        (k, s) for k in range(3) for s in (0, 1)
+    ]
     for s in (0, 1):
         cfg = json.loads((tmp_path / f"stage_2-s{s}" / "config.json").read_text())
         assert cfg["regime"] == "flnpf" and cfg["relu_checkpoint"].endswith(f"relu-s{s}/best_at_2.pt")
@@ -42,14 +65,28 @@ def test_reproduce_continuous_fc(mnist_root, cli, tmp_path):
         m = read_jsonl(tmp_path / f"relu-s{s}" / "metrics.jsonl")
         best = max(m[:2], key=lambda x: x["test_acc"])["epoch"]
         import torch
+
         assert torch.load(tmp_path / f"relu-s{s}" / "best_at_2.pt", weights_only=True)["epoch"] == best
 
 
 def test_reproduce_kernels(mnist_root, cli, tmp_path):
-    r = cli("reproduce", "kernels", "--n-train", "400", "--n-test", "200", "--epochs", "1", "--data-root", mnist_root,
-            "--out", tmp_path)
+    r = cli(
+        "reproduce",
+        "kernels",
+        "--n-train",
+        "400",
+        "--n-test",
+        "200",
+        "--epochs",
+        "1",
+        "--data-root",
+        mnist_root,
+        "--out",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     recs = read_jsonl(tmp_path / "kernels.jsonl")
     assert {(x["kernel"], x["epoch"], x["method"]) for x in recs} == {
-        (k, e, m) for k, e in (("npk-inf", 0), ("npk", 0), ("npk", 1), ("ntk", 1)) for m in ("krr", "svm")}
+        (k, e, m) for k, e in (("npk-inf", 0), ("npk", 0), ("npk", 1), ("ntk", 1)) for m in ("krr", "svm")
+    }
     assert all(x["test_acc"] > 0.5 for x in recs) and _png(tmp_path / "kernels.png")

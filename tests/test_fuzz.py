@@ -1,5 +1,6 @@
 """Property-based checks (hypothesis): mutated files never crash the readers with anything but the documented
 errors, and the kernels of random small networks are symmetric, PSD and agree across methods."""
+
 import gzip
 import io
 import pickle
@@ -11,7 +12,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from neuralpath import FCDGN, ConvDGN, npk, npf, ntk
+from neuralpath import FCDGN, ConvDGN, npf, npk, ntk
 from neuralpath.datasets import formats
 from neuralpath.errors import NeuralpathError
 
@@ -51,8 +52,13 @@ def mutate(data: bytes, ops):
     return bytes(b)
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["flip", "set", "insert", "delete", "truncate"]),
-                         st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6)
+OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "set", "insert", "delete", "truncate"]), st.integers(0, 10_000), st.integers(0, 255)
+    ),
+    min_size=1,
+    max_size=6,
+)
 FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
@@ -66,7 +72,10 @@ def test_idx_reader_never_crashes(tmp_path, ops, gz, which):
     else:
         labs = mutate(labs, ops)
     if gz:
-        imgs, labs = gzip.compress(imgs), mutate(gzip.compress(labs), ops[:1]) if which == "labels" else gzip.compress(labs)
+        imgs, labs = (
+            gzip.compress(imgs),
+            mutate(gzip.compress(labs), ops[:1]) if which == "labels" else gzip.compress(labs),
+        )
     pi, pl = tmp_path / "i.idx", tmp_path / "l.idx"
     pi.write_bytes(imgs)
     pl.write_bytes(labs)
@@ -95,6 +104,7 @@ def test_cifar_reader_never_crashes(tmp_path, ops):
 
 def _image_tar():
     from PIL import Image
+
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w:gz") as tar:
         for c in ("a", "b"):
@@ -124,8 +134,14 @@ def test_image_folder_reader_never_crashes(tmp_path, ops, raw):
 
 
 @settings(max_examples=40, deadline=None)
-@given(width=st.integers(1, 6), depth=st.integers(2, 4), n=st.integers(1, 5), d_in=st.integers(1, 5),
-       bias=st.booleans(), seed=st.integers(0, 10_000))
+@given(
+    width=st.integers(1, 6),
+    depth=st.integers(2, 4),
+    n=st.integers(1, 5),
+    d_in=st.integers(1, 5),
+    bias=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
 def test_fc_kernels_symmetric_psd_and_agree(width, depth, n, d_in, bias, seed):
     _count("fc-kernel")
     g = torch.Generator().manual_seed(seed)
@@ -151,8 +167,16 @@ def test_fc_kernels_symmetric_psd_and_agree(width, depth, n, d_in, bias, seed):
 def test_conv_ntk_methods_agree(seed, n, soft):
     _count("conv-kernel")
     g = torch.Generator().manual_seed(seed)
-    net = ConvDGN("gconv", in_channels=1, out_dim=2, channels=(2, 2), hidden=(3,), image_size=5,
-                  gate="soft" if soft else "hard", generator=g).double()
+    net = ConvDGN(
+        "gconv",
+        in_channels=1,
+        out_dim=2,
+        channels=(2, 2),
+        hidden=(3,),
+        image_size=5,
+        gate="soft" if soft else "hard",
+        generator=g,
+    ).double()
     x = torch.rand(n, 1, 5, 5, generator=g, dtype=torch.float64)
     a = ntk(net, x, params="all")
     b = ntk(net, x, params="all", method="jacobian")

@@ -1,5 +1,6 @@
 """Instruments beyond the paper: the infinite-width NPK, path norms from the NPV, gate statistics and exact linear
 regions along a segment, each against an independent computation."""
+
 import math
 
 import numpy as np
@@ -17,15 +18,18 @@ F64 = torch.float64
 def _inf_reference(x, y, depth, sb):
     """Scalar Python version of the NNGP angle recursion (independent of the vectorised code)."""
     d = len(x)
-    kxy, kxx, kyy = 2 * float(np.dot(x, y)) / d + sb ** 2, 2 * float(np.dot(x, x)) / d + sb ** 2, \
-        2 * float(np.dot(y, y)) / d + sb ** 2
+    kxy, kxx, kyy = (
+        2 * float(np.dot(x, y)) / d + sb**2,
+        2 * float(np.dot(x, x)) / d + sb**2,
+        2 * float(np.dot(y, y)) / d + sb**2,
+    )
     h = float(np.dot(x, y))
     for _ in range(depth - 1):
         c = max(-1.0, min(1.0, kxy / math.sqrt(kxx * kyy)))
         t = math.acos(c)
         h *= (math.pi - t) / (2 * math.pi)
-        kxy = math.sqrt(kxx * kyy) * (math.sin(t) + (math.pi - t) * math.cos(t)) / math.pi + sb ** 2
-        kxx, kyy = kxx + sb ** 2, kyy + sb ** 2
+        kxy = math.sqrt(kxx * kyy) * (math.sin(t) + (math.pi - t) * math.cos(t)) / math.pi + sb**2
+        kxx, kyy = kxx + sb**2, kyy + sb**2
     return h
 
 
@@ -48,27 +52,47 @@ def test_finite_width_random_gates_converge_to_the_infinite_npk():
     for w in (32, 2048):
         e = []
         for s in range(4):
-            net = npx.FCDGN(in_dim=30, width=w, depth=3, out_dim=1, bias=False, init="gaussian",
-                            generator=torch.Generator().manual_seed(s)).double()
+            net = npx.FCDGN(
+                in_dim=30,
+                width=w,
+                depth=3,
+                out_dim=1,
+                bias=False,
+                init="gaussian",
+                generator=torch.Generator().manual_seed(s),
+            ).double()
             o = npx.overlaps(net, x)
-            e.append((torch.linalg.norm((x @ x.T) * o[0] * o[1] / w ** 2 - Hi) / torch.linalg.norm(Hi)).item())
+            e.append((torch.linalg.norm((x @ x.T) * o[0] * o[1] / w**2 - Hi) / torch.linalg.norm(Hi)).item())
         errs.append(sum(e) / len(e))
     assert errs[1] < errs[0] / 4  # 64x the width: about 8x smaller (w^-1/2), at least 4x
 
 
 def _nets():
     torch.manual_seed(0)
-    nets = [npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3).double(),
-            npx.FCDGN(in_dim=5, width=4, depth=3, out_dim=2, bias=False).double(),
-            npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=4).double(),
-            npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(2,), hidden=(3,), image_size=3).double()]
+    nets = [
+        npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3).double(),
+        npx.FCDGN(in_dim=5, width=4, depth=3, out_dim=2, bias=False).double(),
+        npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=4).double(),
+        npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(2,), hidden=(3,), image_size=3).double(),
+    ]
     for n in nets:
         for m in n.modules():
             if getattr(m, "bias", None) is not None:
                 m.bias.data.normal_()
-    m = torch.nn.Sequential(torch.nn.Conv2d(3, 2, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                            torch.nn.Conv2d(2, 2, 1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
-                            torch.nn.Flatten(), torch.nn.Linear(2, 3)).double().eval()
+    m = (
+        torch.nn.Sequential(
+            torch.nn.Conv2d(3, 2, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.MaxPool2d(2),
+            torch.nn.Conv2d(2, 2, 1),
+            torch.nn.ReLU(),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+            torch.nn.Linear(2, 3),
+        )
+        .double()
+        .eval()
+    )
     nets.append(npx.from_module(m, torch.zeros(2, 3, 4, 4, dtype=F64)))
     return nets
 

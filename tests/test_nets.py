@@ -13,11 +13,14 @@ def plain_relu(net, x):
     return net.value_layers[-1](net.transition(net.depth - 1, z))
 
 
-@pytest.mark.parametrize("make", [
-    lambda: npx.FCDGN(in_dim=20, width=16, depth=5, out_dim=4, tied=True),
-    lambda: npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(4, 5), hidden=(6,), image_size=6, tied=True),
-    lambda: npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(4, 5), hidden=(6,), image_size=6, tied=True),
-])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: npx.FCDGN(in_dim=20, width=16, depth=5, out_dim=4, tied=True),
+        lambda: npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(4, 5), hidden=(6,), image_size=6, tied=True),
+        lambda: npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(4, 5), hidden=(6,), image_size=6, tied=True),
+    ],
+)
 def test_tied_equals_relu_network(make):
     torch.manual_seed(0)
     net = make().double()
@@ -86,7 +89,7 @@ def test_initialisations(init):
         a = (6 / (300 + 300)) ** 0.5
         assert w.abs().max() <= a and w.abs().max() > 0.95 * a
     else:
-        sigma = 2 ** 0.5 / 300 ** 0.5
+        sigma = 2**0.5 / 300**0.5
         assert abs(w.std().item() - sigma) / sigma < 0.02
         if init == "bernoulli":
             assert torch.allclose(w.abs(), torch.full_like(w, sigma))

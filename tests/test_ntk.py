@@ -1,11 +1,10 @@
 import pytest
 import torch
+from conftest import randomize_biases
 
 import neuralpath as npx
 from neuralpath.errors import NeuralpathError
 from neuralpath.testing import KernelTestBase
-
-from conftest import randomize_biases
 
 F64 = torch.float64
 
@@ -17,12 +16,19 @@ def nets():
         randomize_biases(npx.FCDGN(in_dim=6, width=5, depth=4, out_dim=3, gate="soft").double()),
         npx.FCDGN(in_dim=6, width=5, depth=3, out_dim=2, gate="soft", bias=False).double(),
         randomize_biases(npx.FCDGN(in_dim=6, width=5, depth=4, out_dim=3, gate="hard").double()),
-        randomize_biases(npx.ConvDGN("vconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5,
-                                     gate="soft").double()),
-        randomize_biases(npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5,
-                                     gate="soft").double()),
-        randomize_biases(npx.ConvDGN("gconv", in_channels=1, out_dim=2, channels=(3,), hidden=(), image_size=4,
-                                     tied=True).double()),
+        randomize_biases(
+            npx.ConvDGN(
+                "vconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5, gate="soft"
+            ).double()
+        ),
+        randomize_biases(
+            npx.ConvDGN(
+                "gconv", in_channels=2, out_dim=3, channels=(2, 3), hidden=(4,), image_size=5, gate="soft"
+            ).double()
+        ),
+        randomize_biases(
+            npx.ConvDGN("gconv", in_channels=1, out_dim=2, channels=(3,), hidden=(), image_size=4, tied=True).double()
+        ),
     ]
 
 
@@ -71,7 +77,7 @@ def test_structured_matches_autograd_gradient_inner_products():
         row = []
         for k in range(2):
             net.zero_grad()
-            net(x[i:i + 1])[0, k].backward()
+            net(x[i : i + 1])[0, k].backward()
             row.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
         grads.append(torch.stack(row))
     G = torch.stack(grads)  # (n, k, P)

@@ -3,13 +3,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_biases
 
 import neuralpath as npx
 from neuralpath.errors import NeuralpathError
 from neuralpath.paths import path_count
 from neuralpath.testing import KernelTestBase
-
-from conftest import randomize_biases
 
 F64 = torch.float64
 
@@ -19,14 +18,30 @@ def small_nets():
     out = []
     for bias in (False, True):
         for gate in ("hard", "soft"):
-            out.append(randomize_biases(npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3, gate=gate, bias=bias,
-                                                  init="gaussian").double()))
+            out.append(
+                randomize_biases(
+                    npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3, gate=gate, bias=bias, init="gaussian").double()
+                )
+            )
             for arch in ("vconv", "gconv"):
-                out.append(randomize_biases(npx.ConvDGN(arch, in_channels=2, out_dim=3, channels=(2, 3), hidden=(3,),
-                                                        image_size=4, gate=gate, bias=bias).double()))
+                out.append(
+                    randomize_biases(
+                        npx.ConvDGN(
+                            arch,
+                            in_channels=2,
+                            out_dim=3,
+                            channels=(2, 3),
+                            hidden=(3,),
+                            image_size=4,
+                            gate=gate,
+                            bias=bias,
+                        ).double()
+                    )
+                )
     out.append(npx.FCDGN(in_dim=5, width=4, depth=3, out_dim=2, tied=True).double())
-    out.append(npx.ConvDGN("gconv", in_channels=1, out_dim=2, channels=(2,), hidden=(), image_size=3,
-                           tied=True).double())
+    out.append(
+        npx.ConvDGN("gconv", in_channels=1, out_dim=2, channels=(2,), hidden=(), image_size=3, tied=True).double()
+    )
     return out
 
 
@@ -53,7 +68,7 @@ def test_npf_npv_identity_and_npk_equals_gram_of_npf(net):
 
 def test_fc_path_count_and_closed_form():
     net = npx.FCDGN(in_dim=5, width=4, depth=4, out_dim=3, bias=False).double()
-    assert path_count(net) == 5 * 4 ** 3
+    assert path_count(net) == 5 * 4**3
     x = inputs(net, 5)
     G = net.gates(x)
     H = (x @ x.T) * math.prod(g @ g.T for g in G)
@@ -115,6 +130,7 @@ def test_memmap_output_and_refusal(tmp_path):
     assert np.allclose(np.load(out), npx.npk(net, x).numpy(), rtol=1e-6)
     assert not list(tmp_path.glob(".*partial*"))
     from neuralpath.kernels.gram import check_size
+
     with pytest.raises(NeuralpathError, match="GiB"):
         check_size(10**6, 10**6, 4, None)
     with pytest.raises(NeuralpathError, match="free"):
@@ -136,10 +152,13 @@ class TestNPKBattery(KernelTestBase):
         return npx.npk(net, x1, x2, **kw)
 
     def cases(self):
-        nets = [randomize_biases(npx.FCDGN(in_dim=5, width=6, depth=4, out_dim=2, gate="soft").double()),
-                randomize_biases(npx.ConvDGN("gconv", in_channels=2, out_dim=2, channels=(3, 2), hidden=(4,),
-                                             image_size=5).double()),
-                npx.ConvDGN("vconv", in_channels=1, out_dim=2, channels=(3,), hidden=(4,), image_size=5).double()]
+        nets = [
+            randomize_biases(npx.FCDGN(in_dim=5, width=6, depth=4, out_dim=2, gate="soft").double()),
+            randomize_biases(
+                npx.ConvDGN("gconv", in_channels=2, out_dim=2, channels=(3, 2), hidden=(4,), image_size=5).double()
+            ),
+            npx.ConvDGN("vconv", in_channels=1, out_dim=2, channels=(3,), hidden=(4,), image_size=5).double(),
+        ]
         return [(n, inputs(n, 7), inputs(n, 5, seed=3)) for n in nets]
 
 
@@ -164,8 +183,15 @@ def test_infinite_width_oracle_error_falls_with_width():
     for w in (32, 256, 2048):
         e = []
         for s in range(6):
-            net = npx.FCDGN(in_dim=30, width=w, depth=4, out_dim=1, bias=False, init="gaussian",
-                            generator=torch.Generator().manual_seed(s)).double()
+            net = npx.FCDGN(
+                in_dim=30,
+                width=w,
+                depth=4,
+                out_dim=1,
+                bias=False,
+                init="gaussian",
+                generator=torch.Generator().manual_seed(s),
+            ).double()
             ov = torch.stack([o[0, 1] / w for o in npx.overlaps(net, x)])
             e.append((ov - oracle).abs().max().item())
         errs.append(float(np.mean(e)))

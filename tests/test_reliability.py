@@ -1,4 +1,5 @@
 """Kernel machines' numerics, bad inputs named clearly, and sweeps that survive kills and each other."""
+
 import json
 import os
 import signal
@@ -9,12 +10,11 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import neuralpath as npx
 from neuralpath.errors import NeuralpathError
 from neuralpath.kernels import machines
-
-from conftest import REPO
 
 
 # -- kernel machines ------------------------------------------------------------------------------------
@@ -66,8 +66,18 @@ def test_kernel_ridge_equals_closed_form_and_learns():
 
 
 def test_npk_kernel_machine_on_mnist_beats_chance(mnist_root, cli, tmp_path):
-    r = cli("kernel", "fit", "--n-train", "600", "--n-test", "300", "--data-root", mnist_root, "--out",
-            tmp_path / "fit.jsonl")
+    r = cli(
+        "kernel",
+        "fit",
+        "--n-train",
+        "600",
+        "--n-test",
+        "300",
+        "--data-root",
+        mnist_root,
+        "--out",
+        tmp_path / "fit.jsonl",
+    )
     assert r.returncode == 0, r.stderr
     rec = json.loads((tmp_path / "fit.jsonl").read_text().splitlines()[0])
     assert rec["test_acc"] > 0.7 and "NPK + KRR" in r.stdout  # random-gate NPK on 600 images: far above 10%
@@ -125,14 +135,32 @@ def test_cli_bad_input_one_line_no_traceback(i, cli, tmp_path):
 
 
 # -- sweeps: kill, restart, two at once --------------------------------------------------------------------
-SWEEP = ["reproduce", "table", "--rows", "fc-sgd", "--epochs", "2", "--seeds", "2", "--limit-train", "1500",
-         "--limit-test", "500"]
+SWEEP = [
+    "reproduce",
+    "table",
+    "--rows",
+    "fc-sgd",
+    "--epochs",
+    "2",
+    "--seeds",
+    "2",
+    "--limit-train",
+    "1500",
+    "--limit-test",
+    "500",
+]
 
 
 def _sweep(out, root):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
-    return subprocess.Popen([sys.executable, "-m", "neuralpath", *SWEEP, "--data-root", str(root), "--out", str(out)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    return subprocess.Popen(
+        [sys.executable, "-m", "neuralpath", *SWEEP, "--data-root", str(root), "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
 
 
 def test_sweep_killed_then_restarted_and_two_sweeps_at_once(mnist_root, tmp_path):

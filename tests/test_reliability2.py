@@ -1,4 +1,5 @@
 """Reliability, round two: no silent wrong result, no traceback, no debris (docs/RELIABILITY.md lists the classes)."""
+
 import json
 import os
 import signal
@@ -10,14 +11,13 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import REPO
 
 import neuralpath as npx
 from neuralpath import datasets
 from neuralpath.errors import NeuralpathError
 from neuralpath.kernels.machines import KernelRidge
 from neuralpath.train import TrainConfig, train
-
-from conftest import REPO
 
 SYN = ["--dataset", "synthetic", "--width", "16", "--depth", "3", "--lr", "3e-3"]
 
@@ -35,8 +35,13 @@ def test_two_writers_of_one_run_folder(tmp_path, cli):
     """The second writer is refused with a line naming the holder; the first finishes undisturbed."""
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     out = tmp_path / "run"
-    p = subprocess.Popen([sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "400", "--out", str(out)],
-                         env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "400", "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.time() + 60
         while time.time() < deadline and not (out / ".owner").exists():
@@ -50,6 +55,7 @@ def test_two_writers_of_one_run_folder(tmp_path, cli):
 
 def test_two_writers_of_one_kernel_file(tmp_path):
     from filelock import FileLock
+
     out = tmp_path / "K.npy"
     held = FileLock(str(tmp_path / ".K.npy.lock"))
     held.acquire()
@@ -79,8 +85,22 @@ def test_resume_with_other_settings_is_refused_naming_keys(tmp_path, cli):
 
 
 def test_table_refuses_a_folder_of_other_runs(mnist_root, tmp_path, cli):
-    args = ["reproduce", "table", "--rows", "fc-adam", "--seeds", "1", "--limit-train", "300", "--limit-test", "200",
-            "--data-root", mnist_root, "--out", tmp_path]
+    args = [
+        "reproduce",
+        "table",
+        "--rows",
+        "fc-adam",
+        "--seeds",
+        "1",
+        "--limit-train",
+        "300",
+        "--limit-test",
+        "200",
+        "--data-root",
+        mnist_root,
+        "--out",
+        tmp_path,
+    ]
     assert cli(*args, "--epochs", "1").returncode == 0
     _one_line_error(cli(*args, "--epochs", "2"), "epochs=1 there vs 2 now")
     table = (tmp_path / "table.md").read_text()
@@ -89,6 +109,7 @@ def test_table_refuses_a_folder_of_other_runs(mnist_root, tmp_path, cli):
 
 def test_scrambled_mnist_cache_is_rebuilt(mnist_root, tmp_path):
     import shutil
+
     root = tmp_path / "m"
     shutil.copytree(mnist_root, root, ignore=shutil.ignore_patterns("cache"))
     x1, y1 = datasets.load("mnist", "test", root=root)
@@ -113,13 +134,16 @@ def test_checkpoint_refuses_a_network_of_another_config(tmp_path):
     assert acc == pytest.approx(run.result["best_test_acc"], abs=1e-12)
 
 
-@pytest.mark.parametrize("args, needles", [
-    (["train", "--dataset", "synthetic", "--limit-train", "100000"], ["--limit-train 100,000", "512"]),
-    (["kernel", "npk", "--num-inputs", "1000000000"], ["--num-inputs", "60,000"]),
-    (["reproduce", "nu", "--runs", "0"], ["--runs 0"]),
-    (["reproduce", "ntk-split", "--epochs", "0"], ["--epochs 0"]),
-    (["reproduce", "ntk-split", "--epochs", "3"], ["every 5 epochs"]),
-])
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["train", "--dataset", "synthetic", "--limit-train", "100000"], ["--limit-train 100,000", "512"]),
+        (["kernel", "npk", "--num-inputs", "1000000000"], ["--num-inputs", "60,000"]),
+        (["reproduce", "nu", "--runs", "0"], ["--runs 0"]),
+        (["reproduce", "ntk-split", "--epochs", "0"], ["--epochs 0"]),
+        (["reproduce", "ntk-split", "--epochs", "3"], ["every 5 epochs"]),
+    ],
+)
 def test_requests_are_never_clipped(args, needles, cli, tmp_path, mnist_root):
     extra = ["--out", tmp_path / ("k.npy" if args[0] == "kernel" else "o")]
     if args[0] != "train":
@@ -138,11 +162,32 @@ def test_formerly_traceback_cases(tmp_path, cli, mnist_root):
     _one_line_error(cli("train", *SYN, "--seed", "-1", "--out", tmp_path / "s"), "--seed -1")
     _one_line_error(cli("kernel", "npk", "--num-inputs", "0", "--out", tmp_path / "k.npy"), "--num-inputs 0")
     run = tmp_path / "mn"
-    assert cli("train", "--width", "8", "--depth", "3", "--epochs", "1", "--limit-train", "200", "--limit-test", "100",
-               "--data-root", mnist_root, "--out", run).returncode == 0
+    assert (
+        cli(
+            "train",
+            "--width",
+            "8",
+            "--depth",
+            "3",
+            "--epochs",
+            "1",
+            "--limit-train",
+            "200",
+            "--limit-test",
+            "100",
+            "--data-root",
+            mnist_root,
+            "--out",
+            run,
+        ).returncode
+        == 0
+    )
     t = time.time()
-    _one_line_error(cli("kernel", "npk", "--checkpoint", run, "--dataset", "cifar10", "--out", tmp_path / "k.npy"),
-                    "1x28x28", "3x32x32")
+    _one_line_error(
+        cli("kernel", "npk", "--checkpoint", run, "--dataset", "cifar10", "--out", tmp_path / "k.npy"),
+        "1x28x28",
+        "3x32x32",
+    )
     assert time.time() - t < 30  # refused before decoding anything
     r = cli("train", *SYN, "--val-split", "0.999", "--epochs", "1", "--out", tmp_path / "vs")
     assert r.returncode in (0, 1) and "Traceback" not in r.stderr
@@ -171,8 +216,21 @@ def test_kernel_bad_output_leaves_nothing(bad, cli, tmp_path, mnist_root):
 def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_path, mnist_root):
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
     out = tmp_path / "K.npy"
-    args = [sys.executable, "-m", "neuralpath", "kernel", "ntk", "--num-inputs", "3000", "--block", "64",
-            "--data-root", str(mnist_root), "--out", str(out)]
+    args = [
+        sys.executable,
+        "-m",
+        "neuralpath",
+        "kernel",
+        "ntk",
+        "--num-inputs",
+        "3000",
+        "--block",
+        "64",
+        "--data-root",
+        str(mnist_root),
+        "--out",
+        str(out),
+    ]
     p = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / ".K.npy.partial.npy"
     deadline = time.time() + 120
@@ -193,8 +251,11 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
 
 def test_nan_stop_message_says_what_is_on_disk(tmp_path):
     with pytest.raises(NeuralpathError, match="nothing was saved"):
-        train(TrainConfig(dataset="synthetic", regime="relu", optimizer="sgd", lr=1e12, width=64, depth=6, epochs=5),
-              tmp_path / "o", progress=False)
+        train(
+            TrainConfig(dataset="synthetic", regime="relu", optimizer="sgd", lr=1e12, width=64, depth=6, epochs=5),
+            tmp_path / "o",
+            progress=False,
+        )
     assert not (tmp_path / "o" / "result.json").exists()
 
 
@@ -202,6 +263,7 @@ def test_refused_checkpoint_message_has_no_unsafe_hint(tmp_path):
     class Evil:
         def __reduce__(self):
             return (os.system, ("true",))
+
     torch.save({"model": Evil(), "config": {}}, tmp_path / "e.pt")
     with pytest.raises(NeuralpathError) as e:
         npx.load_net(tmp_path / "e.pt")
@@ -213,8 +275,13 @@ def test_files_follow_the_umask(tmp_path):
     old = os.umask(0o022)
     try:
         out = tmp_path / "o"
-        subprocess.run([sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "1", "--out", str(out)],
-                       check=True, env=dict(os.environ, PYTHONPATH=str(REPO / "src")), cwd=REPO, capture_output=True)
+        subprocess.run(
+            [sys.executable, "-m", "neuralpath", "train", *SYN, "--epochs", "1", "--out", str(out)],
+            check=True,
+            env=dict(os.environ, PYTHONPATH=str(REPO / "src")),
+            cwd=REPO,
+            capture_output=True,
+        )
     finally:
         os.umask(old)
     for p in out.iterdir():
@@ -230,9 +297,10 @@ def test_progress_lines_when_not_a_terminal(cli, tmp_path):
 
 def test_read_only_data_root_is_usable(mnist_root, tmp_path):
     import shutil
+
     root = tmp_path / "ro"
     shutil.copytree(mnist_root, root, ignore=shutil.ignore_patterns("cache"))
-    for d, _, files in os.walk(root):
+    for d, _, _files in os.walk(root):
         os.chmod(d, 0o555)
     if os.access(root, os.W_OK):  # root ignores permissions: nothing to test
         pytest.skip("running as a user that can write anywhere")

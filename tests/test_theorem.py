@@ -35,7 +35,7 @@ def test_one_draw_error_falls_with_width():
         for s in range(3):
             net = theorem._gated_net(w, 3, seed=s, in_dim=20)
             sigma = theorem._draw_value(net, w, "bernoulli", seed=100 + s)
-            e.append(theorem.rel_err(npx.ntk(net, x) / (3 * sigma ** 4), npx.npk(net, x)))
+            e.append(theorem.rel_err(npx.ntk(net, x) / (3 * sigma**4), npx.npk(net, x)))
         errs.append(np.mean(e))
     slope = math.log(errs[1] / errs[0]) / math.log(16)
     assert -0.8 < slope < -0.3
@@ -50,14 +50,47 @@ def test_reproduce_theorem_cli(cli, tmp_path):
 
 def test_kernel_cli(cli, tmp_path, mnist_root):
     out = tmp_path / "k.npy"
-    r = cli("kernel", "npk", "--arch", "fc", "--width", "16", "--depth", "3", "--n", "50", "--data-root", mnist_root,
-            "--out", out, "--block", "16", "--dtype", "float64")
+    r = cli(
+        "kernel",
+        "npk",
+        "--arch",
+        "fc",
+        "--width",
+        "16",
+        "--depth",
+        "3",
+        "--n",
+        "50",
+        "--data-root",
+        mnist_root,
+        "--out",
+        out,
+        "--block",
+        "16",
+        "--dtype",
+        "float64",
+    )
     assert r.returncode == 0, r.stderr
     K = np.load(out)
     x, _ = npx.datasets.load("mnist", "train", root=mnist_root, limit=50)
     from neuralpath.regimes import build_regime
+
     net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28), width=16, depth=3)
     assert np.allclose(K, npx.npk(net.double(), x.double()).numpy(), rtol=1e-10)
-    r = cli("kernel", "ntk", "--arch", "fc", "--width", "16", "--depth", "3", "--n", "20", "--data-root", mnist_root,
-            "--out", tmp_path / "t.npy")
+    r = cli(
+        "kernel",
+        "ntk",
+        "--arch",
+        "fc",
+        "--width",
+        "16",
+        "--depth",
+        "3",
+        "--n",
+        "20",
+        "--data-root",
+        mnist_root,
+        "--out",
+        tmp_path / "t.npy",
+    )
     assert r.returncode == 0, r.stderr and np.load(tmp_path / "t.npy").shape == (20, 20)

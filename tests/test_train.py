@@ -7,13 +7,12 @@ import time
 
 import pytest
 import torch
+from conftest import REPO
 
 from neuralpath import checkpoints
 from neuralpath.errors import NeuralpathError
 from neuralpath.io import read_jsonl
 from neuralpath.train import TrainConfig, train
-
-from conftest import REPO
 
 SMALL = ["--width", "32", "--depth", "3", "--limit-train", "300", "--limit-test", "200", "--epochs", "2"]
 
@@ -36,21 +35,49 @@ def test_every_regime_trains_from_the_cli(mnist_root, tmp_path, cli):
 
 
 def test_flnpf_copies_the_best_relu_epoch(mnist_root, tmp_path):
-    relu = train(TrainConfig(regime="relu", width=16, depth=3, limit_train=200, limit_test=100, epochs=3,
-                             data_root=str(mnist_root), save_every=1), tmp_path / "r", progress=False)
+    relu = train(
+        TrainConfig(
+            regime="relu",
+            width=16,
+            depth=3,
+            limit_train=200,
+            limit_test=100,
+            epochs=3,
+            data_root=str(mnist_root),
+            save_every=1,
+        ),
+        tmp_path / "r",
+        progress=False,
+    )
     best = checkpoints.load(tmp_path / "r")
     assert best["epoch"] == relu["best_epoch"]
-    train(TrainConfig(regime="flnpf", width=16, depth=3, limit_train=200, limit_test=100, epochs=1,
-                      data_root=str(mnist_root), relu_checkpoint=str(tmp_path / "r" / "epoch_1.pt")),
-          tmp_path / "f", progress=False)
+    train(
+        TrainConfig(
+            regime="flnpf",
+            width=16,
+            depth=3,
+            limit_train=200,
+            limit_test=100,
+            epochs=1,
+            data_root=str(mnist_root),
+            relu_checkpoint=str(tmp_path / "r" / "epoch_1.pt"),
+        ),
+        tmp_path / "f",
+        progress=False,
+    )
     f = checkpoints.load(tmp_path / "f" / "last.pt")
     e1 = checkpoints.load(tmp_path / "r" / "epoch_1.pt")
     assert torch.equal(f["model"]["feature_layers.0.weight"], e1["model"]["value_layers.0.weight"])
 
 
 def test_bad_arguments_fail_before_work(cli, tmp_path):
-    for args, msg in ((["--regime", "x"], "regime"), (["--arch", "mlp"], "arch"), (["--width", "0"], "width"),
-                      (["--epochs", "0"], "epochs"), (["--regime", "flnpf"], "relu-checkpoint")):
+    for args, msg in (
+        (["--regime", "x"], "regime"),
+        (["--arch", "mlp"], "arch"),
+        (["--width", "0"], "width"),
+        (["--epochs", "0"], "epochs"),
+        (["--regime", "flnpf"], "relu-checkpoint"),
+    ):
         r = cli("train", "--out", tmp_path / "o", "--dataset", "synthetic", *args)
         assert r.returncode != 0 and msg in r.stderr and "Traceback" not in r.stderr
         assert len(r.stderr.strip().splitlines()) == 1
@@ -60,20 +87,52 @@ def test_bad_arguments_fail_before_work(cli, tmp_path):
 def test_flnpf_refuses_checkpoint_of_another_architecture(tmp_path):
     train(TrainConfig(dataset="synthetic", regime="relu", width=8, depth=3, epochs=1), tmp_path / "r", progress=False)
     with pytest.raises(NeuralpathError, match="width"):
-        train(TrainConfig(dataset="synthetic", regime="flnpf", width=16, depth=3, epochs=1,
-                          relu_checkpoint=str(tmp_path / "r")), tmp_path / "f", progress=False)
+        train(
+            TrainConfig(
+                dataset="synthetic", regime="flnpf", width=16, depth=3, epochs=1, relu_checkpoint=str(tmp_path / "r")
+            ),
+            tmp_path / "f",
+            progress=False,
+        )
 
 
 def test_sigkill_then_resume_equals_uninterrupted(mnist_root, tmp_path):
-    args = ["train", "--regime", "dlnpf", "--width", "64", "--depth", "3", "--limit-train", "3000",
-            "--limit-test", "500", "--epochs", "4", "--data-root", str(mnist_root), "--seed", "7"]
+    args = [
+        "train",
+        "--regime",
+        "dlnpf",
+        "--width",
+        "64",
+        "--depth",
+        "3",
+        "--limit-train",
+        "3000",
+        "--limit-test",
+        "500",
+        "--epochs",
+        "4",
+        "--data-root",
+        str(mnist_root),
+        "--seed",
+        "7",
+    ]
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
-    ref = subprocess.run([sys.executable, "-m", "neuralpath", *args, "--out", str(tmp_path / "ref")],
-                         capture_output=True, text=True, env=env, cwd=REPO)
+    ref = subprocess.run(
+        [sys.executable, "-m", "neuralpath", *args, "--out", str(tmp_path / "ref")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert ref.returncode == 0, ref.stderr
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "-m", "neuralpath", *args, "--out", str(out)], env=env, cwd=REPO,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    p = subprocess.Popen(
+        [sys.executable, "-m", "neuralpath", *args, "--out", str(out)],
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not (out / "last.pt").exists():
         time.sleep(0.02)
@@ -81,8 +140,13 @@ def test_sigkill_then_resume_equals_uninterrupted(mnist_root, tmp_path):
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "result.json").exists()
-    r = subprocess.run([sys.executable, "-m", "neuralpath", *args, "--out", str(out), "--resume"],
-                       capture_output=True, text=True, env=env, cwd=REPO)
+    r = subprocess.run(
+        [sys.executable, "-m", "neuralpath", *args, "--out", str(out), "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+    )
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "ref" / "result.json").read_text())
     b = json.loads((out / "result.json").read_text())
@@ -105,14 +169,28 @@ def test_malicious_checkpoint_refused(tmp_path, cli):
     torch.save({"model": _Evil(tmp_path / "pwned"), "config": {}}, bad)
     with pytest.raises(NeuralpathError, match="refused"):
         checkpoints.load(bad)
-    r = cli("train", "--dataset", "synthetic", "--regime", "flnpf", "--relu-checkpoint", bad, "--out", tmp_path / "o",
-            "--epochs", "1")
+    r = cli(
+        "train",
+        "--dataset",
+        "synthetic",
+        "--regime",
+        "flnpf",
+        "--relu-checkpoint",
+        bad,
+        "--out",
+        tmp_path / "o",
+        "--epochs",
+        "1",
+    )
     assert r.returncode != 0 and "refused" in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "pwned").exists()
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     with pytest.raises(NeuralpathError, match="diverged"):
-        train(TrainConfig(dataset="synthetic", regime="relu", optimizer="sgd", lr=1e12, width=64, depth=6, epochs=5),
-              tmp_path / "o", progress=False)
+        train(
+            TrainConfig(dataset="synthetic", regime="relu", optimizer="sgd", lr=1e12, width=64, depth=6, epochs=5),
+            tmp_path / "o",
+            progress=False,
+        )
     assert not (tmp_path / "o" / "result.json").exists()

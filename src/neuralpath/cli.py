@@ -1,4 +1,5 @@
 """The ``neuralpath`` command line: data, train, kernel, reproduce. Errors print one line and exit non-zero."""
+
 from __future__ import annotations
 
 import json
@@ -11,19 +12,46 @@ import click
 from . import __version__
 from .errors import NeuralpathError
 
-USER_ERRORS = (NeuralpathError, ValueError, TypeError, FileNotFoundError, PermissionError, IsADirectoryError,
-               NotADirectoryError, FileExistsError)
+USER_ERRORS = (
+    NeuralpathError,
+    ValueError,
+    TypeError,
+    FileNotFoundError,
+    PermissionError,
+    IsADirectoryError,
+    NotADirectoryError,
+    FileExistsError,
+)
 # internal argument names -> the flags a user types, so that a message names what was typed
-FLAGS = {"limit_train": "--limit-train", "limit_test": "--limit-test", "val_split": "--val-split",
-         "batch_size": "--batch-size", "save_every": "--save-every", "seed": "--seed", "epochs": "--epochs",
-         "lr": "--lr", "width": "--width", "depth": "--depth", "regime": "--regime", "arch": "--arch",
-         "optimizer": "--optimizer", "dataset": "--dataset", "device": "--device", "budget": "--budget",
-         "row": "--rows", "seeds": "--seeds", "params": "--params", "dtype": "--dtype", "block": "--block"}
+FLAGS = {
+    "limit_train": "--limit-train",
+    "limit_test": "--limit-test",
+    "val_split": "--val-split",
+    "batch_size": "--batch-size",
+    "save_every": "--save-every",
+    "seed": "--seed",
+    "epochs": "--epochs",
+    "lr": "--lr",
+    "width": "--width",
+    "depth": "--depth",
+    "regime": "--regime",
+    "arch": "--arch",
+    "optimizer": "--optimizer",
+    "dataset": "--dataset",
+    "device": "--device",
+    "budget": "--budget",
+    "row": "--rows",
+    "seeds": "--seeds",
+    "params": "--params",
+    "dtype": "--dtype",
+    "block": "--block",
+}
 
 
 def _flagify(msg: str) -> str:
     """'seed=-1 must be ...' -> '--seed -1 must be ...' (only at the start of the message, for known names)."""
     import re
+
     m = re.match(r"([a-z_]+)=(\S+)(.*)", msg, re.S)
     if m and m.group(1) in FLAGS:
         return f"{FLAGS[m.group(1)]} {m.group(2)}{m.group(3)}"
@@ -52,8 +80,10 @@ def data():
 def data_fetch(name, root, mirrors):
     """Download (or find locally) a data set and verify its checksums."""
     from . import datasets
-    rep = datasets.fetch(name, root, mirrors=list(mirrors) or None, progress=sys.stderr.isatty(),
-                         log=lambda m: click.echo(m, err=True))
+
+    rep = datasets.fetch(
+        name, root, mirrors=list(mirrors) or None, progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True)
+    )
     for k, v in rep.items():
         click.echo(f"{k}: {v}")
     click.echo(f"{name}: ready in {root or datasets.default_root()}")
@@ -65,6 +95,7 @@ def data_fetch(name, root, mirrors):
 def data_info(name, root):
     """Where each data set is and which copy is in use."""
     from . import datasets
+
     for rec in datasets.info(name, root):
         click.echo(json.dumps(rec))
 
@@ -92,14 +123,22 @@ def data_info(name, root):
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for training (off: the paper's float32 arithmetic).")
-@click.option("--allow-change", "allow_change", multiple=True,
-              help="With --resume: a setting that may differ from the run's (only 'epochs': train it longer).")
-@click.option("--per-rank-batch", is_flag=True,
-              help="Under torchrun: --batch-size is per process (default: the global batch, split among processes).")
+@click.option(
+    "--allow-change",
+    "allow_change",
+    multiple=True,
+    help="With --resume: a setting that may differ from the run's (only 'epochs': train it longer).",
+)
+@click.option(
+    "--per-rank-batch",
+    is_flag=True,
+    help="Under torchrun: --batch-size is per process (default: the global batch, split among processes).",
+)
 def train(out, resume, allow_change, blocks, **kw):
     """Train one network in one regime; writes metrics.jsonl, checkpoints and result.json to --out."""
     from .train import TrainConfig
     from .train import train as run
+
     if blocks is not None:
         try:
             kw["blocks"] = [int(b) for b in blocks.split(",")]
@@ -108,17 +147,24 @@ def train(out, resume, allow_change, blocks, **kw):
     cfg = TrainConfig(**kw)
     res = run(cfg, out, resume=resume, allow_change=allow_change, log=lambda m: click.echo(m, err=True))
     from . import distributed
+
     if distributed.is_main():
-        click.echo(f"best test accuracy {res['best_test_acc']:.4f} (epoch {res['best_epoch']}), final "
-               f"{res['final_test_acc']:.4f}; records in {out}")
+        click.echo(
+            f"best test accuracy {res['best_test_acc']:.4f} (epoch {res['best_epoch']}), final "
+            f"{res['final_test_acc']:.4f}; records in {out}"
+        )
 
 
 # -- kernel ---------------------------------------------------------------------------------------------
 def _kernel_options(f):
     opts = [
         click.option("--checkpoint", default=None, help="A run folder (its best.pt) or a checkpoint file."),
-        click.option("--module", "module", default=None,
-                     help="Your own ReLU model: pkg.module:factory (a callable returning the nn.Module)."),
+        click.option(
+            "--module",
+            "module",
+            default=None,
+            help="Your own ReLU model: pkg.module:factory (a callable returning the nn.Module).",
+        ),
         click.option("--weights", default=None, help="With --module: a state_dict file for the model (weights only)."),
         click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv (fresh network)."),
         click.option("--regime", default="relu", show_default=True, help="Regime of a fresh network."),
@@ -127,8 +173,15 @@ def _kernel_options(f):
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--dataset", default=None, help="Data set (default: the checkpoint's, else mnist)."),
         click.option("--split", default="train", show_default=True),
-        click.option("--num-inputs", "--n", "n", type=int, default=1000, show_default=True,
-                     help="Stratified subset size (spell it --num-inputs under torchrun, which claims --n)."),
+        click.option(
+            "--num-inputs",
+            "--n",
+            "n",
+            type=int,
+            default=1000,
+            show_default=True,
+            help="Stratified subset size (spell it --num-inputs under torchrun, which claims --n).",
+        ),
         click.option("--data-root", default=None),
         click.option("--block", type=int, default=1024, show_default=True, help="Tile size of the Gram engine."),
         click.option("--dtype", default="float32", show_default=True, help="float32 | float64"),
@@ -144,8 +197,11 @@ def _user_model(spec, weights):
     """The nn.Module named by --module pkg.module:factory, with --weights loaded (weights_only)."""
     import importlib
     import os
+
     import torch
+
     from .errors import NeuralpathError
+
     if ":" not in spec:
         raise NeuralpathError(f"--module {spec!r}: give pkg.module:factory (a callable that returns the model)")
     mod, fn = spec.split(":", 1)
@@ -174,20 +230,24 @@ def _user_model(spec, weights):
     return model.eval()
 
 
-def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device,
-                  module=None, weights=None):
+def _kernel_setup(
+    checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device, module=None, weights=None
+):
     """(network, inputs, sidecar record) of a kernel request; every check happens before any data is decoded."""
     import torch
+
     from . import checkpoints, datasets
     from .errors import NeuralpathError, check_choice
     from .regimes import build_regime
     from .train import TrainConfig, net_kwargs, resolve_device
+
     check_choice("--dtype", dtype, ("float32", "float64"))
     check_choice("--split", split, datasets.SPLITS)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise NeuralpathError(f"--num-inputs {n!r} must be a positive integer")
     if module:
         from .anynet import from_module
+
         if checkpoint:
             raise NeuralpathError("give --module (your model) or --checkpoint (a neuralpath run), not both")
         model = _user_model(module, weights)
@@ -198,10 +258,18 @@ def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, 
         dev = resolve_device(device)
         model = model.to(dev, getattr(torch, dtype))
         net = from_module(model, x[:2].to(dev, getattr(torch, dtype)))
-        side = {"dataset": dataset, "data": datasets.source_label(dataset, data_root), "split": split,
-                "indices": [int(i) for i in idx], "labels": [int(v) for v in y], "network": net.config(),
-                "module": module, "weights": weights, "dtype": dtype,
-                "rows": "row i of the kernel is example indices[i] of the split (columns likewise)"}
+        side = {
+            "dataset": dataset,
+            "data": datasets.source_label(dataset, data_root),
+            "split": split,
+            "indices": [int(i) for i in idx],
+            "labels": [int(v) for v in y],
+            "network": net.config(),
+            "module": module,
+            "weights": weights,
+            "dtype": dtype,
+            "rows": "row i of the kernel is example indices[i] of the split (columns likewise)",
+        }
         return net, x, side
     if checkpoint:
         ck = checkpoints.load(checkpoint)
@@ -210,8 +278,10 @@ def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, 
         dataset = dataset or cfg.dataset
         a, b = datasets.SHAPES.get(trained_on), datasets.SHAPES.get(dataset)
         if a and b and a != b:
-            raise NeuralpathError(f"{checkpoint} was trained on {trained_on} ({a[0]}x{a[1]}x{a[2]} images); --dataset "
-                                  f"{dataset} has {b[0]}x{b[1]}x{b[2]} images: use a data set of the same shape")
+            raise NeuralpathError(
+                f"{checkpoint} was trained on {trained_on} ({a[0]}x{a[1]}x{a[2]} images); --dataset "
+                f"{dataset} has {b[0]}x{b[1]}x{b[2]} images: use a data set of the same shape"
+            )
     else:
         cfg = TrainConfig(arch=arch, regime=regime, width=width, depth=depth, seed=seed, dataset=dataset or "mnist")
         cfg.resolved() if regime != "flnpf" else None
@@ -228,21 +298,32 @@ def _kernel_setup(checkpoint, arch, regime, width, depth, seed, dataset, split, 
     if checkpoint:
         net.load_state_dict(ck["model"])
     from . import distributed
+
     _, world, local = distributed.init(dev.type)
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local)
     net = net.to(dev, getattr(torch, dtype))
-    side = {"dataset": dataset, "data": datasets.source_label(dataset, data_root), "split": split,
-            "indices": [int(i) for i in idx], "labels": [int(v) for v in y], "network": net.config(),
-            "checkpoint": None if not checkpoint else str(checkpoint),
-            "regime": cfg.regime, "seed": cfg.seed, "dtype": dtype,
-            "rows": "row i of the kernel is example indices[i] of the split (columns likewise)"}
+    side = {
+        "dataset": dataset,
+        "data": datasets.source_label(dataset, data_root),
+        "split": split,
+        "indices": [int(i) for i in idx],
+        "labels": [int(v) for v in y],
+        "network": net.config(),
+        "checkpoint": None if not checkpoint else str(checkpoint),
+        "regime": cfg.regime,
+        "seed": cfg.seed,
+        "dtype": dtype,
+        "rows": "row i of the kernel is example indices[i] of the split (columns likewise)",
+    }
     return net, x, side
 
 
 def _write_sidecar(out, side):
     from pathlib import Path
+
     from .io import write_json
+
     write_json(Path(out).with_suffix(".json"), side)
 
 
@@ -259,14 +340,15 @@ def kernel_npk(block, out, normalize, **kw):
     the processes, which write into the one output file."""
     from . import distributed
     from .errors import check_choice
-    from .kernels.gram import check_size
     from .kernels.npk import npk
+
     check_choice("--normalize", normalize, (None, "none", "trace", "cosine"))
     net, x, side = _kernel_setup(**kw)
     if normalize in (None, "none"):
         path = npk(net, x, block=block, out=out, progress=sys.stderr.isatty())
     else:
         from .io import save_npy
+
         path = out
         K = npk(net, x, normalize=normalize, block=block).cpu().numpy()
         if distributed.is_main():
@@ -283,14 +365,18 @@ def kernel_ntk(block, out, params, **kw):
     """Empirical NTK (structured, summed over outputs), written to --out (.npy)."""
     from .errors import check_choice
     from .kernels.ntk import PARAMS, ntk
+
     check_choice("--params", params, PARAMS)
     net, x, side = _kernel_setup(**kw)
     path = ntk(net, x, params=params, block=block, out=out, progress=sys.stderr.isatty())
     from . import distributed
+
     if distributed.is_main():
         _write_sidecar(out, dict(side, kernel="ntk", params=params))
-        click.echo(f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}; rows described in "
-                   f"{Path(out).with_suffix('.json')}")
+        click.echo(
+            f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}; rows described in "
+            f"{Path(out).with_suffix('.json')}"
+        )
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
@@ -301,13 +387,26 @@ def _progress():
 def _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, stacked=True, width=None):
     from .errors import NeuralpathError
     from .experiments import table
+
     if isinstance(rows, str):
         rows = [r.strip() for r in rows.split(",") if r.strip()]
         if not rows:
             raise NeuralpathError("--rows is empty; give e.g. --rows fc-adam,fc-sgd")
-    md = table.run(out, rows=rows, seeds=seeds, budget=budget, epochs=epochs, limit_train=limit_train,
-                   limit_test=limit_test, width=width, data_root=data_root, device=device, progress=_progress(),
-                   log=lambda m: click.echo(m, err=True), stacked=stacked)
+    md = table.run(
+        out,
+        rows=rows,
+        seeds=seeds,
+        budget=budget,
+        epochs=epochs,
+        limit_train=limit_train,
+        limit_test=limit_test,
+        width=width,
+        data_root=data_root,
+        device=device,
+        progress=_progress(),
+        log=lambda m: click.echo(m, err=True),
+        stacked=stacked,
+    )
     click.echo(md)
 
 
@@ -324,11 +423,19 @@ def reproduce(ctx, out, data_root):
 
 
 @reproduce.command("table")
-@click.option("--rows", default=",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
-              show_default=True, help="Comma-separated rows.")
+@click.option(
+    "--rows",
+    default=",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
+    show_default=True,
+    help="Comma-separated rows.",
+)
 @click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per regime.")
-@click.option("--budget", default="quick", show_default=True,
-              help="quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper")
+@click.option(
+    "--budget",
+    default="quick",
+    show_default=True,
+    help="quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper",
+)
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--limit-train", type=int, default=None, help="Override: stratified training subset size.")
 @click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")
@@ -337,8 +444,7 @@ def reproduce(ctx, out, data_root):
 @click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
 @click.option("--one-at-a-time", is_flag=True, help="Train the runs one by one instead of as one stack per phase.")
 @click.option("--out", default="runs/table", show_default=True)
-def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, width, data_root, device, one_at_a_time,
-                    out):
+def reproduce_table(rows, seeds, budget, epochs, limit_train, limit_test, width, data_root, device, one_at_a_time, out):
     """The paper's table: 5 regimes per row, our mean ± std beside the paper's; records, table.md and a bar chart."""
     _table(rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time, width)
 
@@ -354,14 +460,29 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
     """ReLU - FRNPF-II against training budget (width, images, epochs) on CIFAR-10: where the paper's order appears."""
     from .errors import check_choice
     from .experiments import budget
+
     check_choice("arch", arch, ("gconv", "vconv"))
-    click.echo(budget.run(out, grid=grid, arch=arch, limit_test=limit_test, data_root=data_root, device=device,
-                          progress=_progress(), log=lambda m: click.echo(m, err=True)))
+    click.echo(
+        budget.run(
+            out,
+            grid=grid,
+            arch=arch,
+            limit_test=limit_test,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("dlgn")
-@click.option("--budget", default="cpu", show_default=True,
-              help="quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)")
+@click.option(
+    "--budget",
+    default="cpu",
+    show_default=True,
+    help="quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)",
+)
 @click.option("--sets", default="sd-i,sd-ii,sd-iii", show_default=True, help="Comma-separated oblique-tree sets.")
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--seeds", type=int, default=None, help="Override the budget's seeds.")
@@ -370,12 +491,25 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
 def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
     """DLGN, DLGN-SF, a ReLU net and KRR on the DLGN's NPK on the oblique-decision-tree sets; 2-D hyperplane plot."""
     from .experiments import dlgn
-    click.echo(dlgn.run(out, budget, sets=[s.strip() for s in sets.split(",") if s.strip()], epochs=epochs,
-                        seeds=seeds, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        dlgn.run(
+            out,
+            budget,
+            sets=[s.strip() for s in sets.split(",") if s.strip()],
+            epochs=epochs,
+            seeds=seeds,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("gates")
-@click.option("--budget", default="quick", show_default=True, help="quick (10 epochs, 10,000 images) | paper (100, all)")
+@click.option(
+    "--budget", default="quick", show_default=True, help="quick (10 epochs, 10,000 images) | paper (100, all)"
+)
 @click.option("--epochs", type=int, default=None)
 @click.option("--pairs", type=int, default=None, help="Segments per kind (same / different class) for the regions.")
 @click.option("--data-root", default=None)
@@ -384,8 +518,19 @@ def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
 def reproduce_gates(budget, epochs, pairs, data_root, device, out):
     """Gate dynamics during training: flips, activation patterns, class sub-network overlap, regions on segments."""
     from .experiments import gates
-    click.echo(gates.run(out, budget, epochs=epochs, pairs=pairs, data_root=data_root, device=device, progress=_progress(),
-                         log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        gates.run(
+            out,
+            budget,
+            epochs=epochs,
+            pairs=pairs,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("theorem")
@@ -397,11 +542,20 @@ def reproduce_theorem(budget, data_root, device, out):
     """Theorem 5.1: E[K^v] = d sigma^(2(d-1)) H, and one draw converging like w^(-1/2)."""
     from .errors import check_choice
     from .experiments import theorem
+
     check_choice("budget", budget, ("quick", "full"))
     from .train import resolve_device
-    theorem.run(out, quick=budget == "quick", data_root=data_root, progress=_progress(), device=resolve_device(device),
-                log=lambda m: click.echo(m, err=True))
+
+    theorem.run(
+        out,
+        quick=budget == "quick",
+        data_root=data_root,
+        progress=_progress(),
+        device=resolve_device(device),
+        log=lambda m: click.echo(m, err=True),
+    )
     from pathlib import Path
+
     click.echo((Path(out) / "theorem.md").read_text())
     click.echo(f"records: {Path(out) / 'theorem.jsonl'}   plot: {Path(out) / 'theorem.png'}")
 
@@ -416,8 +570,19 @@ def reproduce_theorem(budget, data_root, device, out):
 def reproduce_nu(budget, runs, epochs, data_root, device, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu
-    click.echo(nu.run(out, budget, runs=runs, epochs=epochs, data_root=data_root, device=device, progress=_progress(),
-                 log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        nu.run(
+            out,
+            budget,
+            runs=runs,
+            epochs=epochs,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("ntk-split")
@@ -429,15 +594,32 @@ def reproduce_nu(budget, runs, epochs, data_root, device, out):
 def reproduce_ntk_split(budget, epochs, data_root, device, out):
     """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
     from .experiments import ntk_split
-    click.echo(ntk_split.run(out, budget, epochs=epochs, data_root=data_root, device=device, progress=_progress(),
-                        log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        ntk_split.run(
+            out,
+            budget,
+            epochs=epochs,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("continuous")
-@click.option("--budget", default="quick", show_default=True,
-              help="quick (FC, MNIST, minutes) | cpu (GCONV x1/4, 10,000 CIFAR-10 images, 3 seeds, hours) | paper")
-@click.option("--arch", default=None, help="gconv (the paper's; default of --budget cpu|paper) | vconv | fc (MNIST; "
-              "default of --budget quick)")
+@click.option(
+    "--budget",
+    default="quick",
+    show_default=True,
+    help="quick (FC, MNIST, minutes) | cpu (GCONV x1/4, 10,000 CIFAR-10 images, 3 seeds, hours) | paper",
+)
+@click.option(
+    "--arch",
+    default=None,
+    help="gconv (the paper's; default of --budget cpu|paper) | vconv | fc (MNIST; " "default of --budget quick)",
+)
 @click.option("--seeds", type=int, default=None, help="Seeds 0..N-1 (mean ± std per stage).")
 @click.option("--stages", type=int, default=None)
 @click.option("--step", type=int, default=None, help="ReLU epochs between stages.")
@@ -449,9 +631,23 @@ def reproduce_ntk_split(budget, epochs, data_root, device, out):
 def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_train, data_root, device, out):
     """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
     from .experiments import continuous
-    click.echo(continuous.run(out, budget, arch=arch, seeds=seeds, stages=stages, step=step, stage_epochs=stage_epochs,
-                         limit_train=limit_train, data_root=data_root, device=device, progress=_progress(),
-                         log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        continuous.run(
+            out,
+            budget,
+            arch=arch,
+            seeds=seeds,
+            stages=stages,
+            step=step,
+            stage_epochs=stage_epochs,
+            limit_train=limit_train,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @reproduce.command("kernels")
@@ -466,8 +662,21 @@ def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_
 def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, out):
     """Kernel ridge regression and an SVM on the NPK of evolving gates, and on the final NTK."""
     from .experiments import kernel_machines
-    click.echo(kernel_machines.run(out, budget, arch=arch, n_train=n_train, n_test=n_test, epochs=epochs,
-                              data_root=data_root, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True)))
+
+    click.echo(
+        kernel_machines.run(
+            out,
+            budget,
+            arch=arch,
+            n_train=n_train,
+            n_test=n_test,
+            epochs=epochs,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
 
 
 @cli.group()
@@ -481,8 +690,10 @@ def report():
 def report_table(records, out):
     """The paper's table from a runs.jsonl written by `reproduce table`."""
     from pathlib import Path
+
     from .experiments import table
     from .io import read_jsonl, write_text
+
     p = Path(records)
     if not p.is_file():
         raise FileNotFoundError(f"{records}: no such records file (a runs.jsonl from `reproduce table`)")
@@ -512,22 +723,27 @@ def report_table(records, out):
 @click.option("--data-root", default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto (kernels in float64)")
 @click.option("--out", default=None, help="Append the result record to this JSON-lines file.")
-def kernel_fit(checkpoint, module, weights, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root,
-               device, out):
+def kernel_fit(
+    checkpoint, module, weights, arch, regime, seed, dataset, kind, method, n_train, n_test, data_root, device, out
+):
     """Fit kernel ridge regression or an SVM on a network's NPK or NTK; print the test accuracy."""
     import time
+
     from . import datasets
     from .errors import check_choice
     from .experiments.kernel_machines import kernels_for
     from .io import append_jsonl
     from .kernels.machines import accuracy, fit_predict
+
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
-    net, xtr, _ = _kernel_setup(checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root,
-                                "float64", device, module, weights)
+    net, xtr, _ = _kernel_setup(
+        checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root, "float64", device, module, weights
+    )
     ds = dataset or "mnist"
     if checkpoint:
         from . import checkpoints
+
         ds = dataset or checkpoints.load(checkpoint)["config"].get("dataset", "mnist")
     datasets.check_limit("--n-test", n_test, ds, "test", root=data_root)
     _, ytr = datasets.load(ds, "train", root=data_root, limit=n_train, seed=0)
@@ -535,12 +751,22 @@ def kernel_fit(checkpoint, module, weights, arch, regime, seed, dataset, kind, m
     t = time.time()
     K, Kt = kernels_for(net, xtr, xte, kind)
     pred, info = fit_predict(method, K, ytr, Kt)
-    rec = {"kernel": kind, "method": method, "checkpoint": checkpoint, "n_train": n_train, "n_test": n_test,
-           "test_acc": accuracy(pred, yte), "seconds": time.time() - t, **info}
+    rec = {
+        "kernel": kind,
+        "method": method,
+        "checkpoint": checkpoint,
+        "n_train": n_train,
+        "n_test": n_test,
+        "test_acc": accuracy(pred, yte),
+        "seconds": time.time() - t,
+        **info,
+    }
     if out:
         append_jsonl(out, rec)
-    click.echo(f"{kind.upper()} + {method.upper()}: test accuracy {100 * rec['test_acc']:.2f}% "
-               f"({n_train} train / {n_test} test, {rec['seconds']:.1f} s)" + (f"; record in {out}" if out else ""))
+    click.echo(
+        f"{kind.upper()} + {method.upper()}: test accuracy {100 * rec['test_acc']:.2f}% "
+        f"({n_train} train / {n_test} test, {rec['seconds']:.1f} s)" + (f"; record in {out}" if out else "")
+    )
 
 
 def _terminate(signum, frame):
@@ -555,6 +781,7 @@ def main(argv=None):
             cli.main(args=argv, prog_name="neuralpath", standalone_mode=False)
         finally:
             from . import distributed
+
             distributed.shutdown()
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

@@ -4,6 +4,7 @@
 WORLD_SIZE, LOCAL_RANK and the rendezvous variables; :func:`init` starts the process group from them. Outside
 torchrun (no WORLD_SIZE, or WORLD_SIZE=1) everything runs in one process and these helpers are no-ops.
 """
+
 from __future__ import annotations
 
 import os

@@ -9,6 +9,7 @@
   weights (value input all ones), yhat(x) = sum_{i_1..i_{d-1}} V[i_1, ..., i_{d-1}] prod_l g_l(x)[i_l];
   its NPK is prod_l <g_l(x), g_l(x')>.
 """
+
 from __future__ import annotations
 
 import math
@@ -41,15 +42,17 @@ def gate_hyperplanes(net: DGN, x: torch.Tensor | None = None):
     with torch.enable_grad():
         if net.gating in ("linear", "shallow"):
             z = torch.zeros(d_in, dtype=p.dtype, device=p.device)
-            J = jacrev(qs)(z)          # (units, d_in): the linear part, exact
+            J = jacrev(qs)(z)  # (units, d_in): the linear part, exact
             off = qs(z).detach()
             sizes = [q[0].numel() for q in net.feature_forward(z.reshape(1, *shape))[0]]
             return [(a.detach(), b) for a, b in zip(J.split(sizes), off.split(sizes))]
         if x is None:
-            raise NeuralpathError("a ReLU gating network has no global hyperplanes: pass x to get those of its "
-                                  "linear region (gate_hyperplanes(net, x))")
+            raise NeuralpathError(
+                "a ReLU gating network has no global hyperplanes: pass x to get those of its "
+                "linear region (gate_hyperplanes(net, x))"
+            )
         xf = x.to(p.device, p.dtype).reshape(len(x), -1)
-        J = vmap(jacrev(qs))(xf)       # (n, units, d_in)
+        J = vmap(jacrev(qs))(xf)  # (n, units, d_in)
         q = vmap(qs)(xf)
         off = q - torch.einsum("nud,nd->nu", J, xf)
         sizes = [t[0].numel() for t in net.feature_forward(xf[:1].reshape(1, *shape))[0]]
@@ -61,8 +64,17 @@ class DLGNVT(nn.Module):
 
     in_dim -> (depth - 1) gated layers of ``width``; output scalar (or ``out_dim`` channels of the tensor)."""
 
-    def __init__(self, in_dim: int, width: int, depth: int, out_dim: int = 1, beta: float = 10.0, gate: str = "soft",
-                 bias: bool = True, generator: torch.Generator | None = None):
+    def __init__(
+        self,
+        in_dim: int,
+        width: int,
+        depth: int,
+        out_dim: int = 1,
+        beta: float = 10.0,
+        gate: str = "soft",
+        bias: bool = True,
+        generator: torch.Generator | None = None,
+    ):
         super().__init__()
         if depth < 2:
             raise NeuralpathError(f"depth={depth} must be >= 2")
@@ -76,7 +88,9 @@ class DLGNVT(nn.Module):
         dims = [in_dim] + [width] * (depth - 1)
         self.feature_layers = nn.ModuleList([nn.Linear(dims[l], dims[l + 1], bias=bias) for l in range(depth - 1)])
         g = generator or torch.Generator().manual_seed(0)
-        self.V = nn.Parameter(torch.randn((out_dim,) + (width,) * (depth - 1), generator=g) / math.sqrt(width ** (depth - 1)))
+        self.V = nn.Parameter(
+            torch.randn((out_dim,) + (width,) * (depth - 1), generator=g) / math.sqrt(width ** (depth - 1))
+        )
         with torch.no_grad():
             for layer in self.feature_layers:
                 layer.weight.normal_(0, 1 / math.sqrt(layer.in_features), generator=g)
@@ -93,9 +107,9 @@ class DLGNVT(nn.Module):
 
     def forward(self, x):
         t = self.V.unsqueeze(0).expand(len(x), *self.V.shape)  # (n, k, w, ..., w)
-        for g in reversed(self.gates(x)):                      # contract the last path index with the last gates
+        for g in reversed(self.gates(x)):  # contract the last path index with the last gates
             t = (t * g.reshape(len(x), *([1] * (t.dim() - 2)), -1)).sum(-1)
-        return t                                               # (n, k)
+        return t  # (n, k)
 
     def npk(self, x1, x2=None):
         """H(x, x') = prod_l <g_l(x), g_l(x')> (paths = one unit per gated layer; value input all ones)."""

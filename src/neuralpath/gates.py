@@ -4,6 +4,7 @@ hard:  G = 1{q > 0}                      no gradient flows through it (the indic
 soft:  G = (1 + eps) * sigmoid(beta * q) gradient flows into the feature network
 The authors use beta = 4 and eps = 0.1 in every soft-gate run.
 """
+
 from __future__ import annotations
 
 import torch

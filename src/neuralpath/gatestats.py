@@ -14,6 +14,7 @@
   Hanin and Rolnick (arXiv 1906.00904) show that at initialisation the expected count along a line grows with the
   number of neurons, not with depth.
 """
+
 from __future__ import annotations
 
 import torch

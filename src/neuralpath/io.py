@@ -1,4 +1,5 @@
 """Atomic file writes: everything neuralpath writes goes to a temporary name in the same folder, then is renamed."""
+
 from __future__ import annotations
 
 import contextlib
@@ -84,5 +85,6 @@ def read_jsonl(path):
 
 def save_npy(path, array):
     import numpy as np
+
     with atomic_path(path, ".npy") as tmp:
         np.save(tmp, array)

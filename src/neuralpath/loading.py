@@ -5,6 +5,7 @@ tied) beside its weights and its run's training config; the weights also carry i
 to load into a network of another configuration. Loading rebuilds the network from that configuration, never from
 defaults (a DLNPF checkpoint rebuilt as ``FCDGN()`` would get hard gates and another accuracy).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -12,15 +13,24 @@ from pathlib import Path
 
 from . import checkpoints
 from .errors import NeuralpathError
-from .nets import ConvDGN, FCDGN
+from .nets import FCDGN, ConvDGN
+
 
 def _resnet(cfg):
     import torch
+
     from .anynet import from_module
     from .regimes import make_resnet
+
     model = make_resnet(0, (cfg["in_channels"], 32, 32), cfg["out_dim"], cfg["width"], cfg["blocks"], cfg["bn"])
-    return from_module(model, torch.zeros(1, cfg["in_channels"], 32, 32), gate=cfg["gate"], tied=cfg["tied"],
-                       beta=cfg["beta"], eps=cfg["eps"])
+    return from_module(
+        model,
+        torch.zeros(1, cfg["in_channels"], 32, 32),
+        gate=cfg["gate"],
+        tied=cfg["tied"],
+        beta=cfg["beta"],
+        eps=cfg["eps"],
+    )
 
 
 NETS = {"fc": FCDGN, "vconv": ConvDGN, "gconv": ConvDGN, "resnet": _resnet}
@@ -32,8 +42,10 @@ def net_from_config(cfg: dict):
     cfg = dict(cfg)
     arch = cfg.get("arch")
     if arch == "module":
-        raise NeuralpathError(f"the checkpoint holds the DGN of a user model ({cfg.get('model')}); rebuild it with "
-                              "neuralpath.from_module(your_model, example) and load the 'model' entry")
+        raise NeuralpathError(
+            f"the checkpoint holds the DGN of a user model ({cfg.get('model')}); rebuild it with "
+            "neuralpath.from_module(your_model, example) and load the 'model' entry"
+        )
     if arch not in NETS:
         raise NeuralpathError(f"network configuration names arch={arch!r}; known: {', '.join(NETS)}")
     if arch in ("fc", "resnet"):
@@ -48,8 +60,10 @@ def load_net(path, map_location="cpu"):
     sd = ck["model"]
     cfg = ck.get("net") or (sd.get("_extra_state") or {}).get("config")
     if not cfg:
-        raise NeuralpathError(f"{path}: the checkpoint stores no network configuration (written by an older "
-                              "neuralpath); rebuild the network by hand and load its 'model' entry")
+        raise NeuralpathError(
+            f"{path}: the checkpoint stores no network configuration (written by an older "
+            "neuralpath); rebuild the network by hand and load its 'model' entry"
+        )
     net = net_from_config(cfg)
     net.load_state_dict(sd)
     if ck.get("config", {}).get("regime") in FROZEN_REGIMES:
@@ -60,6 +74,7 @@ def load_net(path, map_location="cpu"):
 @dataclass
 class Run:
     """A finished (or unfinished) run folder: its network at the best test epoch, config, result and records."""
+
     path: Path
     net: object
     config: dict
@@ -71,11 +86,19 @@ def load_run(path, which: str = "best.pt", map_location="cpu") -> Run:
     """The run in folder ``path``: ``which`` picks the checkpoint (best.pt: the best test epoch; best_even.pt;
     last.pt; epoch_K.pt)."""
     from .runfolder import RunFolder
+
     f = RunFolder(path)
     if not f.path.is_dir():
         raise NeuralpathError(f"{path}: no such run folder")
     if not f.file(which).exists():
-        raise NeuralpathError(f"{path}: no {which} in this run folder "
-                              f"(has: {', '.join(sorted(p.name for p in f.path.glob('*.pt'))) or 'no checkpoints'})")
-    return Run(path=f.path, net=load_net(f.file(which), map_location), config=f.config() or {},
-               result=f.result() if f.finished else None, records=f.records())
+        raise NeuralpathError(
+            f"{path}: no {which} in this run folder "
+            f"(has: {', '.join(sorted(p.name for p in f.path.glob('*.pt'))) or 'no checkpoints'})"
+        )
+    return Run(
+        path=f.path,
+        net=load_net(f.file(which), map_location),
+        config=f.config() or {},
+        result=f.result() if f.finished else None,
+        records=f.records(),
+    )

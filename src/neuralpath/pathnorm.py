@@ -11,6 +11,7 @@ from :func:`neuralpath.from_module`.
 Uses: the bound |yhat_k(x)| <= sqrt(H(x, x)) ||v_k||_2 (Cauchy-Schwarz on yhat_k = <phi_x, v_k>, H the NPK), and
 the ratio ||v||_2^2 / nu (nu = y^T H^-1 y is the squared norm of the smallest NPV that fits y with the given gates).
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,6 +31,7 @@ def path_norm(net, q: float = 2.0, dtype=torch.float64):
     if not q > 0:
         raise NeuralpathError(f"q={q!r} must be positive")
     from .anynet import ModuleDGN
+
     if isinstance(net, ModuleDGN):
         return _module_path_norm(net, q, dtype)
     if not isinstance(net, DGN):
@@ -53,6 +55,7 @@ def path_norm(net, q: float = 2.0, dtype=torch.float64):
 
 def _module_path_norm(dgn, q, dtype):
     from .anynet.npk import _adaptive_matrix
+
     vals = []
     mods = dict(dgn.value.named_modules())
     for op in dgn.ops:
@@ -65,11 +68,20 @@ def _module_path_norm(dgn, q, dtype):
             z = F.linear(a[0], _abs_q(m.weight, q).to(dtype), None if m.bias is None else _abs_q(m.bias, q).to(dtype))
         elif k == "conv":
             m = mods[op.module]
-            z = F.conv2d(a[0], _abs_q(m.weight, q).to(dtype), None if m.bias is None else _abs_q(m.bias, q).to(dtype),
-                         m.stride, op.opts["padding"], m.dilation, m.groups)
+            z = F.conv2d(
+                a[0],
+                _abs_q(m.weight, q).to(dtype),
+                None if m.bias is None else _abs_q(m.bias, q).to(dtype),
+                m.stride,
+                op.opts["padding"],
+                m.dilation,
+                m.groups,
+            )
         elif k == "bn":
             m = mods[op.module]
-            scale = (m.weight if m.weight is not None else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+            scale = (m.weight if m.weight is not None else torch.ones_like(m.running_var)) / torch.sqrt(
+                m.running_var + m.eps
+            )
             shift = (m.bias if m.bias is not None else torch.zeros_like(m.running_mean)) - scale * m.running_mean
             shp = (1, -1) + (1,) * (a[0].dim() - 2)
             z = a[0] * (scale.abs() ** q).to(dtype).reshape(shp) + (shift.abs() ** q).to(dtype).reshape(shp)
@@ -106,8 +118,10 @@ def _module_path_norm(dgn, q, dtype):
 def output_bound(net, x, dtype=torch.float64):
     """(|yhat(x)| (n, k), bound sqrt(H(x, x)) ||v_k||_2 (n, k)): Cauchy-Schwarz on yhat_k = <phi_x, v_k>."""
     import copy
-    from .kernels.npk import npk_diag
+
     from .anynet import ModuleDGN, npk_module
+    from .kernels.npk import npk_diag
+
     net64 = copy.deepcopy(net).to(dtype)
     x = x.to(dtype)
     out = net64(x).abs()

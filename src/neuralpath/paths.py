@@ -12,6 +12,7 @@ c(p) is the product of fixed, non-trainable coefficients on p: 1 for dense and c
 through a global average pool. Paths starting at a bias unit have x(I_0) replaced by 1 and start at that layer.
 Path order: input paths, then bias paths of layer 1, 2, ..., d (the output bias, one path).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,10 @@ def _layer_matrices(net: DGN):
             shape = tuple(z.shape[1:])
             n_in = z[0].numel()
             if n_in * n_in * 64 > 4 * MAX_ENTRIES:
-                raise NeuralpathError(f"layer {l + 1} has {n_in} input units: too large to unroll; npf/npv are for "
-                                      "small networks (use npk for the kernel)")
+                raise NeuralpathError(
+                    f"layer {l + 1} has {n_in} input units: too large to unroll; npf/npv are for "
+                    "small networks (use npk for the kernel)"
+                )
             basis = torch.eye(n_in, dtype=p.dtype, device=p.device).reshape(n_in, *shape)
             tb = net.transition(l, basis)
 
@@ -44,7 +47,8 @@ def _layer_matrices(net: DGN):
                 if isinstance(layer, torch.nn.Conv2d):
                     return F.conv2d(tb, w, None, layer.stride, layer.padding)
                 return F.linear(tb, w)
-            J = op(layer.weight).reshape(n_in, -1).T          # C * E, (N_out, N_in)
+
+            J = op(layer.weight).reshape(n_in, -1).T  # C * E, (N_out, N_in)
             C = op(torch.ones_like(layer.weight)).reshape(n_in, -1).T
             E = torch.where(C != 0, J / torch.where(C != 0, C, torch.ones_like(C)), torch.zeros_like(J))
             out = layer(net.transition(l, z))
@@ -66,7 +70,7 @@ def path_count(net: DGN) -> int:
     """Number of paths P (input paths plus bias paths), counted without enumerating them."""
     mats = _layer_matrices(net)
     c = torch.ones(mats[0][1].shape[1], dtype=torch.float64)
-    for E, C, b in mats[:-1]:
+    for _, C, b in mats[:-1]:
         c = (C != 0).double() @ c + (1.0 if b is not None else 0.0)
     return int(round(c.sum().item())) + (1 if mats[-1][2] is not None else 0)
 
@@ -76,8 +80,10 @@ def _enumerate(net: DGN, x, max_entries: int):
     n = 0 if x is None else len(x)
     P = path_count(net)
     if max(n, 1) * P > max_entries or P * mats[-1][0].shape[0] > max_entries:
-        raise NeuralpathError(f"the network has {P:,} paths: npf/npv would hold {max(n, 1) * P:,} entries "
-                              f"(limit {max_entries:,}); use a smaller network, fewer inputs, or npk for the kernel")
+        raise NeuralpathError(
+            f"the network has {P:,} paths: npf/npv would hold {max(n, 1) * P:,} entries "
+            f"(limit {max_entries:,}); use a smaller network, fewer inputs, or npk for the kernel"
+        )
     p = next(net.parameters())
     if x is not None:
         xin = net.value_in(net._prepare(x.to(p.device, p.dtype))).reshape(n, -1)
@@ -91,14 +97,16 @@ def _enumerate(net: DGN, x, max_entries: int):
     d = len(mats)
     for l in range(d - 1):
         E, C, b = mats[l]
-        o_idx, i_idx = torch.nonzero(C != 0, as_tuple=True)        # edges (out, in), sorted by out
+        o_idx, i_idx = torch.nonzero(C != 0, as_tuple=True)  # edges (out, in), sorted by out
         order = torch.argsort(i_idx, stable=True)
-        o_idx, i_idx = o_idx[order], i_idx[order]                  # now grouped by their input unit
+        o_idx, i_idx = o_idx[order], i_idx[order]  # now grouped by their input unit
         counts = torch.bincount(i_idx, minlength=C.shape[1])
         starts = torch.cumsum(counts, 0) - counts
-        rep = counts[end]                                          # edges leaving each path's end unit
+        rep = counts[end]  # edges leaving each path's end unit
         pidx = torch.repeat_interleave(torch.arange(len(end), device=end.device), rep)
-        offs = torch.arange(int(rep.sum()), device=end.device) - torch.repeat_interleave(torch.cumsum(rep, 0) - rep, rep)
+        offs = torch.arange(int(rep.sum()), device=end.device) - torch.repeat_interleave(
+            torch.cumsum(rep, 0) - rep, rep
+        )
         eidx = starts[end][pidx] + offs
         new_end = o_idx[eidx]
         src_end = i_idx[eidx]
@@ -106,7 +114,7 @@ def _enumerate(net: DGN, x, max_entries: int):
         if feat is not None:
             feat = feat[:, pidx] * C[new_end, src_end] * gates[l][:, new_end]
         end = new_end
-        if b is not None:                                          # paths starting at this layer's bias units
+        if b is not None:  # paths starting at this layer's bias units
             units = torch.arange(C.shape[0], device=end.device)
             val = torch.cat([val, b])
             if feat is not None:
@@ -115,10 +123,10 @@ def _enumerate(net: DGN, x, max_entries: int):
     E, C, b = mats[-1]
     if not torch.allclose(C, C[:1].expand_as(C)):
         raise NeuralpathError("output-layer coefficients differ between outputs; npf cannot share features")
-    values = val[:, None] * E[:, end].T                            # (P, k)
+    values = val[:, None] * E[:, end].T  # (P, k)
     if feat is not None:
         feat = feat * C[0, end]
-    if b is not None:                                              # the output bias: one path, feature 1
+    if b is not None:  # the output bias: one path, feature 1
         values = torch.cat([values, b[None, :]], dim=0)
         if feat is not None:
             feat = torch.cat([feat, torch.ones((n, 1), dtype=feat.dtype, device=feat.device)], dim=1)
@@ -129,6 +137,7 @@ def _enumerate(net: DGN, x, max_entries: int):
 def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES):
     """Explicit neural path features phi_x, (n, P); refuses, with the path count, when P is too large."""
     from .anynet import ModuleDGN, npf_module
+
     if isinstance(net, ModuleDGN):
         return npf_module(_as_dtype(net, dtype), x)
     if not isinstance(net, DGN):
@@ -140,6 +149,7 @@ def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES):
 def npv(net: DGN, *, dtype=None, max_entries: int = MAX_ENTRIES):
     """Explicit neural path values v, (P, out_dim), in the same path order as :func:`npf`."""
     from .anynet import ModuleDGN, npv_module
+
     if isinstance(net, ModuleDGN):
         return npv_module(_as_dtype(net, dtype))
     if not isinstance(net, DGN):

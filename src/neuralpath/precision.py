@@ -5,6 +5,7 @@ On Ampere and later GPUs PyTorch lets cuDNN convolutions (by default) and, when 
 that, so :func:`exact` switches TF32 off while a kernel is computed and restores the caller's setting after. Training
 keeps the caller's settings; bfloat16 autocast for training is opt-in (``--bf16``), off for reproduction.
 """
+
 from __future__ import annotations
 
 import contextlib

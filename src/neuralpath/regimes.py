@@ -1,4 +1,5 @@
-"""The five training regimes of the paper (arXiv 2006.10529; docs/THEORY.md §3): who is initialised how, what is copied, frozen and trained.
+"""The five training regimes of the paper (arXiv 2006.10529; docs/THEORY.md §3): who is initialised how, what is
+copied, frozen and trained.
 
 | regime   | gates | feature network                                   | trained           |
 |----------|-------|---------------------------------------------------|-------------------|
@@ -9,29 +10,34 @@
 | frnpf-ii | hard  | independent random initialisation, frozen         | value             |
 (The authors' sgd-mnist notebook swaps the II/DI labels in its code; these are the definitions of the text.)
 """
+
 from __future__ import annotations
 
 import torch
 
 from .errors import NeuralpathError, check_choice
-from .nets import ConvDGN, FCDGN
+from .nets import FCDGN, ConvDGN
 
 REGIMES = ("relu", "dlnpf", "flnpf", "frnpf-ii", "frnpf-di")
 ARCHS = ("fc", "vconv", "gconv", "resnet")
 
 
-def make_resnet(seed: int, in_shape=(3, 32, 32), out_dim: int = 10, width: int = 16, blocks=(1, 1, 1),
-                bn: bool = False):
+def make_resnet(
+    seed: int, in_shape=(3, 32, 32), out_dim: int = 10, width: int = 16, blocks=(1, 1, 1), bn: bool = False
+):
     """A CIFAR ResNet (neuralpath.nets.resnet) with PyTorch's default initialisation drawn under ``seed``."""
     from .nets.resnet import CifarResNet
+
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(int(seed))
         return CifarResNet(blocks=tuple(blocks), width=width, in_channels=in_shape[0], out_dim=out_dim, bn=bn)
 
 
-def _resnet_regime(regime, seed, relu_state, in_shape=(3, 32, 32), out_dim=10, width=16, blocks=(1, 1, 1),
-                   bn=False, **_):
+def _resnet_regime(
+    regime, seed, relu_state, in_shape=(3, 32, 32), out_dim=10, width=16, blocks=(1, 1, 1), bn=False, **_
+):
     from .anynet import from_module, module_regime
+
     example = torch.zeros((1, *in_shape))
     model = make_resnet(seed, in_shape, out_dim, width, blocks, bn)
     if regime == "relu":
@@ -45,23 +51,48 @@ def _resnet_regime(regime, seed, relu_state, in_shape=(3, 32, 32), out_dim=10, w
         try:
             model.load_state_dict(src)
         except RuntimeError as e:
-            raise NeuralpathError(f"the ReLU checkpoint does not fit this ResNet ({str(e).splitlines()[0][:120]})") from None
+            raise NeuralpathError(
+                f"the ReLU checkpoint does not fit this ResNet ({str(e).splitlines()[0][:120]})"
+            ) from None
     elif regime in ("frnpf-ii", "dlnpf"):
         init = make_resnet(seed + 1_000_003, in_shape, out_dim, width, blocks, bn)  # independent of the value init
     return module_regime(model, example, regime, seed=seed, init_model=init)
 
 
-def make_net(arch: str, *, in_shape=(1, 28, 28), out_dim: int = 10, width: int = 128, depth: int = 6,
-             gate: str = "hard", tied: bool = False, bias: bool = True, channels=None, hidden=None,
-             generator=None, init: str = "glorot", **kw):
+def make_net(
+    arch: str,
+    *,
+    in_shape=(1, 28, 28),
+    out_dim: int = 10,
+    width: int = 128,
+    depth: int = 6,
+    gate: str = "hard",
+    tied: bool = False,
+    bias: bool = True,
+    channels=None,
+    hidden=None,
+    generator=None,
+    init: str = "glorot",
+    **kw,
+):
     """A DGN of the named architecture for images of shape ``in_shape``."""
     check_choice("arch", arch, ARCHS)
     c, h, w = in_shape
     if arch == "resnet":
         raise NeuralpathError("make_net builds FC and conv DGNs; build ResNets with build_regime(..., 'resnet', ...)")
     if arch == "fc":
-        return FCDGN(in_dim=c * h * w, width=width, depth=depth, out_dim=out_dim, gate=gate, tied=tied, bias=bias,
-                     generator=generator, init=init, **kw)
+        return FCDGN(
+            in_dim=c * h * w,
+            width=width,
+            depth=depth,
+            out_dim=out_dim,
+            gate=gate,
+            tied=tied,
+            bias=bias,
+            generator=generator,
+            init=init,
+            **kw,
+        )
     if h != w:
         raise NeuralpathError(f"conv architectures need square images, got {h}x{w}")
     extra = {}
@@ -69,8 +100,19 @@ def make_net(arch: str, *, in_shape=(1, 28, 28), out_dim: int = 10, width: int =
         extra["channels"] = tuple(channels)
     if hidden is not None:
         extra["hidden"] = tuple(hidden)
-    return ConvDGN(arch=arch, in_channels=c, out_dim=out_dim, gate=gate, tied=tied, bias=bias, image_size=h,
-                   generator=generator, init=init, **extra, **kw)
+    return ConvDGN(
+        arch=arch,
+        in_channels=c,
+        out_dim=out_dim,
+        gate=gate,
+        tied=tied,
+        bias=bias,
+        image_size=h,
+        generator=generator,
+        init=init,
+        **extra,
+        **kw,
+    )
 
 
 def _same_shape(a, b) -> bool:
@@ -102,15 +144,16 @@ def build_regime(regime: str, arch: str, seed: int = 0, relu_state: dict | None 
     elif regime == "flnpf":
         if relu_state is None:
             raise NeuralpathError("regime 'flnpf' needs a trained ReLU network: pass --relu-checkpoint RUN_DIR_OR_FILE")
-        hidden = {k.removeprefix("value_layers."): v for k, v in relu_state.items()
-                  if k.startswith("value_layers.")}
+        hidden = {k.removeprefix("value_layers."): v for k, v in relu_state.items() if k.startswith("value_layers.")}
         n_hidden = len(net.feature_layers)
         src = {k: v for k, v in hidden.items() if int(k.split(".")[0]) < n_hidden}
         dst = net.feature_layers.state_dict()
         if not _same_shape(src, dst):
-            raise NeuralpathError("the ReLU checkpoint's hidden layers do not match this architecture "
-                                  f"(checkpoint {sorted((k, tuple(v.shape)) for k, v in src.items())[:3]}..., "
-                                  f"expected {sorted((k, tuple(v.shape)) for k, v in dst.items())[:3]}...)")
+            raise NeuralpathError(
+                "the ReLU checkpoint's hidden layers do not match this architecture "
+                f"(checkpoint {sorted((k, tuple(v.shape)) for k, v in src.items())[:3]}..., "
+                f"expected {sorted((k, tuple(v.shape)) for k, v in dst.items())[:3]}...)"
+            )
         net.feature_layers.load_state_dict(src)
     net.freeze_features(True)
     return net, net.value_parameters()

@@ -13,6 +13,7 @@ Identity: a run is its full config. Resuming or reusing a folder with a config t
 differing keys, unless the key is allowed to change (``allow_change``, e.g. ``epochs``: more epochs continue the
 run), and then the result record says what changed.
 """
+
 from __future__ import annotations
 
 import json
@@ -87,6 +88,7 @@ class RunFolder:
     def acquire(self):
         """Own the folder while writing it; a second writer gets a one-line error naming the holder."""
         from filelock import FileLock, Timeout
+
         if self.path.exists() and not self.path.is_dir():
             raise NeuralpathError(f"--out {self.path} is an existing file, not a folder; pick another --out")
         self._created = not self.path.exists()
@@ -101,11 +103,14 @@ class RunFolder:
                 holder = f"process {o['pid']} on {o['host']} (since {o['since']})"
             except (OSError, ValueError, KeyError):
                 pass
-            raise FolderBusy(f"{self.path} is being written by {holder}; wait for it to finish or pick another "
-                             "--out") from None
+            raise FolderBusy(
+                f"{self.path} is being written by {holder}; wait for it to finish or pick another " "--out"
+            ) from None
         self._lock = lock
-        write_json(self.file(".owner"), {"pid": os.getpid(), "host": socket.gethostname(),
-                                         "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        write_json(
+            self.file(".owner"),
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%d %H:%M:%S")},
+        )
         return self
 
     def release(self, failed: bool = False):
@@ -137,17 +142,20 @@ class RunFolder:
             return "new"
         if not resume:
             what = "a finished run" if self.finished else "an unfinished run"
-            raise NeuralpathError(f"{self.path} already holds {what}; pass --resume to continue or reuse it, or pick "
-                                  "another --out")
+            raise NeuralpathError(
+                f"{self.path} already holds {what}; pass --resume to continue or reuse it, or pick " "another --out"
+            )
         diff = config_diff(old, config, defaults)
         bad = {k: v for k, v in diff.items() if k not in allow_change}
         if bad:
             desc = ", ".join(f"{k}={a!r} there vs {b!r} now" for k, (a, b) in bad.items())
-            hint = (" (pass --allow-change epochs to train it for more epochs)" if set(bad) == {"epochs"} else "")
+            hint = " (pass --allow-change epochs to train it for more epochs)" if set(bad) == {"epochs"} else ""
             raise NeuralpathError(f"{self.path} holds a run with other settings: {desc}; pick another --out{hint}")
         if "epochs" in diff and diff["epochs"][1] < diff["epochs"][0]:
-            raise NeuralpathError(f"{self.path}: trained for {diff['epochs'][0]} epochs, fewer ({diff['epochs'][1]}) "
-                                  "were asked; a run is never shortened, pick another --out")
+            raise NeuralpathError(
+                f"{self.path}: trained for {diff['epochs'][0]} epochs, fewer ({diff['epochs'][1]}) "
+                "were asked; a run is never shortened, pick another --out"
+            )
         if self.finished:
             return "extend" if diff else "done"
         return "resume"

@@ -22,6 +22,7 @@ training row (:meth:`cache_frozen_gates`) and look them up per batch, so a froze
 forward and backward only. :class:`LoopStack` keeps them bit-packed (8 gates a byte: 50,000 CIFAR-10 images x
 393,216 conv gates of the full-width GCONV are 2.5 GB), :class:`FCStack` as bytes (60,000 x 640 per run).
 """
+
 from __future__ import annotations
 
 import torch
@@ -120,12 +121,17 @@ class LoopStack:
             rowmap[rows] = torch.arange(len(rows), device=x.device)
             packed = None
             for i in range(0, len(rows), batch):
-                gs = net.gates(x[rows[i:i + batch]])
+                gs = net.gates(x[rows[i : i + batch]])
                 if packed is None:
-                    packed = [(torch.empty(len(rows), (g[0].numel() + 7) // 8, dtype=torch.uint8, device=x.device),
-                               tuple(g.shape[1:])) for g in gs]
+                    packed = [
+                        (
+                            torch.empty(len(rows), (g[0].numel() + 7) // 8, dtype=torch.uint8, device=x.device),
+                            tuple(g.shape[1:]),
+                        )
+                        for g in gs
+                    ]
                 for (buf, _), g in zip(packed, gs):
-                    buf[i:i + len(g)] = pack_bits(g > 0)
+                    buf[i : i + len(g)] = pack_bits(g > 0)
             self._gates[r] = (rowmap, packed)
 
     def cached_gates_nbytes(self) -> int:
@@ -171,12 +177,17 @@ class FCStack:
 
         def stack(mods, trainable):  # weights stored transposed, (R, in, out): the weight gradient lands without a copy
             w = torch.stack([m.weight.detach().t() for m in mods]).contiguous().requires_grad_(trainable)
-            b = torch.stack([m.bias.detach() for m in mods]).clone().requires_grad_(trainable) if self.has_bias else None
+            b = (
+                torch.stack([m.bias.detach() for m in mods]).clone().requires_grad_(trainable)
+                if self.has_bias
+                else None
+            )
             return [w, b]
+
         self.value = [stack([n.value_layers[l] for n in nets], True) for l in range(self.depth)]
-        fro = nets[self.nt:self.nt + self.nf]
+        fro = nets[self.nt : self.nt + self.nf]
         self.frozen = [stack([n.feature_layers[l] for n in fro], False) for l in range(self.depth - 1)] if fro else []
-        soft = nets[self.nt + self.nf:]
+        soft = nets[self.nt + self.nf :]
         self.soft = [stack([n.feature_layers[l] for n in soft], True) for l in range(self.depth - 1)] if soft else []
         self._table = None
 
@@ -205,8 +216,10 @@ class FCStack:
         for group in self._groups():
             for i, (w, b) in enumerate(group):
                 rg = w.requires_grad
-                group[i] = [w.detach().to(device).requires_grad_(rg),
-                            None if b is None else b.detach().to(device).requires_grad_(rg)]
+                group[i] = [
+                    w.detach().to(device).requires_grad_(rg),
+                    None if b is None else b.detach().to(device).requires_grad_(rg),
+                ]
         return self
 
     def train(self, mode: bool = True):
@@ -230,7 +243,7 @@ class FCStack:
         x = x.flatten(1)
         chunks = []
         for i in range(0, len(x), batch):
-            f = x[i:i + batch]
+            f = x[i : i + batch]
             gs = []
             for l in range(self.depth - 1):
                 q = self._lin(f, self.frozen[l])
@@ -248,7 +261,7 @@ class FCStack:
         x = xs.flatten(2)[self.order]
         fg = None
         if self.nf and rows is not None and self._table is not None:
-            idx = rows[self.order][self.nt:self.nt + self.nf]  # (Rf, B)
+            idx = rows[self.order][self.nt : self.nt + self.nf]  # (Rf, B)
             fg = self._table[torch.arange(self.nf, device=idx.device)[:, None], idx]  # (Rf, B, d-1, w)
         return self._run(x, fg, shared=False)[self._inverse(xs.device)]
 
@@ -264,8 +277,8 @@ class FCStack:
     def _run(self, x, fg, shared):
         nt, nf, ns = self.nt, self.nf, self.ns
         h = x
-        ff = (x if shared else x[nt:nt + nf]) if nf and fg is None else None
-        fs = (x if shared else x[nt + nf:]) if ns else None
+        ff = (x if shared else x[nt : nt + nf]) if nf and fg is None else None
+        fs = (x if shared else x[nt + nf :]) if ns else None
         for l in range(self.depth - 1):
             pv = self._lin(h, self.value[l])
             gates = []

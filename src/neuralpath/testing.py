@@ -4,6 +4,7 @@ Subclass :class:`KernelTestBase` in a pytest module, set ``kernel(net, x1, x2=No
 a small float64 network and inputs), and the checks below run for the new kernel: symmetry, positive
 semi-definiteness, K(x1, x2) = K(x2, x1)^T, and blocked == unblocked.
 """
+
 from __future__ import annotations
 
 import torch
@@ -40,7 +41,7 @@ class KernelTestBase:
     def test_cross_block_consistent(self):
         for net, x, x2 in self.cases():
             full = self.kernel(net, torch.cat([x, x2]))
-            self._close(self.kernel(net, x, x2), full[: len(x), len(x):])
+            self._close(self.kernel(net, x, x2), full[: len(x), len(x) :])
 
     def test_blocked_equals_unblocked(self):
         for net, x, x2 in self.cases():

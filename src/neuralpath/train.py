@@ -20,6 +20,7 @@ RMSprop). Everything a run needs is kept here, once:
 :func:`train` (one run from a :class:`TrainConfig`) and :func:`train_many` (a stack of configs, e.g. a table row)
 are the entry points the CLI and the experiments use.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -40,15 +41,21 @@ import torch.nn.functional as F
 from . import checkpoints, datasets, distributed, precision
 from .errors import NeuralpathError, check_choice, check_positive_int
 from .io import append_jsonl, write_json
-from .regimes import ARCHS, REGIMES, build_regime
 from .nets import FCDGN
+from .regimes import ARCHS, REGIMES, build_regime
 from .runfolder import RunFolder
 from .stacks import make_stack
 
 OPTIMIZERS = ("adam", "sgd", "rmsprop")
 # (arch, optimiser) -> (learning rate, epochs): the authors' settings (arXiv 2006.10529, section 5 and its code)
-PAPER_DEFAULTS = {("fc", "adam"): (1e-4, 100), ("fc", "sgd"): (1e-2, 300), ("vconv", "adam"): (3e-4, 80),
-                  ("vconv", "sgd"): (1e-2, 80), ("gconv", "adam"): (3e-4, 200), ("gconv", "sgd"): (1e-1, 100)}
+PAPER_DEFAULTS = {
+    ("fc", "adam"): (1e-4, 100),
+    ("fc", "sgd"): (1e-2, 300),
+    ("vconv", "adam"): (3e-4, 80),
+    ("vconv", "sgd"): (1e-2, 80),
+    ("gconv", "adam"): (3e-4, 200),
+    ("gconv", "sgd"): (1e-1, 100),
+}
 PAPER_WIDTHS = {"channels": (64, 64, 128, 128), "hidden": (256, 256)}
 
 
@@ -58,25 +65,25 @@ class TrainConfig:
     dataset: str = "mnist"
     regime: str = "relu"
     optimizer: str = "adam"
-    lr: float | None = None          # None: the paper's value for (arch, optimizer)
-    epochs: int | None = None        # None: the paper's value for (arch, optimizer)
-    batch_size: int = 32             # the authors' batch size in every run
+    lr: float | None = None  # None: the paper's value for (arch, optimizer)
+    epochs: int | None = None  # None: the paper's value for (arch, optimizer)
+    batch_size: int = 32  # the authors' batch size in every run
     seed: int = 0
-    width: int | None = None         # fc: 128 (the paper's FC-MNIST width); resnet: 16 (its first stage's channels)
-    depth: int = 6                   # fc only: 5 gated hidden layers + output
-    blocks: list | None = None       # resnet only: basic blocks per stage, default (1, 1, 1) (ResNet-8)
-    channels: list | None = None     # conv only: override (64, 64, 128, 128)
-    hidden: list | None = None       # conv only: override (256, 256)
-    bias: bool = True                # the authors' Keras layers have biases; the theory is bias-free
-    limit_train: int | None = None   # stratified, seeded subset of the training split
+    width: int | None = None  # fc: 128 (the paper's FC-MNIST width); resnet: 16 (its first stage's channels)
+    depth: int = 6  # fc only: 5 gated hidden layers + output
+    blocks: list | None = None  # resnet only: basic blocks per stage, default (1, 1, 1) (ResNet-8)
+    channels: list | None = None  # conv only: override (64, 64, 128, 128)
+    hidden: list | None = None  # conv only: override (256, 256)
+    bias: bool = True  # the authors' Keras layers have biases; the theory is bias-free
+    limit_train: int | None = None  # stratified, seeded subset of the training split
     limit_test: int | None = None
-    val_split: float = 0.0           # fraction of the training split held out for model selection
+    val_split: float = 0.0  # fraction of the training split held out for model selection
     data_root: str | None = None
     device: str = "auto"
-    save_every: int = 0              # also keep epoch_K.pt and best_at_K.pt every K epochs (0: never)
+    save_every: int = 0  # also keep epoch_K.pt and best_at_K.pt every K epochs (0: never)
     relu_checkpoint: str | None = None
-    per_rank_batch: bool = False     # torchrun: batch_size per process (default: the global batch, shared out)
-    bf16: bool = False               # bfloat16 autocast for the training step (off: the paper's float32)
+    per_rank_batch: bool = False  # torchrun: batch_size per process (default: the global batch, shared out)
+    bf16: bool = False  # bfloat16 autocast for the training step (off: the paper's float32)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -112,8 +119,16 @@ class TrainConfig:
         for name in ("channels", "hidden"):
             v = getattr(c, name)
             if v is not None:
-                setattr(c, name, [check_positive_int(f"{name} entry", int(x)) if not isinstance(x, bool) else
-                                  check_positive_int(f"{name} entry", x) for x in v])
+                setattr(
+                    c,
+                    name,
+                    [
+                        check_positive_int(f"{name} entry", int(x))
+                        if not isinstance(x, bool)
+                        else check_positive_int(f"{name} entry", x)
+                        for x in v
+                    ],
+                )
         if c.regime == "flnpf" and not c.relu_checkpoint:
             raise NeuralpathError("regime 'flnpf' needs --relu-checkpoint RUN_DIR_OR_FILE (a trained ReLU run)")
         check_choice("device", c.device, ("auto", "cpu", "cuda"))
@@ -130,8 +145,13 @@ def resolve_device(name: str) -> torch.device:
 
 def versions() -> dict:
     from . import __version__
-    return {"neuralpath": __version__, "torch": torch.__version__, "numpy": np.__version__,
-            "python": platform.python_version()}
+
+    return {
+        "neuralpath": __version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "python": platform.python_version(),
+    }
 
 
 # -- data: resolved once per request -----------------------------------------------------------------------------
@@ -139,6 +159,7 @@ def versions() -> dict:
 class RunData:
     """The tensors a request trains and evaluates on: the full training split (each run picks its rows from it),
     the test split, and the label of the copy in use (e.g. 'CIFAR-10 (JPEG copy)')."""
+
     x_train: torch.Tensor
     y_train: torch.Tensor
     x_test: torch.Tensor
@@ -180,9 +201,11 @@ def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
         return torch.from_numpy(sub), None
     n_val = int(round(cfg.val_split * len(sub)))
     if n_val < 1 or n_val >= len(sub):
-        raise NeuralpathError(f"--val-split {cfg.val_split} of {len(sub)} training images leaves "
-                              f"{len(sub) - n_val} to train on and {n_val} to validate; choose a split that keeps "
-                              "both non-empty")
+        raise NeuralpathError(
+            f"--val-split {cfg.val_split} of {len(sub)} training images leaves "
+            f"{len(sub) - n_val} to train on and {n_val} to validate; choose a split that keeps "
+            "both non-empty"
+        )
     vi = datasets.stratified_indices(y[sub], n_val, seed=12345 + cfg.seed)
     mask = np.ones(len(sub), dtype=bool)
     mask[vi] = False
@@ -211,6 +234,7 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
 # -- losses and optimisers ----------------------------------------------------------------------------------------
 class Loss:
     """A per-example loss and its notion of a correct prediction."""
+
     name = "loss"
 
     def __call__(self, out, y):  # (b, k), (b,) -> (b,)
@@ -222,6 +246,7 @@ class Loss:
 
 class CrossEntropy(Loss):
     """Softmax cross-entropy on the logits; correct = argmax equals the label (the paper's tables)."""
+
     name = "ce"
 
     def __call__(self, out, y):
@@ -233,6 +258,7 @@ class CrossEntropy(Loss):
 
 class SquaredError(Loss):
     """(yhat - y)^2 on one output, y in {-1, +1}; correct = the sign agrees (the nu_t experiment)."""
+
     name = "mse"
 
     def __call__(self, out, y):
@@ -244,6 +270,7 @@ class SquaredError(Loss):
 
 class BinaryCrossEntropy(Loss):
     """Logistic loss on one output logit, y in {0, 1}; correct = the logit's sign agrees (the DLGN benchmark)."""
+
     name = "bce"
 
     def __call__(self, out, y):
@@ -277,19 +304,20 @@ class FitOptions:
     loss: str | Loss = "ce"
     device: str = "auto"
     save_every: int = 0
-    fast: bool = True                # FC stacks as batched products (tested equal to the loop)
+    fast: bool = True  # FC stacks as batched products (tested equal to the loop)
     per_rank_batch: bool = False
-    eval_batch: int | None = None    # None: 1000 rows for FC stacks; 32 for conv nets (3x faster per image on this
-                                     # CPU than 1000: the activations of small batches stay in cache)
-    state_every_s: float = 60.0      # write the resumable state at least this often (and after the last epoch)
-    bf16: bool = False               # bfloat16 autocast for forward and loss
-    flush_denormal: bool = True      # treat subnormal floats as zero on the CPU (x86 FTZ/DAZ): the DLGN's linear
-                                     # gating chains produce them, and they made its steps 9x slower here
+    eval_batch: int | None = None  # None: 1000 rows for FC stacks; 32 for conv nets (3x faster per image on this
+    # CPU than 1000: the activations of small batches stay in cache)
+    state_every_s: float = 60.0  # write the resumable state at least this often (and after the last epoch)
+    bf16: bool = False  # bfloat16 autocast for forward and loss
+    flush_denormal: bool = True  # treat subnormal floats as zero on the CPU (x86 FTZ/DAZ): the DLGN's linear
+    # gating chains produce them, and they made its steps 9x slower here
 
 
 @dataclass
 class RunSpec:
     """One run of a stack: its network (regime applied), seed (data order), training rows, folder and identity."""
+
     net: torch.nn.Module
     seed: int
     train_idx: torch.Tensor
@@ -299,8 +327,16 @@ class RunSpec:
     label: str = "run"
 
 
-FRESH_BEST = {"best_test_acc": -1.0, "best_epoch": 0, "best_even_acc": -1.0, "best_even_epoch": 0,
-              "clean_test_acc": None, "best_val_acc": -1.0, "best_val_epoch": 0, "test_acc_at_best_val": None}
+FRESH_BEST = {
+    "best_test_acc": -1.0,
+    "best_epoch": 0,
+    "best_even_acc": -1.0,
+    "best_even_epoch": 0,
+    "clean_test_acc": None,
+    "best_val_acc": -1.0,
+    "best_val_epoch": 0,
+    "test_acc_at_best_val": None,
+}
 
 
 @torch.no_grad()
@@ -317,11 +353,11 @@ def _evaluate(stack, x, y, loss, device, batch, idx=None):
     m = len(y) if idx is None else idx.shape[1]
     for i in range(0, m, batch):
         if idx is None:
-            xb, yb = x[i:i + batch].to(device), y[i:i + batch].to(device)
+            xb, yb = x[i : i + batch].to(device), y[i : i + batch].to(device)
             out = stack.forward_shared(xb)  # (R, b, k)
             yr = yb.expand(R, *yb.shape)
         else:
-            ib = idx[:, i:i + batch].to(device)
+            ib = idx[:, i : i + batch].to(device)
             out, yr = stack.forward(x[ib]), y[ib]
         tot += loss(out.reshape(-1, out.shape[-1]), yr.reshape(-1)).reshape(R, -1).sum(1).double().cpu()
         hits.append(loss.correct(out, yr).double().cpu())
@@ -338,12 +374,21 @@ def _allreduce_grads(params, world):
     distributed.all_reduce_sum(flat)
     i = 0
     for g in grads:
-        g.copy_(flat[i:i + g.numel()].view_as(g))
+        g.copy_(flat[i : i + g.numel()].view_as(g))
         i += g.numel()
 
 
-def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None, resume: bool = False,
-        progress: bool | None = None, log: Callable = print, on_epoch: Callable | None = None) -> list[dict]:
+def fit(
+    runs: list[RunSpec],
+    data: RunData,
+    opts: FitOptions,
+    *,
+    state_path=None,
+    resume: bool = False,
+    progress: bool | None = None,
+    log: Callable = print,
+    on_epoch: Callable | None = None,
+) -> list[dict]:
     """Train the runs as one stack; returns each run's result record (also written to its folder's result.json).
 
     ``state_path``: the resumable state (None: nothing is saved, e.g. experiments that keep networks in memory).
@@ -351,6 +396,7 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
     dict, is merged into each run's metric record. On return every ``runs[r].net`` holds the final weights.
     """
     from tqdm import tqdm
+
     loss = opts.loss if isinstance(opts.loss, Loss) else LOSSES[check_choice("loss", opts.loss, tuple(LOSSES))]()
     R = len(runs)
     n = len(runs[0].train_idx)
@@ -377,8 +423,10 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
     if state_path is not None and resume and state_path.exists():
         ck = checkpoints.load(state_path, require=("models", "optimizer", "epoch"))
         if ck.get("runs") != [str(f.path) if f else None for f in folders]:
-            raise NeuralpathError(f"{state_path} holds the state of other runs ({len(ck.get('runs', []))}); remove it "
-                                  "or pick another --out")
+            raise NeuralpathError(
+                f"{state_path} holds the state of other runs ({len(ck.get('runs', []))}); remove it "
+                "or pick another --out"
+            )
         for r, sd in enumerate(ck["models"]):
             stack.load_state_dict_of(r, sd)
         opt.load_state_dict(ck["optimizer"])
@@ -401,8 +449,14 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
     if start <= opts.epochs:
         stack.cache_frozen_gates(xtr, [r.train_idx.to(device) for r in runs])
     quiet = not sys.stderr.isatty() if progress is None else not progress
-    bar = tqdm(range(start, opts.epochs + 1), initial=start - 1, total=opts.epochs, leave=False,
-               disable=(not main) or quiet, desc=runs[0].label if R == 1 else f"stack of {R} runs")
+    bar = tqdm(
+        range(start, opts.epochs + 1),
+        initial=start - 1,
+        total=opts.epochs,
+        leave=False,
+        disable=(not main) or quiet,
+        desc=runs[0].label if R == 1 else f"stack of {R} runs",
+    )
     last_state = time.time()
     te_acc = None
     t_fit = time.time()
@@ -413,7 +467,7 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
         tot_loss = torch.zeros(R, dtype=torch.float64, device=device)
         tot_hit = torch.zeros(R, dtype=torch.float64, device=device)
         for i in range(0, n, gbatch):
-            rows = order[:, i:i + gbatch]
+            rows = order[:, i : i + gbatch]
             b = rows.shape[1]
             if world > 1:
                 rows = rows[:, rank::world]  # this process's share of every run's batch
@@ -422,7 +476,9 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
             with precision.autocast(device, opts.bf16):
                 out = stack.forward(xb, rows)  # (R, b_local, k)
                 o = out.reshape(-1, out.shape[-1])
-                per = loss(o.float() if o.dtype in (torch.bfloat16, torch.float16) else o, yb.reshape(-1)).reshape(R, -1)
+                per = loss(o.float() if o.dtype in (torch.bfloat16, torch.float16) else o, yb.reshape(-1)).reshape(
+                    R, -1
+                )
             opt.zero_grad(set_to_none=True)
             (per.sum() / b).backward()  # each run's mean over its global batch: run r's gradient is its own
             if world > 1:
@@ -441,8 +497,10 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
                 kept = f"the state after epoch {ep} is kept in {state_path} (resume continues from there)"
             else:
                 kept = "nothing was saved (it diverged before the first state was written)"
-            raise NeuralpathError(f"training diverged: the loss is not finite in epoch {epoch} for {', '.join(bad)}; "
-                                  f"{kept} (try a smaller --lr)")
+            raise NeuralpathError(
+                f"training diverged: the loss is not finite in epoch {epoch} for {', '.join(bad)}; "
+                f"{kept} (try a smaller --lr)"
+            )
         if not main:  # rank 0 evaluates and writes; the others wait for it
             distributed.barrier()
             continue
@@ -455,16 +513,25 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
             stack.sync()
             extra = on_epoch(epoch, [r.net for r in runs])  # None or one dict per run, merged into its record
         for r, run in enumerate(runs):
-            rec = {"epoch": epoch, "train_loss": train_loss[r], "train_acc": train_acc[r], "test_loss": float(te[0][r]),
-                   "test_acc": float(te[1][r]), "test_acc_even": float(te[2][r]), "test_acc_odd": float(te[3][r]),
-                   "seconds": secs / R}
+            rec = {
+                "epoch": epoch,
+                "train_loss": train_loss[r],
+                "train_acc": train_acc[r],
+                "test_loss": float(te[0][r]),
+                "test_acc": float(te[1][r]),
+                "test_acc_even": float(te[2][r]),
+                "test_acc_odd": float(te[3][r]),
+                "seconds": secs / R,
+            }
             bst = best[r]
             improved = rec["test_acc"] > bst["best_test_acc"]
             if improved:
                 bst.update(best_test_acc=rec["test_acc"], best_epoch=epoch)
             improved_even = rec["test_acc_even"] > bst["best_even_acc"]
             if improved_even:
-                bst.update(best_even_acc=rec["test_acc_even"], best_even_epoch=epoch, clean_test_acc=rec["test_acc_odd"])
+                bst.update(
+                    best_even_acc=rec["test_acc_even"], best_even_epoch=epoch, clean_test_acc=rec["test_acc_odd"]
+                )
             if va is not None:
                 rec["val_loss"], rec["val_acc"] = float(va[0][r]), float(va[1][r])
                 if rec["val_acc"] > bst["best_val_acc"]:
@@ -488,9 +555,11 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
         if state_path is not None and (epoch in (start, opts.epochs) or time.time() - last_state >= opts.state_every_s):
             _save_state(state_path, stack, runs, opt, epoch, best)
             last_state = time.time()
-        msg = (f"epoch {epoch}/{opts.epochs}: loss {np.mean(train_loss):.4f}, test acc "
-               + (f"{float(te[1][0]):.4f}" if R == 1 else f"{float(te[1].mean()):.4f} (mean of {R} runs)")
-               + f", {secs:.1f} s")
+        msg = (
+            f"epoch {epoch}/{opts.epochs}: loss {np.mean(train_loss):.4f}, test acc "
+            + (f"{float(te[1][0]):.4f}" if R == 1 else f"{float(te[1].mean()):.4f} (mean of {R} runs)")
+            + f", {secs:.1f} s"
+        )
         bar.set_postfix_str(msg.split(": ", 1)[1])
         if quiet and progress is None and main:
             log(f"{runs[0].label if R == 1 else f'stack of {R} runs'}: {msg}")
@@ -504,8 +573,17 @@ def fit(runs: list[RunSpec], data: RunData, opts: FitOptions, *, state_path=None
     for r, run in enumerate(runs):
         recs = run.folder.records() if run.folder else []
         final = float(te_acc[r]) if te_acc is not None else (recs[-1]["test_acc"] if recs else None)
-        res = dict(best[r], final_test_acc=final, epochs=opts.epochs, config=run.config, versions=versions(),
-                   device=str(device), data=data.label, stack_of=R, seconds=time.time() - t_fit)
+        res = dict(
+            best[r],
+            final_test_acc=final,
+            epochs=opts.epochs,
+            config=run.config,
+            versions=versions(),
+            device=str(device),
+            data=data.label,
+            stack_of=R,
+            seconds=time.time() - t_fit,
+        )
         if run.folder is not None:
             write_json(run.folder.file("result.json"), res)
         results.append(res)
@@ -520,6 +598,7 @@ def _net_config(net) -> dict | None:
 
 def _copy_atomic(src: Path, dst: Path):
     from .io import atomic_path
+
     if src.exists():
         with atomic_path(dst, ".pt") as tmp:
             shutil.copyfile(src, tmp)
@@ -527,8 +606,14 @@ def _copy_atomic(src: Path, dst: Path):
 
 def _save_state(path, stack, runs, opt, epoch, best):
     models = [stack.state_dict_of(r) for r in range(len(runs))]
-    ck = {"runs": [str(r.folder.path) if r.folder else None for r in runs], "models": models,
-          "optimizer": opt.state_dict(), "epoch": epoch, "best": best, "rng": torch.get_rng_state()}
+    ck = {
+        "runs": [str(r.folder.path) if r.folder else None for r in runs],
+        "models": models,
+        "optimizer": opt.state_dict(),
+        "epoch": epoch,
+        "best": best,
+        "rng": torch.get_rng_state(),
+    }
     if len(runs) == 1:  # a single run's last.pt doubles as a checkpoint of its network
         ck.update(model=models[0], config=runs[0].config, net=_net_config(runs[0].net))
     checkpoints.save(path, ck)
@@ -553,11 +638,14 @@ def load_relu_state(cfg: TrainConfig):
     if ck["config"].get("regime") != "relu":
         raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
     keys = ("arch", "dataset", "bias") + {"fc": ("width", "depth"), "resnet": ("width", "blocks")}.get(
-        cfg.arch, ("channels", "hidden"))
+        cfg.arch, ("channels", "hidden")
+    )
     for k in keys:
         if k in ck["config"] and ck["config"][k] != getattr(cfg, k):
-            raise NeuralpathError(f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
-                                  f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture")
+            raise NeuralpathError(
+                f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
+                f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture"
+            )
     return ck["model"]
 
 
@@ -568,18 +656,60 @@ def identity(cfg: TrainConfig) -> dict:
 def run_spec(cfg: TrainConfig, data: RunData, out=None) -> RunSpec:
     """The RunSpec of a resolved config: its network (regime applied) and rows."""
     tr, va = train_val_indices(cfg, data.y_train)
-    net, _ = build_regime(cfg.regime, cfg.arch, value_init_seed(cfg.regime, cfg.seed), load_relu_state(cfg),
-                          **net_kwargs(cfg, data.in_shape, data.num_classes))
-    return RunSpec(net=net, seed=cfg.seed, train_idx=tr, val_idx=va, folder=RunFolder(out) if out else None,
-                   config=identity(cfg), label=f"{cfg.regime} {cfg.arch} seed {cfg.seed}")
+    net, _ = build_regime(
+        cfg.regime,
+        cfg.arch,
+        value_init_seed(cfg.regime, cfg.seed),
+        load_relu_state(cfg),
+        **net_kwargs(cfg, data.in_shape, data.num_classes),
+    )
+    return RunSpec(
+        net=net,
+        seed=cfg.seed,
+        train_idx=tr,
+        val_idx=va,
+        folder=RunFolder(out) if out else None,
+        config=identity(cfg),
+        label=f"{cfg.regime} {cfg.arch} seed {cfg.seed}",
+    )
 
 
-SHARED = ("arch", "dataset", "optimizer", "lr", "epochs", "batch_size", "width", "depth", "blocks", "channels", "hidden",
-          "bias", "limit_train", "limit_test", "val_split", "data_root", "device", "save_every", "per_rank_batch", "bf16")
+SHARED = (
+    "arch",
+    "dataset",
+    "optimizer",
+    "lr",
+    "epochs",
+    "batch_size",
+    "width",
+    "depth",
+    "blocks",
+    "channels",
+    "hidden",
+    "bias",
+    "limit_train",
+    "limit_test",
+    "val_split",
+    "data_root",
+    "device",
+    "save_every",
+    "per_rank_batch",
+    "bf16",
+)
 
 
-def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | None = None, data: RunData | None = None,
-               log: Callable = print, allow_change=(), fast: bool = True, state_every_s: float = 60.0) -> list[dict]:
+def train_many(
+    cfgs,
+    outs,
+    state_path,
+    resume: bool = True,
+    progress: bool | None = None,
+    data: RunData | None = None,
+    log: Callable = print,
+    allow_change=(),
+    fast: bool = True,
+    state_every_s: float = 60.0,
+) -> list[dict]:
     """Train the runs ``cfgs`` as one stack, each into its folder ``outs[i]``; the stack's resumable state is
     ``state_path``. Finished runs with the same config are not retrained (their record is returned); a folder that
     holds a run of another config is refused (naming the keys), unless ``allow_change`` admits the difference."""
@@ -619,14 +749,25 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
             ck = checkpoints.load(state_path, require=("runs",))
             if ck.get("runs") != [str(folders[i].path) for i in todo]:
                 if any(not RunFolder(p).finished for p in ck.get("runs", []) if p):
-                    raise NeuralpathError(f"{state_path} belongs to another, unfinished set of runs; finish those "
-                                          "runs or remove the file to start afresh")
+                    raise NeuralpathError(
+                        f"{state_path} belongs to another, unfinished set of runs; finish those "
+                        "runs or remove the file to start afresh"
+                    )
                 state_path.unlink()  # left by a stack whose runs all finished (e.g. seed 0 before --seeds 5)
         elif state_path.exists() and not resume:
             raise NeuralpathError(f"{state_path} exists; pass --resume to continue it or pick another --out")
-        opts = FitOptions(optimizer=base.optimizer, lr=base.lr, epochs=base.epochs, batch_size=base.batch_size,
-                          device=base.device, save_every=base.save_every, fast=fast, per_rank_batch=base.per_rank_batch,
-                          state_every_s=state_every_s, bf16=base.bf16)
+        opts = FitOptions(
+            optimizer=base.optimizer,
+            lr=base.lr,
+            epochs=base.epochs,
+            batch_size=base.batch_size,
+            device=base.device,
+            save_every=base.save_every,
+            fast=fast,
+            per_rank_batch=base.per_rank_batch,
+            state_every_s=state_every_s,
+            bf16=base.bf16,
+        )
         res = fit(specs, data, opts, state_path=state_path, resume=resume, progress=progress, log=log)
         for i, r in zip(todo, res):
             if modes[i] == "extend":
@@ -641,9 +782,17 @@ def train_many(cfgs, outs, state_path, resume: bool = True, progress: bool | Non
             f.release(failed=failed)
 
 
-def train(cfg: TrainConfig, out, resume: bool = False, progress: bool | None = None, log: Callable = print,
-          data: RunData | None = None, allow_change=()) -> dict:
+def train(
+    cfg: TrainConfig,
+    out,
+    resume: bool = False,
+    progress: bool | None = None,
+    log: Callable = print,
+    data: RunData | None = None,
+    allow_change=(),
+) -> dict:
     """Train one run into the folder ``out`` and return its result record (also ``out/result.json``)."""
     out = Path(out)
-    return train_many([cfg], [out], out / "last.pt", resume=resume, progress=progress, data=data, log=log,
-                      allow_change=allow_change)[0]
+    return train_many(
+        [cfg], [out], out / "last.pt", resume=resume, progress=progress, data=data, log=log, allow_change=allow_change
+    )[0]

@@ -5,6 +5,7 @@ network: a structural copy of the model in which every ReLU/LeakyReLU multiplies
 instead of applying itself, and every max pool routes by the feature network's arg-max. With both networks sharing
 weights and hard gates (``tied=True``) it is the model: ``ModuleDGN(model)(x) == model(x)`` exactly.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -85,8 +86,15 @@ def run_ops(ops, fmodel, vmodel, x, record=None):
 class ModuleDGN(nn.Module):
     """The DGN of a traced model; see :func:`from_module`."""
 
-    def __init__(self, model: nn.Module, ops: list[Op], gate: str = "hard", beta: float = 4.0, eps: float = 0.1,
-                 tied: bool = True):
+    def __init__(
+        self,
+        model: nn.Module,
+        ops: list[Op],
+        gate: str = "hard",
+        beta: float = 4.0,
+        eps: float = 0.1,
+        tied: bool = True,
+    ):
         super().__init__()
         check_choice("gate", gate, GATES)
         if tied and gate != "hard":
@@ -170,13 +178,19 @@ class ModuleDGN(nn.Module):
 
     @property
     def has_bias(self) -> bool:
-        return any(getattr(m, "bias", None) is not None for m in self.value.modules()
-                   if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d)))
+        return any(
+            getattr(m, "bias", None) is not None
+            for m in self.value.modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d, nn.BatchNorm1d, nn.BatchNorm2d))
+        )
 
     def config(self) -> dict:
         own = getattr(self.feature, "config_", None)  # a model of neuralpath's registry (e.g. the CIFAR ResNet)
-        base = {"arch": "resnet", **own} if (own and type(self.feature).__name__ == "CifarResNet") else {
-            "arch": "module", "model": type(self.feature).__name__}
+        base = (
+            {"arch": "resnet", **own}
+            if (own and type(self.feature).__name__ == "CifarResNet")
+            else {"arch": "module", "model": type(self.feature).__name__}
+        )
         return {**base, "gate": self.gate_kind, "beta": self.beta, "eps": self.eps, "tied": self.tied}
 
     def get_extra_state(self):
@@ -185,14 +199,23 @@ class ModuleDGN(nn.Module):
     def set_extra_state(self, state):
         theirs = state.get("config", {}) if isinstance(state, dict) else {}
         mine = self.config()
-        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
+        diff = {
+            k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)
+        }
         if diff:
             desc = ", ".join(f"{k}={a!r} in the weights vs {b!r} here" for k, (a, b) in diff.items())
             raise NeuralpathError(f"these weights belong to another network configuration ({desc})")
 
 
-def from_module(model: nn.Module, example: torch.Tensor, *, gate: str = "hard", tied: bool = True,
-                beta: float = 4.0, eps: float = 0.1) -> ModuleDGN:
+def from_module(
+    model: nn.Module,
+    example: torch.Tensor,
+    *,
+    gate: str = "hard",
+    tied: bool = True,
+    beta: float = 4.0,
+    eps: float = 0.1,
+) -> ModuleDGN:
     """The deep gated network of a user's ReLU model, accepted wherever neuralpath takes a DGN (gates, npk,
     overlaps, npf/npv for tiny models, ntk, the regimes and the training engine).
 
@@ -214,6 +237,7 @@ def module_regime(model: nn.Module, example, regime: str, seed: int = 0, init_mo
     frnpf-di:  gates frozen at the value network's own initial weights.
     dlnpf:     soft gates from a feature network initialised independently of the value network, both trained."""
     from ..regimes import REGIMES
+
     check_choice("regime", regime, REGIMES)
     if regime == "relu":
         d = from_module(model, example, tied=True)
@@ -225,8 +249,9 @@ def module_regime(model: nn.Module, example, regime: str, seed: int = 0, init_mo
         if init_model is not None:
             d.feature.load_state_dict(init_model.state_dict())
         else:
-            d.feature.load_state_dict(ModuleDGN(copy.deepcopy(src), d.ops, tied=False).reset_value(seed + 1)
-                                      .value.state_dict())
+            d.feature.load_state_dict(
+                ModuleDGN(copy.deepcopy(src), d.ops, tied=False).reset_value(seed + 1).value.state_dict()
+            )
     elif regime == "frnpf-di":
         d.feature.load_state_dict(d.value.state_dict())
     if regime == "dlnpf":

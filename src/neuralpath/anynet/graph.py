@@ -5,11 +5,11 @@ Every node of the traced graph becomes one :class:`Op` of a small set whose path
 | op | from | units and edges |
 |---|---|---|
 | linear | nn.Linear | weight edges in -> out; a bias unit |
-| conv | nn.Conv2d (any stride, padding, dilation, groups; zero padding) | weight edges within the window and the group; a bias unit |
-| gate | nn.ReLU, F.relu, .relu(), nn.LeakyReLU, F.leaky_relu | one unit in, one out, gated by G_x in {0, 1} (leaky: {alpha, 1}) |
-| maxpool | nn.MaxPool2d, F.max_pool2d | the edge from the position PyTorch's backward routes through (first on ties) is open |
-| avgpool | nn.AvgPool2d, F.avg_pool2d, nn.AdaptiveAvgPool2d, F.adaptive_avg_pool2d | fixed edges 1/divisor, exactly as PyTorch divides |
-| bn | nn.BatchNorm1d/2d in eval mode | weight edge a_c = gamma_c / sqrt(var_c + eps); a bias unit b_c = beta_c - a_c mean_c |
+| conv | nn.Conv2d (any stride, padding, dilation, groups; zeros) | weight edges in the window and group; a bias |
+| gate | nn.ReLU, F.relu, .relu(), nn.LeakyReLU, F.leaky_relu | gated by G_x in {0, 1} (leaky: {alpha, 1}) |
+| maxpool | nn.MaxPool2d, F.max_pool2d | the edge PyTorch's backward routes through (first on ties) is open |
+| avgpool | nn.AvgPool2d, F.avg_pool2d, nn.AdaptiveAvgPool2d, ... | fixed edges 1/divisor, as PyTorch divides |
+| bn | nn.BatchNorm1d/2d in eval mode | weight edge a_c = gamma_c / sqrt(var_c + eps); bias b_c = beta_c - a_c mean_c |
 | flatten | nn.Flatten, torch.flatten, .flatten(1), .view(n, -1) / .reshape(n, -1) | identity |
 | identity | nn.Dropout (eval), nn.Identity | identity |
 | add | operator.add, torch.add, .add (residual sums) | two identity edges per unit |
@@ -17,6 +17,7 @@ Every node of the traced graph becomes one :class:`Op` of a small set whose path
 
 Anything else is refused before any work, naming the node and what is supported.
 """
+
 from __future__ import annotations
 
 import operator
@@ -29,19 +30,21 @@ from torch import nn
 
 from ..errors import NeuralpathError
 
-SUPPORTED = ("Linear, Conv2d (any stride/padding/dilation/groups, zero padding), ReLU, LeakyReLU, MaxPool2d, "
-             "AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d (eval mode), Flatten, Dropout (eval), Identity, residual "
-             "addition, concatenation along channels")
+SUPPORTED = (
+    "Linear, Conv2d (any stride/padding/dilation/groups, zero padding), ReLU, LeakyReLU, MaxPool2d, "
+    "AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d (eval mode), Flatten, Dropout (eval), Identity, residual "
+    "addition, concatenation along channels"
+)
 
 
 @dataclass
 class Op:
-    kind: str                 # input | linear | conv | gate | maxpool | avgpool | bn | flatten | identity | add | cat
-    name: str                 # the fx node's name
-    args: list                # indices of the ops this one reads
+    kind: str  # input | linear | conv | gate | maxpool | avgpool | bn | flatten | identity | add | cat
+    name: str  # the fx node's name
+    args: list  # indices of the ops this one reads
     module: str | None = None  # qualified name of the module holding the parameters (linear, conv, bn)
     opts: dict = field(default_factory=dict)
-    shape: tuple = ()         # per-example output shape
+    shape: tuple = ()  # per-example output shape
 
 
 def conv_padding(m: nn.Conv2d, name="conv"):
@@ -51,8 +54,10 @@ def conv_padding(m: nn.Conv2d, name="conv"):
     if m.padding == "same":
         eff = [d * (k - 1) for k, d in zip(m.kernel_size, m.dilation)]
         if any(e % 2 for e in eff):
-            raise NeuralpathError(f"node {name!r}: padding='same' with an even effective kernel pads unevenly; "
-                                  "give the padding as numbers")
+            raise NeuralpathError(
+                f"node {name!r}: padding='same' with an even effective kernel pads unevenly; "
+                "give the padding as numbers"
+            )
         return tuple(e // 2 for e in eff)
     return tuple(m.padding)
 
@@ -66,15 +71,27 @@ def _const(v, what, node):
 def _pool_opts(kind, **kw):
     def pair(v):
         return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
     if kind == "maxpool":
         k = pair(kw["kernel_size"])
         s = pair(kw.get("stride") or k)
-        return dict(kernel_size=k, stride=s, padding=pair(kw.get("padding", 0)), dilation=pair(kw.get("dilation", 1)),
-                    ceil_mode=bool(kw.get("ceil_mode", False)))
+        return dict(
+            kernel_size=k,
+            stride=s,
+            padding=pair(kw.get("padding", 0)),
+            dilation=pair(kw.get("dilation", 1)),
+            ceil_mode=bool(kw.get("ceil_mode", False)),
+        )
     k = pair(kw["kernel_size"])
     s = pair(kw.get("stride") or k)
-    return dict(kernel_size=k, stride=s, padding=pair(kw.get("padding", 0)), ceil_mode=bool(kw.get("ceil_mode", False)),
-                count_include_pad=bool(kw.get("count_include_pad", True)), divisor_override=kw.get("divisor_override"))
+    return dict(
+        kernel_size=k,
+        stride=s,
+        padding=pair(kw.get("padding", 0)),
+        ceil_mode=bool(kw.get("ceil_mode", False)),
+        count_include_pad=bool(kw.get("count_include_pad", True)),
+        divisor_override=kw.get("divisor_override"),
+    )
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
@@ -87,8 +104,10 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
         gm = fx.symbolic_trace(model)
     except Exception as e:  # data-dependent control flow and the like
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise NeuralpathError(f"cannot trace {type(model).__name__} with torch.fx ({first[:160]}); the model's "
-                              "forward must not branch on the data") from None
+        raise NeuralpathError(
+            f"cannot trace {type(model).__name__} with torch.fx ({first[:160]}); the model's "
+            "forward must not branch on the data"
+        ) from None
     mods = dict(gm.named_modules())
     ops: list[Op] = []
     index: dict[str, int] = {}
@@ -119,8 +138,10 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
                 add("linear", node, a, module=node.target)
             elif isinstance(m, nn.Conv2d):
                 if m.padding_mode != "zeros":
-                    raise NeuralpathError(f"node {node.name!r}: Conv2d with padding_mode={m.padding_mode!r}; only zero "
-                                          "padding is supported")
+                    raise NeuralpathError(
+                        f"node {node.name!r}: Conv2d with padding_mode={m.padding_mode!r}; only zero "
+                        "padding is supported"
+                    )
                 add("conv", node, a, module=node.target, opts=dict(padding=conv_padding(m, node.name)))
             elif isinstance(m, nn.ReLU):
                 add("gate", node, a, opts=dict(alpha=0.0))
@@ -129,19 +150,42 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
             elif isinstance(m, nn.MaxPool2d):
                 if m.return_indices:
                     raise NeuralpathError(f"node {node.name!r}: MaxPool2d(return_indices=True) is not supported")
-                add("maxpool", node, a, opts=_pool_opts("maxpool", kernel_size=m.kernel_size, stride=m.stride,
-                                                        padding=m.padding, dilation=m.dilation, ceil_mode=m.ceil_mode))
+                add(
+                    "maxpool",
+                    node,
+                    a,
+                    opts=_pool_opts(
+                        "maxpool",
+                        kernel_size=m.kernel_size,
+                        stride=m.stride,
+                        padding=m.padding,
+                        dilation=m.dilation,
+                        ceil_mode=m.ceil_mode,
+                    ),
+                )
             elif isinstance(m, nn.AvgPool2d):
-                add("avgpool", node, a, opts=_pool_opts("avgpool", kernel_size=m.kernel_size, stride=m.stride,
-                                                        padding=m.padding, ceil_mode=m.ceil_mode,
-                                                        count_include_pad=m.count_include_pad,
-                                                        divisor_override=m.divisor_override))
+                add(
+                    "avgpool",
+                    node,
+                    a,
+                    opts=_pool_opts(
+                        "avgpool",
+                        kernel_size=m.kernel_size,
+                        stride=m.stride,
+                        padding=m.padding,
+                        ceil_mode=m.ceil_mode,
+                        count_include_pad=m.count_include_pad,
+                        divisor_override=m.divisor_override,
+                    ),
+                )
             elif isinstance(m, nn.AdaptiveAvgPool2d):
                 add("avgpool", node, a, opts=dict(adaptive=m.output_size))
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
                 if m.training:
-                    raise NeuralpathError(f"node {node.name!r}: BatchNorm in training mode (its output depends on the "
-                                          "batch); call model.eval() first")
+                    raise NeuralpathError(
+                        f"node {node.name!r}: BatchNorm in training mode (its output depends on the "
+                        "batch); call model.eval() first"
+                    )
                 if not m.track_running_stats:
                     raise NeuralpathError(f"node {node.name!r}: BatchNorm without running statistics is not supported")
                 add("bn", node, a, module=node.target)
@@ -154,15 +198,22 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
                     raise NeuralpathError(f"node {node.name!r}: Dropout in training mode; call model.eval() first")
                 add("identity", node, a)
             else:
-                raise NeuralpathError(f"node {node.name!r} is a {type(m).__name__}, which the path view does not "
-                                      f"support (supported: {SUPPORTED})")
+                raise NeuralpathError(
+                    f"node {node.name!r} is a {type(m).__name__}, which the path view does not "
+                    f"support (supported: {SUPPORTED})"
+                )
         elif node.op in ("call_function", "call_method"):
             t = node.target
             if t in (F.relu, torch.relu, "relu", torch.relu_, "relu_"):
                 add("gate", node, [arg(node.args[0], node)], opts=dict(alpha=0.0))
             elif t in (F.leaky_relu, "leaky_relu"):
                 slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
-                add("gate", node, [arg(node.args[0], node)], opts=dict(alpha=float(_const(slope, "negative_slope", node))))
+                add(
+                    "gate",
+                    node,
+                    [arg(node.args[0], node)],
+                    opts=dict(alpha=float(_const(slope, "negative_slope", node))),
+                )
             elif t in (operator.add, torch.add, "add", operator.iadd):
                 if len(node.args) != 2 or node.kwargs.get("alpha", 1) != 1:
                     raise NeuralpathError(f"node {node.name!r}: only the sum of two tensors is supported")
@@ -189,8 +240,12 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
                     raise NeuralpathError(f"node {node.name!r}: max_pool2d(return_indices=True) is not supported")
                 add("maxpool", node, [arg(node.args[0], node)], opts=_pool_opts("maxpool", **kw))
             elif t in (F.avg_pool2d,):
-                kw = dict(zip(("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
-                              node.args[1:]))
+                kw = dict(
+                    zip(
+                        ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+                        node.args[1:],
+                    )
+                )
                 kw.update(node.kwargs)
                 add("avgpool", node, [arg(node.args[0], node)], opts=_pool_opts("avgpool", **kw))
             elif t in (F.adaptive_avg_pool2d,):
@@ -200,13 +255,19 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
                 add("identity", node, [arg(node.args[0], node)])
             else:
                 what = getattr(t, "__name__", str(t))
-                nl = " (a nonlinearity other than ReLU/LeakyReLU)" if what in (
-                    "gelu", "tanh", "sigmoid", "silu", "elu", "softmax", "softplus", "hardtanh") else ""
-                raise NeuralpathError(f"node {node.name!r} calls {what}{nl}, which the path view does not support "
-                                      f"(supported: {SUPPORTED})")
+                nl = (
+                    " (a nonlinearity other than ReLU/LeakyReLU)"
+                    if what in ("gelu", "tanh", "sigmoid", "silu", "elu", "softmax", "softplus", "hardtanh")
+                    else ""
+                )
+                raise NeuralpathError(
+                    f"node {node.name!r} calls {what}{nl}, which the path view does not support "
+                    f"(supported: {SUPPORTED})"
+                )
         else:
-            raise NeuralpathError(f"node {node.name!r} ({node.op} {node.target}) is not supported "
-                                  f"(supported: {SUPPORTED})")
+            raise NeuralpathError(
+                f"node {node.name!r} ({node.op} {node.target}) is not supported " f"(supported: {SUPPORTED})"
+            )
     if output is None or output.name not in index:
         raise NeuralpathError("the model's output is not computed from its input by supported operations")
     if index[output.name] != len(ops) - 1:
@@ -220,13 +281,15 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
 def _shapes(ops, model, example):
     """Per-example output shape of every op (run once on the example), and checks that need shapes."""
     from .dgn import run_ops
+
     shapes = {}
     try:
         run_ops(ops, model, model, example, record=shapes)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[0]
-        raise NeuralpathError(f"the model does not run on the example input of shape {tuple(example.shape)}: "
-                              f"{first[:160]}") from None
+        raise NeuralpathError(
+            f"the model does not run on the example input of shape {tuple(example.shape)}: " f"{first[:160]}"
+        ) from None
     for i, op in enumerate(ops):
         op.shape = tuple(shapes[i].shape[1:])
         if op.kind == "flatten" and op.opts.get("check_flat"):
@@ -235,11 +298,14 @@ def _shapes(ops, model, example):
             for s in src:
                 n *= s
             if op.shape != (n,):
-                raise NeuralpathError(f"node {op.name!r}: view/reshape to {op.shape}; only flattening to (n, -1) "
-                                      "is supported")
+                raise NeuralpathError(
+                    f"node {op.name!r}: view/reshape to {op.shape}; only flattening to (n, -1) " "is supported"
+                )
         if op.kind == "cat":
             if len({ops[a].shape[1:] for a in op.args}) != 1:
                 raise NeuralpathError(f"node {op.name!r}: concatenated tensors differ beyond the channel dim")
         if op.kind == "add" and ops[op.args[0]].shape != ops[op.args[1]].shape:
-            raise NeuralpathError(f"node {op.name!r}: adds tensors of shapes {ops[op.args[0]].shape} and "
-                                  f"{ops[op.args[1]].shape}; broadcasting sums are not supported")
+            raise NeuralpathError(
+                f"node {op.name!r}: adds tensors of shapes {ops[op.args[0]].shape} and "
+                f"{ops[op.args[1]].shape}; broadcasting sums are not supported"
+            )

@@ -11,7 +11,7 @@ coefficient of an edge (1 on weight edges). H(x, x') = T(first output unit). Per
 | op | T_out from T_in |
 |---|---|
 | linear | sum_i T_in(i) (+1 with bias): the same for every output unit |
-| conv (groups g) | sum over the group's input channels and the (strided, dilated, zero-padded) window (+1): equal for every channel of a group |
+| conv (groups g) | sum over the group's input channels and the strided, dilated, zero-padded window (+1) |
 | gate | G_x G_x' T_in |
 | maxpool | T_in(c, a_x(c, p)) 1{a_x(c, p) = a_x'(c, p)} |
 | avgpool | sum_{q in window(p)} T_in(c, q) / divisor(p)^2 |
@@ -27,6 +27,7 @@ its own exactly tracked log-scale (every linear/conv divides by its fan-in), so 
 Cost for a tile of a x b pairs: the overlap GEMMs O(a b sum_gates C H W), plus O(a b C H W) for each op that needs
 T per channel (max pooling, batch norm right after a gate, residual sums, concatenation).
 """
+
 from __future__ import annotations
 
 import math
@@ -133,8 +134,13 @@ def propagate(dgn, f1, f2, paired: bool = False):
                 h, w = S.shape[-2:]
                 kh, kw = m.kernel_size
                 ones = torch.ones(1, 1, kh, kw, dtype=S.dtype, device=S.device)
-                box = F.conv2d(S.reshape(A * B * groups, 1, h, w), ones, stride=m.stride, padding=op.opts["padding"],
-                               dilation=m.dilation)
+                box = F.conv2d(
+                    S.reshape(A * B * groups, 1, h, w),
+                    ones,
+                    stride=m.stride,
+                    padding=op.opts["padding"],
+                    dilation=m.dilation,
+                )
                 fan = (m.in_channels // groups) * kh * kw
                 t = box.reshape(A, B, groups, *box.shape[-2:]) / fan
                 cout = m.out_channels
@@ -159,8 +165,9 @@ def propagate(dgn, f1, f2, paired: bool = False):
             pi += 1
             A, B, C = T.shape[:3]
             idx = i1.flatten(2).unsqueeze(1).expand(A, B, C, -1)
-            same = ((i1 == i2).flatten(2).unsqueeze(1) if paired
-                    else (i1.unsqueeze(1) == i2.unsqueeze(0)).flatten(3))  # the two inputs route alike
+            same = (
+                (i1 == i2).flatten(2).unsqueeze(1) if paired else (i1.unsqueeze(1) == i2.unsqueeze(0)).flatten(3)
+            )  # the two inputs route alike
             t = T.flatten(3).gather(3, idx) * same.to(T.dtype)
             s = Sig(t.reshape(A, B, *op.shape), a.ls, None, op.shape)
         elif k == "avgpool":
@@ -175,10 +182,11 @@ def propagate(dgn, f1, f2, paired: bool = False):
                 t = torch.einsum("hH,abcHW,wW->abchw", Ah, T, Aw)
             else:
                 o = op.opts
-                summed = F.avg_pool2d(T.reshape(A * B * c, 1, h, w), o["kernel_size"], o["stride"], o["padding"],
-                                      o["ceil_mode"], True, 1)
+                summed = F.avg_pool2d(
+                    T.reshape(A * B * c, 1, h, w), o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"], True, 1
+                )
                 div_map, div = _window_divisors(op, h, w, T.dtype, T.device)
-                t = summed.reshape(A, B, c, *summed.shape[-2:]) / (div ** 2 if div else div_map ** 2)
+                t = summed.reshape(A, B, c, *summed.shape[-2:]) / (div**2 if div else div_map**2)
             s = Sig(t, a.ls, None, op.shape)
         elif k == "flatten":
             a = ins[0]
@@ -211,8 +219,10 @@ def featurize(dgn, x):
 def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False):
     """NPK of a ModuleDGN through the blocked Gram engine (or its diagonal, ``diag=True``)."""
     from ..kernels.gram import gram
+
     if dtype is not None and dtype != next(dgn.parameters()).dtype:
         import copy
+
         dgn = copy.deepcopy(dgn).to(dtype)
     dt = next(dgn.parameters()).dtype
 
@@ -224,20 +234,22 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
         with torch.no_grad():
             outs = []
             for i in range(0, len(x1), block):
-                f = featurize(dgn, x1[i:i + block])
+                f = featurize(dgn, x1[i : i + block])
                 t, ls = propagate(dgn, f, f, paired=True)
                 outs.append(_finish(t[:, 0], ls, dt).cpu())
             return torch.cat(outs)
     with torch.no_grad():
-        return gram(lambda x: featurize(dgn, x), pair, x1, x2, block=block, out=out, dtype=dt, progress=progress,
-                    desc="NPK")
+        return gram(
+            lambda x: featurize(dgn, x), pair, x1, x2, block=block, out=out, dtype=dt, progress=progress, desc="NPK"
+        )
 
 
 def _finish(t, ls, dt):
     v = t * math.exp(ls) if ls < 700 else t.double() * math.exp(ls)
     if not bool(torch.isfinite(v).all()):
-        raise NeuralpathError(f"the NPK overflows {dt} (log-scale {ls:.1f}); use dtype=torch.float64 or "
-                              "normalize='cosine'")
+        raise NeuralpathError(
+            f"the NPK overflows {dt} (log-scale {ls:.1f}); use dtype=torch.float64 or " "normalize='cosine'"
+        )
     return v.to(dt)
 
 
@@ -247,4 +259,3 @@ def overlaps_module(dgn, x1, x2=None):
         g1 = dgn.gates(x1)
         g2 = g1 if x2 is None else dgn.gates(x2)
     return [a.flatten(1) @ b.flatten(1).T for a, b in zip(g1, g2)]
-

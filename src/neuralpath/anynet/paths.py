@@ -9,6 +9,7 @@ routes through). Paths are then listed explicitly by dynamic programming over th
     phi_x(p) = x(start) * prod(fixed coefficients) * prod(gates on p)    (x(start) = 1 for a bias start)
     v(p, k)  = prod(trainable values on p) * W_last[k, end unit of p]    (the last op must be a Linear layer)
 """
+
 from __future__ import annotations
 
 import torch
@@ -30,8 +31,13 @@ class _Paths:
     def cat(ps):
         L = max(p.gates.shape[1] for p in ps)
         g = [F.pad(p.gates, (0, L - p.gates.shape[1]), value=-1) for p in ps]
-        return _Paths(torch.cat([p.unit for p in ps]), torch.cat([p.start for p in ps]),
-                      torch.cat([p.coef for p in ps]), torch.cat([p.val for p in ps]), torch.cat(g))
+        return _Paths(
+            torch.cat([p.unit for p in ps]),
+            torch.cat([p.start for p in ps]),
+            torch.cat([p.coef for p in ps]),
+            torch.cat([p.val for p in ps]),
+            torch.cat(g),
+        )
 
 
 def _join(paths: _Paths, src, dst, w, c, gid, n_units_in):
@@ -42,8 +48,10 @@ def _join(paths: _Paths, src, dst, w, c, gid, n_units_in):
     ne = cnt[src]
     total = int(ne.sum())
     if total > MAX_PATHS:
-        raise NeuralpathError(f"the model has more than {MAX_PATHS:,} paths: too many to enumerate; npf/npv are for "
-                              "small models (use npk, which never enumerates them)")
+        raise NeuralpathError(
+            f"the model has more than {MAX_PATHS:,} paths: too many to enumerate; npf/npv are for "
+            "small models (use npk, which never enumerates them)"
+        )
     e = torch.repeat_interleave(torch.arange(len(src)), ne)
     within = torch.arange(total) - torch.repeat_interleave(torch.cumsum(ne, 0) - ne, ne)
     p = order[first[src[e]] + within]
@@ -55,14 +63,19 @@ def _join(paths: _Paths, src, dst, w, c, gid, n_units_in):
 
 def _bias_paths(bias_per_unit, dtype):
     u = torch.arange(len(bias_per_unit))
-    return _Paths(u, torch.full_like(u, -1), torch.ones(len(u), dtype=dtype), bias_per_unit.to(dtype),
-                  torch.empty(len(u), 0, dtype=torch.long))
+    return _Paths(
+        u,
+        torch.full_like(u, -1),
+        torch.ones(len(u), dtype=dtype),
+        bias_per_unit.to(dtype),
+        torch.empty(len(u), 0, dtype=torch.long),
+    )
 
 
 def _edges_from_op(apply, apply_ones, n_in, in_shape, dtype):
     """(src, dst, value, coef) of a linear op from its action on basis inputs."""
     basis = torch.eye(n_in, dtype=dtype).reshape(n_in, *in_shape)
-    J = apply(basis).reshape(n_in, -1).T          # (N_out, N_in): value * coef on each edge
+    J = apply(basis).reshape(n_in, -1).T  # (N_out, N_in): value * coef on each edge
     C = apply_ones(basis).reshape(n_in, -1).T
     dst, src = torch.nonzero(C, as_tuple=True)
     return src, dst, J[dst, src] / C[dst, src], C[dst, src]
@@ -73,8 +86,10 @@ def enumerate_paths(dgn):
     ops = dgn.ops
     last = ops[-1]
     if last.kind != "linear":
-        raise NeuralpathError("npf/npv need a model whose last op is a Linear layer (the output units' paths then "
-                              "share everything but the last weight)")
+        raise NeuralpathError(
+            "npf/npv need a model whose last op is a Linear layer (the output units' paths then "
+            "share everything but the last weight)"
+        )
     if len(ops[last.args[0]].shape) != 1:
         raise NeuralpathError("npf/npv need the last Linear layer to read a flat vector (flatten before it)")
     mods = dict(dgn.value.named_modules())
@@ -94,8 +109,13 @@ def enumerate_paths(dgn):
             n_out = numel(op.shape)
             if k == "input":
                 u = torch.arange(n_out)
-                sets[i] = _Paths(u, u.clone(), torch.ones(n_out, dtype=dt), torch.ones(n_out, dtype=dt),
-                                 torch.empty(n_out, 0, dtype=torch.long))
+                sets[i] = _Paths(
+                    u,
+                    u.clone(),
+                    torch.ones(n_out, dtype=dt),
+                    torch.ones(n_out, dtype=dt),
+                    torch.empty(n_out, 0, dtype=torch.long),
+                )
                 continue
             src_op = op.args[0]
             in_shape = ops[src_op].shape
@@ -105,8 +125,10 @@ def enumerate_paths(dgn):
             if k in ("linear", "conv"):
                 m = mods[op.module]
                 if k == "conv":
+
                     def apply(b, w=m.weight):
                         return F.conv2d(b, w, None, m.stride, op.opts["padding"], m.dilation, m.groups)
+
                     apply_ones = lambda b: apply(b, torch.ones_like(m.weight))  # noqa: E731
                 else:
                     apply = lambda b: F.linear(b, m.weight)  # noqa: E731
@@ -121,14 +143,17 @@ def enumerate_paths(dgn):
                 sets[i] = _Paths.cat(new)
             elif k == "bn":
                 m = mods[op.module]
-                a = (m.weight if m.weight is not None else torch.ones_like(m.running_var)) / torch.sqrt(m.running_var + m.eps)
+                a = (m.weight if m.weight is not None else torch.ones_like(m.running_var)) / torch.sqrt(
+                    m.running_var + m.eps
+                )
                 b = (m.bias if m.bias is not None else torch.zeros_like(m.running_mean)) - a * m.running_mean
                 shape_c = (-1, *([1] * (len(op.shape) - 1)))
                 av = a.to(dt).reshape(shape_c).expand(op.shape).reshape(-1)
                 bv = b.to(dt).reshape(shape_c).expand(op.shape).reshape(-1)
                 u = torch.arange(n_out)
-                sets[i] = _Paths.cat([_join(sets[src_op], u, u, av, ones(n_out), none(n_out), n_in),
-                                      _bias_paths(bv, dt)])
+                sets[i] = _Paths.cat(
+                    [_join(sets[src_op], u, u, av, ones(n_out), none(n_out), n_in), _bias_paths(bv, dt)]
+                )
             elif k == "gate":
                 u = torch.arange(n_out)
                 gate_offset[i] = n_gates
@@ -166,8 +191,9 @@ def enumerate_paths(dgn):
                 sets[i] = sets[src_op]
             elif k == "add":
                 u = torch.arange(n_out)
-                sets[i] = _Paths.cat([_join(sets[j], u, u, ones(n_out), ones(n_out), none(n_out), n_out)
-                                      for j in op.args])
+                sets[i] = _Paths.cat(
+                    [_join(sets[j], u, u, ones(n_out), ones(n_out), none(n_out), n_out) for j in op.args]
+                )
             elif k == "cat":
                 parts, off = [], 0
                 rest = numel(op.shape[1:])
@@ -188,14 +214,14 @@ def _gate_vector(dgn, x, layout):
     gates, pools = dgn.feature_state(x)
     n = len(x)
     G = torch.ones(n, n_gates + 1, dtype=x.dtype)
-    for (i, off), g in zip(sorted(gate_offset.items()), gates):
-        G[:, off:off + g[0].numel()] = g.reshape(n, -1).detach().to(x.dtype)
+    for (_, off), g in zip(sorted(gate_offset.items()), gates):
+        G[:, off : off + g[0].numel()] = g.reshape(n, -1).detach().to(x.dtype)
     for (i, (off, src, dst)), idx in zip(sorted(pool_edges.items()), pools):
         c, ho, wo = dgn.ops[i].shape
         h, w = dgn.ops[dgn.ops[i].args[0]].shape[1:]
         chan = dst // (ho * wo)
         chosen = idx.reshape(n, -1)[:, dst] + (chan * h * w)[None]  # the routed input unit of each edge's output
-        G[:, off:off + len(src)] = (chosen == src[None]).to(x.dtype)
+        G[:, off : off + len(src)] = (chosen == src[None]).to(x.dtype)
     return G
 
 

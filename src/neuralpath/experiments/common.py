@@ -1,4 +1,5 @@
 """Helpers shared by the experiments: records, plots, data with a synthetic fallback."""
+
 from __future__ import annotations
 
 import statistics
@@ -21,7 +22,9 @@ def mnist_or_synthetic(split, data_root, limit=None, seed=0):
 def write_jsonl(path, records):
     """Write a JSON-lines file atomically (the records behind a table or plot)."""
     import json
+
     from ..io import write_text
+
     write_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
 
 
@@ -43,6 +46,7 @@ def mean_std(vals):
 
 def savefig(fig, path):
     import matplotlib.pyplot as plt
+
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
@@ -50,6 +54,8 @@ def savefig(fig, path):
 
 def pyplot():
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     return plt

@@ -9,6 +9,7 @@ on a subset of the training points. A 2-D toy shows a DLGN's gate hyperplanes ca
 
 compute (:func:`run`) -> records (``dlgn.jsonl``) -> report (:func:`report`) -> plot (:func:`plot`, :func:`plot_toy`).
 """
+
 from __future__ import annotations
 
 import math
@@ -34,12 +35,17 @@ SETTINGS = {
     "sd-ii": {"dlgn": (10.0, 0.01, 4, 20), "dlgn-sf": (3.0, 0.02, 4, 10)},
     "sd-iii": {"dlgn": (10.0, 0.001, 3, 10), "dlgn-sf": (3.0, 0.01, 3, 20)},
 }
-PAPER = {"sd-i": {"dlgn": 96.05, "dlgn-sf": 97.43}, "sd-ii": {"dlgn": 94.25, "dlgn-sf": 90.29},
-         "sd-iii": {"dlgn": 65.04, "dlgn-sf": 63.83}}
+PAPER = {
+    "sd-i": {"dlgn": 96.05, "dlgn-sf": 97.43},
+    "sd-ii": {"dlgn": 94.25, "dlgn-sf": 90.29},
+    "sd-iii": {"dlgn": 65.04, "dlgn-sf": 63.83},
+}
 MODELS = ("dlgn", "dlgn-sf", "relu")
-BUDGETS = {"paper": dict(epochs=1500, seeds=3, krr_n=5000, toy_epochs=300),
-           "cpu": dict(epochs=300, seeds=3, krr_n=5000, toy_epochs=300),
-           "quick": dict(epochs=20, seeds=1, krr_n=1000, toy_epochs=60)}
+BUDGETS = {
+    "paper": dict(epochs=1500, seeds=3, krr_n=5000, toy_epochs=300),
+    "cpu": dict(epochs=300, seeds=3, krr_n=5000, toy_epochs=300),
+    "quick": dict(epochs=20, seeds=1, krr_n=1000, toy_epochs=60),
+}
 
 
 def make_model(model: str, d: int, set_name: str, seed: int):
@@ -47,12 +53,30 @@ def make_model(model: str, d: int, set_name: str, seed: int):
     g = torch.Generator().manual_seed(int(seed))
     if model == "relu":
         return FCDGN(in_dim=d, width=width, depth=layers + 1, out_dim=1, tied=True, generator=g)
-    return FCDGN(in_dim=d, width=width, depth=layers + 1, out_dim=1, gate="soft", beta=beta, eps=0.0,
-                 gating="linear" if model == "dlgn" else "shallow", value_input="ones", generator=g)
+    return FCDGN(
+        in_dim=d,
+        width=width,
+        depth=layers + 1,
+        out_dim=1,
+        gate="soft",
+        beta=beta,
+        eps=0.0,
+        gating="linear" if model == "dlgn" else "shallow",
+        value_input="ones",
+        generator=g,
+    )
 
 
-def run(out, budget="cpu", sets=("sd-i", "sd-ii", "sd-iii"), epochs=None, seeds=None, device="auto", progress=None,
-        log=print) -> str:
+def run(
+    out,
+    budget="cpu",
+    sets=("sd-i", "sd-ii", "sd-iii"),
+    epochs=None,
+    seeds=None,
+    device="auto",
+    progress=None,
+    log=print,
+) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     b = dict(BUDGETS[budget])
     for k, v in (("epochs", epochs), ("seeds", seeds)):
@@ -74,25 +98,55 @@ def run(out, budget="cpu", sets=("sd-i", "sd-ii", "sd-iii"), epochs=None, seeds=
             lr = SETTINGS[s]["dlgn" if model == "relu" else model][1]
             specs = []
             for seed in range(b["seeds"]):
-                cfg = {"experiment": "dlgn", "set": s, "model": model, "seed": seed, "epochs": b["epochs"], "lr": lr,
-                       "settings": list(SETTINGS[s]["dlgn" if model == "relu" else model]), "optimizer": "adam",
-                       "loss": "bce", "batches_per_epoch": 10}
+                cfg = {
+                    "experiment": "dlgn",
+                    "set": s,
+                    "model": model,
+                    "seed": seed,
+                    "epochs": b["epochs"],
+                    "lr": lr,
+                    "settings": list(SETTINGS[s]["dlgn" if model == "relu" else model]),
+                    "optimizer": "adam",
+                    "loss": "bce",
+                    "batches_per_epoch": 10,
+                }
                 f = RunFolder(out / "runs" / s / f"{model}-s{seed}")
                 mode = f.check_request(cfg, resume=True) if f.started else "new"
                 if mode == "done":
                     continue
-                specs.append(RunSpec(net=make_model(model, d, s, seed), seed=seed, train_idx=torch.arange(n),
-                                     folder=f, config=cfg, label=f"{s} {model} seed {seed}"))
+                specs.append(
+                    RunSpec(
+                        net=make_model(model, d, s, seed),
+                        seed=seed,
+                        train_idx=torch.arange(n),
+                        folder=f,
+                        config=cfg,
+                        label=f"{s} {model} seed {seed}",
+                    )
+                )
             if not specs:
                 continue
             log(f"{s}: {model} x {len(specs)} seeds, {b['epochs']} epochs of 10 mini-batches (lr {lr:g})")
             for sp in specs:
                 sp.folder.acquire()
             try:
-                fit(specs, data, FitOptions(optimizer="adam", lr=lr, epochs=b["epochs"],
-                                            batch_size=math.ceil(n / 10), loss="bce", device=device,
-                                            eval_batch=4096),
-                    state_path=out / "runs" / s / f"{model}-stack.pt", resume=True, progress=progress, log=log)
+                fit(
+                    specs,
+                    data,
+                    FitOptions(
+                        optimizer="adam",
+                        lr=lr,
+                        epochs=b["epochs"],
+                        batch_size=math.ceil(n / 10),
+                        loss="bce",
+                        device=device,
+                        eval_batch=4096,
+                    ),
+                    state_path=out / "runs" / s / f"{model}-stack.pt",
+                    resume=True,
+                    progress=progress,
+                    log=log,
+                )
             finally:
                 for sp in specs:
                     sp.folder.release()
@@ -108,6 +162,7 @@ def run(out, budget="cpu", sets=("sd-i", "sd-ii", "sd-iii"), epochs=None, seeds=
 def _kernels(out, s, data, b, log):
     """KRR on the NPK of every trained DLGN / DLGN-SF (best epoch) and of its initial gates."""
     from .. import checkpoints
+
     path = out / "kernels.jsonl"
     have = {(r["set"], r["model"], r["seed"], r["gates"]) for r in read_jsonl(path)}
     n, d = data.x_train.shape
@@ -129,9 +184,19 @@ def _kernels(out, s, data, b, log):
                 t = time.time()
                 K, Kt = npk(net, xk), npk(net, xt, xk)
                 pred, info = fit_predict("krr", K, yk, Kt)
-                rec = {"set": s, "model": model, "seed": seed, "gates": gates, "n_train": len(yk),
-                       "n_test": len(yt), "test_acc": accuracy(pred, yt), "seconds": time.time() - t, **info}
+                rec = {
+                    "set": s,
+                    "model": model,
+                    "seed": seed,
+                    "gates": gates,
+                    "n_train": len(yk),
+                    "n_test": len(yt),
+                    "test_acc": accuracy(pred, yt),
+                    "seconds": time.time() - t,
+                    **info,
+                }
                 from ..io import append_jsonl
+
                 append_jsonl(path, rec)
                 log(f"{s} {model} seed {seed}: NPK ({gates} gates) + KRR {100 * rec['test_acc']:.2f}%")
 
@@ -141,11 +206,23 @@ def collect(out) -> list:
     for res in sorted(Path(out).glob("runs/*/*/result.json")):
         f = RunFolder(res.parent)
         r, c = f.result(), f.config()
-        recs.append({"set": c["set"], "model": c["model"], "seed": c["seed"], "best_test_acc": r["best_test_acc"],
-                     "best_epoch": r["best_epoch"], "final_test_acc": r["final_test_acc"],
-                     "clean_test_acc": r.get("clean_test_acc"), "epochs": c["epochs"], "seconds": r.get("seconds")})
-    recs += [dict(r, model=f"krr-npk-{r['model']}-{r['gates']}", best_test_acc=r["test_acc"])
-             for r in read_jsonl(Path(out) / "kernels.jsonl")]
+        recs.append(
+            {
+                "set": c["set"],
+                "model": c["model"],
+                "seed": c["seed"],
+                "best_test_acc": r["best_test_acc"],
+                "best_epoch": r["best_epoch"],
+                "final_test_acc": r["final_test_acc"],
+                "clean_test_acc": r.get("clean_test_acc"),
+                "epochs": c["epochs"],
+                "seconds": r.get("seconds"),
+            }
+        )
+    recs += [
+        dict(r, model=f"krr-npk-{r['model']}-{r['gates']}", best_test_acc=r["test_acc"])
+        for r in read_jsonl(Path(out) / "kernels.jsonl")
+    ]
     write_jsonl(Path(out) / "dlgn.jsonl", recs)
     return recs
 
@@ -156,21 +233,36 @@ def _ms(vals):
 
 
 def report(recs, budget, b) -> str:
-    rows = ["dlgn", "dlgn-sf", "relu", "krr-npk-dlgn-trained", "krr-npk-dlgn-initial", "krr-npk-dlgn-sf-trained",
-            "krr-npk-dlgn-sf-initial"]
-    names = {"dlgn": "DLGN", "dlgn-sf": "DLGN-SF", "relu": "ReLU net (DLGN's size)",
-             "krr-npk-dlgn-trained": "KRR on the NPK of the trained DLGN",
-             "krr-npk-dlgn-initial": "KRR on the NPK of the DLGN at initialisation",
-             "krr-npk-dlgn-sf-trained": "KRR on the NPK of the trained DLGN-SF",
-             "krr-npk-dlgn-sf-initial": "KRR on the NPK of the DLGN-SF at initialisation"}
+    rows = [
+        "dlgn",
+        "dlgn-sf",
+        "relu",
+        "krr-npk-dlgn-trained",
+        "krr-npk-dlgn-initial",
+        "krr-npk-dlgn-sf-trained",
+        "krr-npk-dlgn-sf-initial",
+    ]
+    names = {
+        "dlgn": "DLGN",
+        "dlgn-sf": "DLGN-SF",
+        "relu": "ReLU net (DLGN's size)",
+        "krr-npk-dlgn-trained": "KRR on the NPK of the trained DLGN",
+        "krr-npk-dlgn-initial": "KRR on the NPK of the DLGN at initialisation",
+        "krr-npk-dlgn-sf-trained": "KRR on the NPK of the trained DLGN-SF",
+        "krr-npk-dlgn-sf-initial": "KRR on the NPK of the DLGN-SF at initialisation",
+    }
     sets = [s for s in SETTINGS if any(r["set"] == s for r in recs)]
-    lines = [f"# Deep linearly gated networks on the oblique-tree sets (budget `{budget}`: {b['epochs']} epochs of 10 "
-             f"mini-batches, Adam, {b['seeds']} seeds; KRR on {b['krr_n']} training points)"
-             + ("" if budget == "paper" else " — NOT the authors' 1,500 epochs"), "",
-             "Best test accuracy %, mean ± population std over seeds; the authors' best test accuracy beside it. "
-             "Our sets are drawn from the same distribution as theirs, not the same points.", "",
-             "| model | " + " | ".join(f"{s.upper()} ours | {s.upper()} authors" for s in sets) + " |",
-             "|---|" + "---|---|" * len(sets)]
+    lines = [
+        f"# Deep linearly gated networks on the oblique-tree sets (budget `{budget}`: {b['epochs']} epochs of 10 "
+        f"mini-batches, Adam, {b['seeds']} seeds; KRR on {b['krr_n']} training points)"
+        + ("" if budget == "paper" else " — NOT the authors' 1,500 epochs"),
+        "",
+        "Best test accuracy %, mean ± population std over seeds; the authors' best test accuracy beside it. "
+        "Our sets are drawn from the same distribution as theirs, not the same points.",
+        "",
+        "| model | " + " | ".join(f"{s.upper()} ours | {s.upper()} authors" for s in sets) + " |",
+        "|---|" + "---|---|" * len(sets),
+    ]
     for m in rows:
         cells = []
         for s in sets:
@@ -191,8 +283,14 @@ def plot(recs, path):
     for i, m in enumerate(models):
         ms = [mean_std([100 * r["best_test_acc"] for r in recs if r["set"] == s and r["model"] == m]) for s in sets]
         ax.bar(np.arange(len(sets)) + i * w, [a or 0 for a, _ in ms], w, yerr=[b or 0 for _, b in ms], label=m)
-    ax.bar(np.arange(len(sets)) + len(models) * w, [PAPER[s]["dlgn"] for s in sets], w, color="#bbbbbb",
-           hatch="//", label="dlgn (authors)")
+    ax.bar(
+        np.arange(len(sets)) + len(models) * w,
+        [PAPER[s]["dlgn"] for s in sets],
+        w,
+        color="#bbbbbb",
+        hatch="//",
+        label="dlgn (authors)",
+    )
     ax.set_xticks(np.arange(len(sets)) + 0.4, [s.upper() for s in sets])
     ax.set_ylim(40, 100)
     ax.set_ylabel("test accuracy %")
@@ -206,12 +304,27 @@ def plot_toy(path, seed=0, epochs=300):
     """A DLGN (2 gated layers of 6) trained on a 2-D problem whose label is the XOR of two offset half-planes; its
     12 gate hyperplanes drawn over its decision regions."""
     from ..dlgn import gate_hyperplanes
+
     x = torch.rand(1500, 2, generator=torch.Generator().manual_seed(7)) * 2 - 1
     y = ((x[:, 0] - 0.3 * x[:, 1] > 0.2) ^ (0.5 * x[:, 0] + x[:, 1] > -0.1)).long()
-    net = FCDGN(in_dim=2, width=6, depth=3, out_dim=1, gate="soft", beta=10.0, eps=0.0, gating="linear",
-                value_input="ones", generator=torch.Generator().manual_seed(seed))
-    fit([RunSpec(net=net, seed=seed, train_idx=torch.arange(len(y)), label="toy")], RunData(x, y, x, y, "toy"),
-        FitOptions(lr=0.02, epochs=epochs, batch_size=120, loss="bce", device="cpu"), progress=False)
+    net = FCDGN(
+        in_dim=2,
+        width=6,
+        depth=3,
+        out_dim=1,
+        gate="soft",
+        beta=10.0,
+        eps=0.0,
+        gating="linear",
+        value_input="ones",
+        generator=torch.Generator().manual_seed(seed),
+    )
+    fit(
+        [RunSpec(net=net, seed=seed, train_idx=torch.arange(len(y)), label="toy")],
+        RunData(x, y, x, y, "toy"),
+        FitOptions(lr=0.02, epochs=epochs, batch_size=120, loss="bce", device="cpu"),
+        progress=False,
+    )
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5, 5))
     g = torch.linspace(-1.05, 1.05, 300)

@@ -10,6 +10,7 @@ count but different depth (the Hanin-Rolnick anchor: the count follows the numbe
 
 compute (:func:`run`) -> records (``gates.jsonl``) -> report (:func:`report`) -> plots (:func:`plot`).
 """
+
 from __future__ import annotations
 
 import time
@@ -30,21 +31,34 @@ from .common import mean_std, pyplot, savefig, write_jsonl
 BUDGETS = {"quick": dict(epochs=10, limit_train=10000, pairs=20), "paper": dict(epochs=100, limit_train=None, pairs=50)}
 
 
-def run(out, budget="quick", seed=0, epochs=None, pairs=None, data_root=None, device="auto", progress=None,
-        log=print) -> str:
+def run(
+    out, budget="quick", seed=0, epochs=None, pairs=None, data_root=None, device="auto", progress=None, log=print
+) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     b = dict(BUDGETS[budget])
     if epochs is not None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
             from ..errors import NeuralpathError
+
             raise NeuralpathError(f"--epochs {epochs!r} must be a positive integer")
         b["epochs"] = epochs
     if pairs is not None:
         b["pairs"] = int(pairs)
     out = Path(out)
     t0 = time.time()
-    cfg = TrainConfig(arch="fc", dataset="mnist", regime="relu", optimizer="adam", lr=1e-4, epochs=b["epochs"],
-                      seed=seed, limit_train=b["limit_train"], save_every=1, data_root=data_root, device=device)
+    cfg = TrainConfig(
+        arch="fc",
+        dataset="mnist",
+        regime="relu",
+        optimizer="adam",
+        lr=1e-4,
+        epochs=b["epochs"],
+        seed=seed,
+        limit_train=b["limit_train"],
+        save_every=1,
+        data_root=data_root,
+        device=device,
+    )
     log(f"training the ReLU FC 6x128 ({b['epochs']} epochs, checkpoint every epoch) into {out / 'relu'}")
     train(cfg, out / "relu", resume=True, progress=progress, log=log)
     xp, yp = datasets.load("mnist", "test", root=data_root)
@@ -68,29 +82,50 @@ def run(out, budget="quick", seed=0, epochs=None, pairs=None, data_root=None, de
         gs = hard_gates(net, x)
         per, whole = distinct_patterns(gs)
         ov = class_overlap(gs, y)
-        rec = {"epoch": ep, "patterns": per, "patterns_network": whole, "n_probe": len(y),
-               "flip": flip_fraction(prev, gs) if prev is not None else None,
-               "overlap": [m.tolist() for m in ov],
-               "within": [float(m.diagonal().mean()) for m in ov],
-               "between": [float((m.sum() - m.diagonal().sum()) / (m.numel() - len(m))) for m in ov]}
+        rec = {
+            "epoch": ep,
+            "patterns": per,
+            "patterns_network": whole,
+            "n_probe": len(y),
+            "flip": flip_fraction(prev, gs) if prev is not None else None,
+            "overlap": [m.tolist() for m in ov],
+            "within": [float(m.diagonal().mean()) for m in ov],
+            "between": [float((m.sum() - m.diagonal().sum()) / (m.numel() - len(m))) for m in ov],
+        }
         if ep in (0, b["epochs"]) or ep % max(1, b["epochs"] // 5) == 0:
             rec["regions_same"] = [regions_along_segment(net, x[i], x[j]) for i, j in same]
             rec["regions_diff"] = [regions_along_segment(net, x[i], x[j]) for i, j in diff]
         recs.append(rec)
         prev = gs
-        log(f"epoch {ep}: patterns {whole}, within/between overlap (last layer) {rec['within'][-1]:.3f}/"
-            f"{rec['between'][-1]:.3f}")
+        log(
+            f"epoch {ep}: patterns {whole}, within/between overlap (last layer) {rec['within'][-1]:.3f}/"
+            f"{rec['between'][-1]:.3f}"
+        )
     # the Hanin-Rolnick anchor at initialisation: 640 neurons as 10x64, 5x128, 2x320; and 5x64, 5x256
     anchor = []
     for depth, width in ((11, 64), (6, 128), (3, 320), (6, 64), (6, 256)):
         counts = []
         for s in range(3 if b["pairs"] >= 10 else 1):
-            net = FCDGN(in_dim=784, width=width, depth=depth, out_dim=10, tied=True,
-                        generator=torch.Generator().manual_seed(100 + s)).double()
+            net = FCDGN(
+                in_dim=784,
+                width=width,
+                depth=depth,
+                out_dim=10,
+                tied=True,
+                generator=torch.Generator().manual_seed(100 + s),
+            ).double()
             counts += [regions_along_segment(net, x[i], x[j]) for i, j in diff[:10]]
         m, sd = mean_std(counts)
-        anchor.append({"hidden_layers": depth - 1, "width": width, "neurons": (depth - 1) * width, "regions_mean": m,
-                       "regions_std": sd, "n": len(counts)})
+        anchor.append(
+            {
+                "hidden_layers": depth - 1,
+                "width": width,
+                "neurons": (depth - 1) * width,
+                "regions_mean": m,
+                "regions_std": sd,
+                "n": len(counts),
+            }
+        )
     write_jsonl(out / "gates.jsonl", recs + [dict(a, anchor=True) for a in anchor])
     md = report(recs, anchor, b) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
     write_text(out / "gates.md", md)
@@ -105,24 +140,38 @@ def _split(path):
 
 def report(recs, anchor, b) -> str:
     L = len(recs[0]["patterns"])
-    lines = [f"# Gate dynamics of a ReLU FC 6x128 on MNIST (Adam 1e-4, {b['epochs']} epochs, "
-             f"{b['limit_train'] or 60000} training images, seed 0; probe: 1,000 test images, 100 per class)", "",
-             "| epoch | flips per layer % | distinct patterns per layer | whole network | within/between class overlap, "
-             "last layer | regions same class | regions different class |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Gate dynamics of a ReLU FC 6x128 on MNIST (Adam 1e-4, {b['epochs']} epochs, "
+        f"{b['limit_train'] or 60000} training images, seed 0; probe: 1,000 test images, 100 per class)",
+        "",
+        "| epoch | flips per layer % | distinct patterns per layer | whole network | within/between class overlap, "
+        "last layer | regions same class | regions different class |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
         fl = "—" if r["flip"] is None else " / ".join(f"{100 * f:.2f}" for f in r["flip"])
         rs = "—" if "regions_same" not in r else "{:.1f} ± {:.1f}".format(*mean_std(r["regions_same"]))
         rd = "—" if "regions_diff" not in r else "{:.1f} ± {:.1f}".format(*mean_std(r["regions_diff"]))
-        lines.append(f"| {r['epoch']} | {fl} | {' / '.join(map(str, r['patterns']))} | {r['patterns_network']} | "
-                     f"{r['within'][-1]:.3f} / {r['between'][-1]:.3f} | {rs} | {rd} |")
-    lines += ["", f"Layers 1..{L}. Overlap: mean normalised overlap <g_x, g_x'>/sqrt(|g_x||g_x'|) of distinct pairs in "
-              "one class (within) and of pairs across classes (between). Regions: linear regions crossed by the "
-              "segment between two probe images (exact), mean ± std over the pairs.", "",
-              "Linear regions crossed at initialisation (3 draws x 10 segments between images of different classes):",
-              "", "| hidden layers x width | neurons | regions |", "|---|---|---|"]
+        lines.append(
+            f"| {r['epoch']} | {fl} | {' / '.join(map(str, r['patterns']))} | {r['patterns_network']} | "
+            f"{r['within'][-1]:.3f} / {r['between'][-1]:.3f} | {rs} | {rd} |"
+        )
+    lines += [
+        "",
+        f"Layers 1..{L}. Overlap: mean normalised overlap <g_x, g_x'>/sqrt(|g_x||g_x'|) of distinct pairs in "
+        "one class (within) and of pairs across classes (between). Regions: linear regions crossed by the "
+        "segment between two probe images (exact), mean ± std over the pairs.",
+        "",
+        "Linear regions crossed at initialisation (3 draws x 10 segments between images of different classes):",
+        "",
+        "| hidden layers x width | neurons | regions |",
+        "|---|---|---|",
+    ]
     for a in anchor:
-        lines.append(f"| {a['hidden_layers']} x {a['width']} | {a['neurons']} | {a['regions_mean']:.1f} ± "
-                     f"{a['regions_std']:.1f} (n={a['n']}) |")
+        lines.append(
+            f"| {a['hidden_layers']} x {a['width']} | {a['neurons']} | {a['regions_mean']:.1f} ± "
+            f"{a['regions_std']:.1f} (n={a['n']}) |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -132,9 +181,16 @@ def plot(recs, out):
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
     eps = [r["epoch"] for r in recs if r["flip"] is not None]
     for l in range(L):
-        axes[0].plot(eps, [100 * r["flip"][l] for r in recs if r["flip"] is not None], "o-", ms=3, label=f"layer {l + 1}")
-        axes[1].plot([r["epoch"] for r in recs], [r["within"][l] - r["between"][l] for r in recs], "o-", ms=3,
-                     label=f"layer {l + 1}")
+        axes[0].plot(
+            eps, [100 * r["flip"][l] for r in recs if r["flip"] is not None], "o-", ms=3, label=f"layer {l + 1}"
+        )
+        axes[1].plot(
+            [r["epoch"] for r in recs],
+            [r["within"][l] - r["between"][l] for r in recs],
+            "o-",
+            ms=3,
+            label=f"layer {l + 1}",
+        )
     axes[0].set(xlabel="epoch", ylabel="gates flipped since the previous epoch (%)", title="(a) gate flips")
     axes[0].set_yscale("log")
     axes[1].set(xlabel="epoch", ylabel="within - between class overlap", title="(c) class sub-networks separate")
@@ -142,10 +198,22 @@ def plot(recs, out):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     rr = [r for r in recs if "regions_same" in r]
-    axes[2].errorbar([r["epoch"] for r in rr], [mean_std(r["regions_same"])[0] for r in rr],
-                     yerr=[mean_std(r["regions_same"])[1] for r in rr], fmt="o-", capsize=3, label="same class")
-    axes[2].errorbar([r["epoch"] for r in rr], [mean_std(r["regions_diff"])[0] for r in rr],
-                     yerr=[mean_std(r["regions_diff"])[1] for r in rr], fmt="s-", capsize=3, label="different classes")
+    axes[2].errorbar(
+        [r["epoch"] for r in rr],
+        [mean_std(r["regions_same"])[0] for r in rr],
+        yerr=[mean_std(r["regions_same"])[1] for r in rr],
+        fmt="o-",
+        capsize=3,
+        label="same class",
+    )
+    axes[2].errorbar(
+        [r["epoch"] for r in rr],
+        [mean_std(r["regions_diff"])[0] for r in rr],
+        yerr=[mean_std(r["regions_diff"])[1] for r in rr],
+        fmt="s-",
+        capsize=3,
+        label="different classes",
+    )
     axes[2].set(xlabel="epoch", ylabel="linear regions on the segment", title="(d) regions between two test images")
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3)
@@ -161,4 +229,3 @@ def plot(recs, out):
         fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()
     savefig(fig, Path(out) / "gates-overlap.png")
-

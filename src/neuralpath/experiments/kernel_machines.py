@@ -1,4 +1,4 @@
-"""Kernel machines on the NPK as the gates evolve (beyond the paper; docs/THEORY.md §2, "the information is in the gates").
+"""Kernel machines on the NPK as the gates evolve (beyond the paper; docs/THEORY.md §2, §8).
 
 A ReLU net (FC 6x128, Adam 1e-4; or a conv net on CIFAR-10) is trained with a checkpoint every epoch. For the
 gates at initialisation (random: what FRNPF freezes), after each saved epoch, and for the NTK of the final network,
@@ -6,6 +6,7 @@ kernel ridge regression (one-hot targets, ridge chosen on a held-out part of the
 on the precomputed kernel (float64, Cholesky with a reported jitter) and scored on the test points. The network's own
 test accuracy on the same test points is the reference.
 """
+
 from __future__ import annotations
 
 import time
@@ -23,8 +24,10 @@ from ..regimes import build_regime
 from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, resolve_device, train
 from .common import add, done_keys, pyplot, savefig
 
-BUDGETS = {"quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
-           "paper": dict(n_train=20000, n_test=10000, epochs=10, methods=("krr", "svm"))}
+BUDGETS = {
+    "quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
+    "paper": dict(n_train=20000, n_test=10000, epochs=10, methods=("krr", "svm")),
+}
 
 
 def kernels_for(net, xtr, xte, kind):
@@ -35,14 +38,26 @@ def kernels_for(net, xtr, xte, kind):
     a, b = xtr.to(dev, torch.float64), xte.to(dev, torch.float64)
     if kind == "npk-inf":
         from ..kernels.infinite import npk_infinite
+
         return npk_infinite(a, depth=net.depth), npk_infinite(b, a, depth=net.depth)
     if kind == "npk":
         return npk(net, a), npk(net, b, a)
     return ntk(net, a, params="all"), ntk(net, b, a, params="all")
 
 
-def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, seed=0, data_root=None,
-        device="cpu", progress=None, log=print) -> str:
+def run(
+    out,
+    budget="quick",
+    arch="fc",
+    n_train=None,
+    n_test=None,
+    epochs=None,
+    seed=0,
+    data_root=None,
+    device="cpu",
+    progress=None,
+    log=print,
+) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
     b = dict(BUDGETS[budget])
@@ -50,16 +65,31 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
     out = Path(out)
     t0 = time.time()
     dataset = "mnist" if arch == "fc" else "cifar10"
-    cfg = TrainConfig(arch=arch, dataset=dataset, regime="relu", optimizer="adam",
-                      lr=PAPER_DEFAULTS[(arch, "adam")][0], epochs=epochs, seed=seed, limit_train=n_train,
-                      limit_test=n_test, save_every=1, data_root=data_root, device=device)
+    cfg = TrainConfig(
+        arch=arch,
+        dataset=dataset,
+        regime="relu",
+        optimizer="adam",
+        lr=PAPER_DEFAULTS[(arch, "adam")][0],
+        epochs=epochs,
+        seed=seed,
+        limit_train=n_train,
+        limit_test=n_test,
+        save_every=1,
+        data_root=data_root,
+        device=device,
+    )
     log(f"training the ReLU {arch} net ({epochs} epochs on {n_train} training images) into {out / 'relu'}")
     relu = train(cfg, out / "relu", resume=True, progress=progress)
     xtr, ytr = datasets.load(dataset, "train", root=data_root, limit=n_train, seed=seed)
     xte, yte = datasets.load(dataset, "test", root=data_root, limit=n_test, seed=0)
     rc = cfg.resolved()
-    stages = ([("npk-inf", 0)] if arch == "fc" else []) + [("npk", 0)] + [("npk", e) for e in range(1, epochs + 1)] + [
-        ("ntk", epochs)]
+    stages = (
+        ([("npk-inf", 0)] if arch == "fc" else [])
+        + [("npk", 0)]
+        + [("npk", e) for e in range(1, epochs + 1)]
+        + [("ntk", epochs)]
+    )
     rec_path = out / "kernels.jsonl"
     have = done_keys(rec_path, lambda r: (r["kernel"], r["epoch"], r["method"]))
     for kind, ep in stages:
@@ -78,31 +108,50 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
                 continue
             t = time.time()
             pred, info = fit_predict(m, K, ytr, Kt)
-            rec = {"kernel": kind, "epoch": ep, "method": m, "test_acc": accuracy(pred, yte), "n_train": n_train,
-                   "n_test": n_test, "kernel_seconds": tk, "fit_seconds": time.time() - t, "alignment_2000": al, **info}
+            rec = {
+                "kernel": kind,
+                "epoch": ep,
+                "method": m,
+                "test_acc": accuracy(pred, yte),
+                "n_train": n_train,
+                "n_test": n_test,
+                "kernel_seconds": tk,
+                "fit_seconds": time.time() - t,
+                "alignment_2000": al,
+                **info,
+            }
             add(rec_path, rec)
             log(f"{kind.upper()} gates@epoch {ep} {m}: test accuracy {100 * rec['test_acc']:.2f}%")
         del K, Kt
     recs = [r for r in read_jsonl(rec_path)]
     metrics = read_jsonl(out / "relu" / "metrics.jsonl")
     net_acc = {r["epoch"]: r["test_acc"] for r in metrics}
-    lines = [f"# Kernel machines on the NPK as the gates evolve ({arch}, budget `{budget}`: {n_train} training / "
-             f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})",
-             "", "Test accuracy %. NPK@e = neural path kernel of the ReLU net's gates after e epochs (e = 0: random "
-             "gates); NPK-INF = the infinite-width NPK of random gates (docs/THEORY.md §8); NTK = empirical NTK of "
-             "the final net. 'net' = that ReLU net's own test accuracy at epoch e.", "",
-             "| kernel | gates from epoch | KRR | SVM | net | alignment (2000 pts) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# Kernel machines on the NPK as the gates evolve ({arch}, budget `{budget}`: {n_train} training / "
+        f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})",
+        "",
+        "Test accuracy %. NPK@e = neural path kernel of the ReLU net's gates after e epochs (e = 0: random "
+        "gates); NPK-INF = the infinite-width NPK of random gates (docs/THEORY.md §8); NTK = empirical NTK of "
+        "the final net. 'net' = that ReLU net's own test accuracy at epoch e.",
+        "",
+        "| kernel | gates from epoch | KRR | SVM | net | alignment (2000 pts) |",
+        "|---|---|---|---|---|---|",
+    ]
     for kind, ep in stages:
         row = {r["method"]: r for r in recs if r["kernel"] == kind and r["epoch"] == ep}
         if not row:
             continue
         any_r = next(iter(row.values()))
         na = net_acc.get(ep)
-        lines.append(f"| {kind.upper()} | {'∞ width' if kind == 'npk-inf' else ep} | " + " | ".join(
-            f"{100 * row[m]['test_acc']:.2f}" if m in row else "—" for m in ("krr", "svm"))
-            + f" | {'—' if na is None else f'{100 * na:.2f}'} | {any_r['alignment_2000']:.3f} |")
-    lines.append(f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
-                 f"{time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'kernels.png'}")
+        lines.append(
+            f"| {kind.upper()} | {'∞ width' if kind == 'npk-inf' else ep} | "
+            + " | ".join(f"{100 * row[m]['test_acc']:.2f}" if m in row else "—" for m in ("krr", "svm"))
+            + f" | {'—' if na is None else f'{100 * na:.2f}'} | {any_r['alignment_2000']:.3f} |"
+        )
+    lines.append(
+        f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
+        f"{time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'kernels.png'}"
+    )
     md = "\n".join(lines) + "\n"
     write_text(out / "kernels.md", md)
     plt = pyplot()
@@ -113,11 +162,14 @@ def run(out, budget="quick", arch="fc", n_train=None, n_test=None, epochs=None, 
             ax.plot(*zip(*pts), style, label=f"NPK + {m.upper()}")
         inf = [100 * r["test_acc"] for r in recs if r["kernel"] == "npk-inf" and r["method"] == m]
         if inf:
-            ax.axhline(inf[0], ls="--", color="tab:gray" if m == "krr" else "silver",
-                       label=f"infinite-width NPK + {m.upper()}")
+            ax.axhline(
+                inf[0], ls="--", color="tab:gray" if m == "krr" else "silver", label=f"infinite-width NPK + {m.upper()}"
+            )
         nt = [100 * r["test_acc"] for r in recs if r["kernel"] == "ntk" and r["method"] == m]
         if nt:
-            ax.axhline(nt[0], ls=":", color="tab:green" if m == "krr" else "tab:olive", label=f"final NTK + {m.upper()}")
+            ax.axhline(
+                nt[0], ls=":", color="tab:green" if m == "krr" else "tab:olive", label=f"final NTK + {m.upper()}"
+            )
     pts = sorted((e, 100 * a) for e, a in net_acc.items())
     ax.plot(*zip(*pts), "k^--", label="the ReLU net itself")
     ax.set_xlabel("epoch of the ReLU net whose gates define the NPK")

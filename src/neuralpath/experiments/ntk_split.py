@@ -1,4 +1,5 @@
-"""The NTK split during decoupled learning (arXiv 2006.10529, experiments; docs/THEORY.md): K = K^v + K^f for DLNPF, FC 6x128 on MNIST, SGD 1e-2.
+"""The NTK split during decoupled learning (arXiv 2006.10529, experiments; docs/THEORY.md §4): K = K^v + K^f for
+DLNPF, FC 6x128 on MNIST, SGD 1e-2.
 
 Every 5 epochs (and at initialisation), on 200 training images (exactly 20 per class): trace and Frobenius norm of the
 value part K^v and the feature part K^f of the empirical NTK of the logits (the authors' notebook differentiated the
@@ -6,6 +7,7 @@ summed softmax, identically 1: zero gradients), and the kernel-target alignment 
 labels. The network is trained by ``train.train`` with checkpoints every 5 epochs; the kernels are computed from
 them afterwards (structured NTK, float64), so the training itself is the same as any DLNPF run.
 """
+
 from __future__ import annotations
 
 import time
@@ -33,17 +35,29 @@ def per_class(y, k=20, seed=0):
     return np.sort(np.concatenate([g.choice(np.flatnonzero(y == c), k, replace=False) for c in np.unique(y)]))
 
 
-def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, device="auto", progress=None,
-        log=print) -> str:
+def run(
+    out, budget="quick", epochs=None, every=5, seed=0, data_root=None, device="auto", progress=None, log=print
+) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     b = BUDGETS[budget]
     epochs = b["epochs"] if epochs is None else epochs
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < every:
-        raise NeuralpathError(f"--epochs {epochs!r}: the kernels are measured every {every} epochs; give at least "
-                              f"{every}")
+        raise NeuralpathError(
+            f"--epochs {epochs!r}: the kernels are measured every {every} epochs; give at least " f"{every}"
+        )
     out = Path(out)
-    cfg = TrainConfig(arch="fc", regime="dlnpf", optimizer="sgd", lr=1e-2, epochs=epochs, seed=seed,
-                      limit_train=b["limit_train"], save_every=every, data_root=data_root, device=device)
+    cfg = TrainConfig(
+        arch="fc",
+        regime="dlnpf",
+        optimizer="sgd",
+        lr=1e-2,
+        epochs=epochs,
+        seed=seed,
+        limit_train=b["limit_train"],
+        save_every=every,
+        data_root=data_root,
+        device=device,
+    )
     t0 = time.time()
     log(f"training DLNPF FC 6x128 (SGD 1e-2, {epochs} epochs) into {out / 'run'}")
     res = train(cfg, out / "run", resume=True, progress=progress)
@@ -71,33 +85,54 @@ def run(out, budget="quick", epochs=None, every=5, seed=0, data_root=None, devic
                 rec[f"fro_{name}{suffix}"] = float(K.norm())
                 rec[f"align_{name}{suffix}"] = alignment(K, y)
         add(rec_path, rec)
-        log(f"epoch {ep}: trace K^v {rec['trace_value']:.4g}, K^f {rec['trace_feature']:.4g}; alignment "
-            f"K^v {rec['align_value']:.3f}, K^f {rec['align_feature']:.3f}")
+        log(
+            f"epoch {ep}: trace K^v {rec['trace_value']:.4g}, K^f {rec['trace_feature']:.4g}; alignment "
+            f"K^v {rec['align_value']:.3f}, K^f {rec['align_feature']:.3f}"
+        )
     recs = sorted((r for r in read_jsonl(rec_path) if r["epoch"] in stages), key=lambda r: r["epoch"])
-    lines = [f"# NTK split during DLNPF training (budget `{budget}`: {epochs} epochs, "
-             f"{'full MNIST' if not b['limit_train'] else str(b['limit_train']) + ' training images'}, seed {seed}; "
-             f"best test accuracy {100 * res['best_test_acc']:.2f}%)", "",
-             "K^v: NTK w.r.t. the value network; K^f: w.r.t. the (soft-gated) feature network; 200 MNIST training images, "
-             "logits, traced over the 10 outputs. align = kernel-target alignment with one-hot labels.", "",
-             "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# NTK split during DLNPF training (budget `{budget}`: {epochs} epochs, "
+        f"{'full MNIST' if not b['limit_train'] else str(b['limit_train']) + ' training images'}, seed {seed}; "
+        f"best test accuracy {100 * res['best_test_acc']:.2f}%)",
+        "",
+        "K^v: NTK w.r.t. the value network; K^f: w.r.t. the (soft-gated) feature network; 200 MNIST training images, "
+        "logits, traced over the 10 outputs. align = kernel-target alignment with one-hot labels.",
+        "",
+        "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in recs:
-        lines.append(f"| {r['epoch']} | {r['trace_value']:.4g} | {r['trace_feature']:.4g} | {r['fro_value']:.4g} | "
-                     f"{r['fro_feature']:.4g} | {r['align_value']:.3f} | {r['align_feature']:.3f} | {r['align_all']:.3f} |")
+        lines.append(
+            f"| {r['epoch']} | {r['trace_value']:.4g} | {r['trace_feature']:.4g} | {r['fro_value']:.4g} | "
+            f"{r['fro_feature']:.4g} | {r['align_value']:.3f} | {r['align_feature']:.3f} | {r['align_all']:.3f} |"
+        )
     if recs and "trace_value_w" in recs[0]:
-        lines += ["", "Weights only (the authors' setting: no derivatives w.r.t. the biases):", "",
-                  "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Weights only (the authors' setting: no derivatives w.r.t. the biases):",
+            "",
+            "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
         for r in recs:
-            lines.append(f"| {r['epoch']} | {r['trace_value_w']:.4g} | {r['trace_feature_w']:.4g} | "
-                         f"{r['fro_value_w']:.4g} | {r['fro_feature_w']:.4g} | {r['align_value_w']:.3f} | "
-                         f"{r['align_feature_w']:.3f} | {r['align_all_w']:.3f} |")
-    lines.append(f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'ntk_split.png'}")
+            lines.append(
+                f"| {r['epoch']} | {r['trace_value_w']:.4g} | {r['trace_feature_w']:.4g} | "
+                f"{r['fro_value_w']:.4g} | {r['fro_feature_w']:.4g} | {r['align_value_w']:.3f} | "
+                f"{r['align_feature_w']:.3f} | {r['align_all_w']:.3f} |"
+            )
+    lines.append(
+        f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'ntk_split.png'}"
+    )
     md = "\n".join(lines) + "\n"
     write_text(out / "ntk_split.md", md)
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     e = [r["epoch"] for r in recs]
-    for ax, key, title in ((axes[0], "trace", "trace"), (axes[1], "fro", "Frobenius norm"), (axes[2], "align", "alignment")):
+    for ax, key, title in (
+        (axes[0], "trace", "trace"),
+        (axes[1], "fro", "Frobenius norm"),
+        (axes[2], "align", "alignment"),
+    ):
         for part, style in (("value", "o-"), ("feature", "s-")):
             ax.plot(e, [r[f"{key}_{part}"] for r in recs], style, label=f"K^{part[0]}")
         if key != "align":

@@ -1,4 +1,5 @@
-"""nu_t = y^T (H_t / trace H_t)^(-1) y during training (arXiv 2006.10529, experiments; docs/THEORY.md): binary MNIST 4 (-1) vs 7 (+1).
+"""nu_t = y^T (H_t / trace H_t)^(-1) y during training (arXiv 2006.10529; docs/THEORY.md §5): binary MNIST
+4 (-1) vs 7 (+1).
 
 Bias-free ReLU FC, width 100, d = 6, every weight +-sqrt(2/w) with probability 1/2 (w = 100, also in the first
 and last layer, as the setup states), one output, MSE, RMSprop lr 1e-4 with Keras' defaults (rho 0.9, eps 1e-7),
@@ -7,15 +8,15 @@ batch 64; the runs train as one stack of the training engine. At initialisation 
 (``neuralpath.npk``, float64), and nu_t is computed by a Cholesky solve (``kernels.machines.quadratic_form_inverse``,
 adaptive jitter recorded per point). The paper's claim: nu_t falls as the gates learn (the NPK aligns with y).
 """
+
 from __future__ import annotations
 
 import math
 import time
 from pathlib import Path
 
-import torch
-
 import numpy as np
+import torch
 
 from .. import datasets
 from ..errors import NeuralpathError, check_choice
@@ -40,8 +41,17 @@ def _binary(x, y):
 def make_net(seed, width=100, depth=6):
     """Bias-free tied ReLU FC, one output, every weight +-sqrt(2/w) with probability 1/2 (also the first and last
     layer, as the setup states)."""
-    net = FCDGN(in_dim=784, width=width, depth=depth, out_dim=1, bias=False, tied=True, init="bernoulli",
-                init_scale=1.0, generator=torch.Generator().manual_seed(seed))
+    net = FCDGN(
+        in_dim=784,
+        width=width,
+        depth=depth,
+        out_dim=1,
+        bias=False,
+        tied=True,
+        init="bernoulli",
+        init_scale=1.0,
+        generator=torch.Generator().manual_seed(seed),
+    )
     s = math.sqrt(2.0 / width)
     with torch.no_grad():
         for layer in net.value_layers:
@@ -81,8 +91,11 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
         y = torch.where(y % 2 == 0, torch.tensor(4), torch.tensor(7))
     x, yb = _binary(x.flatten(1), y)
     ylab = (yb > 0).long().numpy()
-    tr = (torch.from_numpy(datasets.stratified_indices(ylab, min(b["limit"], len(ylab)), seed=1))
-          if b["limit"] else torch.arange(len(ylab)))
+    tr = (
+        torch.from_numpy(datasets.stratified_indices(ylab, min(b["limit"], len(ylab)), seed=1))
+        if b["limit"]
+        else torch.arange(len(ylab))
+    )
     ev = tr[eval_points(ylab[tr.numpy()])]  # 100 + 100 points of the training subset
     xt, yt = _binary(*mnist_or_synthetic("test", data_root)[:2])
     data = RunData(x, yb, xt.flatten(1), yt, label)
@@ -95,9 +108,16 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
         if (r, 0) not in have:
             nu, jit = nu_of(net, x[ev], yb[ev])
             add(rec_path, {"run": r, "epoch": 0, "nu": nu, "jitter": jit, "v_norm2": float(path_norm(net, 2.0)[0])})
-        specs.append(RunSpec(net=net, seed=r, train_idx=tr, folder=RunFolder(out / "runs" / f"run{r}"),
-                             config={"experiment": "nu", "run": r, "epochs": epochs, "budget": budget,
-                                     "n_train": len(tr)}, label=f"nu run {r}"))
+        specs.append(
+            RunSpec(
+                net=net,
+                seed=r,
+                train_idx=tr,
+                folder=RunFolder(out / "runs" / f"run{r}"),
+                config={"experiment": "nu", "run": r, "epochs": epochs, "budget": budget, "n_train": len(tr)},
+                label=f"nu run {r}",
+            )
+        )
 
     def measure(epoch, nets):
         if epoch % EVERY:
@@ -134,22 +154,31 @@ def series(recs, runs, epochs):
 
 
 def report(recs, runs, epochs, budget, n_train, label) -> str:
-    lines = [f"# nu_t on binary MNIST 4 vs 7 (budget `{budget}`: {runs} runs, {epochs} epochs, "
-             f"{n_train} training images; data: {label})", "",
-             "nu_t = y^T (H_t/trace H_t)^(-1) y on 100 + 100 training examples; the paper: nu_t falls during "
-             "training. Mean ± population std over runs.", "",
-             "||v||^2 / nu: the squared path norm (NPV 2-norm) of the network against nu, the squared norm of the "
-             "smallest NPV that fits the labels with the same gates on those points (a ratio far above 1: training "
-             "is far from the minimum-norm solution).", "",
-             "| epoch | nu mean | nu std | max jitter | runs | ‖v‖²/nu (mean) |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"# nu_t on binary MNIST 4 vs 7 (budget `{budget}`: {runs} runs, {epochs} epochs, "
+        f"{n_train} training images; data: {label})",
+        "",
+        "nu_t = y^T (H_t/trace H_t)^(-1) y on 100 + 100 training examples; the paper: nu_t falls during "
+        "training. Mean ± population std over runs.",
+        "",
+        "||v||^2 / nu: the squared path norm (NPV 2-norm) of the network against nu, the squared norm of the "
+        "smallest NPV that fits the labels with the same gates on those points (a ratio far above 1: training "
+        "is far from the minimum-norm solution).",
+        "",
+        "| epoch | nu mean | nu std | max jitter | runs | ‖v‖²/nu (mean) |",
+        "|---|---|---|---|---|---|",
+    ]
     ser = series(recs, runs, epochs)
     for e, m, s, j, n, ratio in ser:
         lines.append(f"| {e} | {m:.4g} | {s:.3g} | {j:g} | {n} | {'—' if ratio is None else f'{ratio:.3g}'} |")
     if len(ser) >= 2:
-        lines += ["", f"nu_t changed from {ser[0][1]:.4g} (epoch 0) to {ser[-1][1]:.4g} (epoch {ser[-1][0]}): "
-                  f"{'lower' if ser[-1][1] < ser[0][1] else 'NOT lower'} at the end"
-                  + (", falling at every measurement" if all(b[1] < a[1] for a, b in zip(ser, ser[1:])) else "")
-                  + "."]
+        lines += [
+            "",
+            f"nu_t changed from {ser[0][1]:.4g} (epoch 0) to {ser[-1][1]:.4g} (epoch {ser[-1][0]}): "
+            f"{'lower' if ser[-1][1] < ser[0][1] else 'NOT lower'} at the end"
+            + (", falling at every measurement" if all(b[1] < a[1] for a, b in zip(ser, ser[1:])) else "")
+            + ".",
+        ]
     return "\n".join(lines) + "\n"
 
 

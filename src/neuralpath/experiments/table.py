@@ -1,4 +1,5 @@
-"""The paper's table (arXiv 2006.10529, its table of results): 6 rows (arch x optimiser) x 5 regimes x seeds, beside the authors' numbers.
+"""The paper's table (arXiv 2006.10529, its table of results): 6 rows (arch x optimiser) x 5 regimes x seeds,
+beside the authors' numbers.
 
 Layout of ``out``:
     runs/<row>/<regime>-s<seed>/     one run folder each (train.train's format: metrics.jsonl, best.pt, result.json)
@@ -14,6 +15,7 @@ Resumable and safe to run twice at once: a finished run (result.json) is skipped
 from its last checkpoint; each row is trained under a file lock, so a second sweep on the same folder waits for the
 row and then finds it done; every record is one file per run, and runs.jsonl is derived from them.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,17 +28,58 @@ from ..regimes import REGIMES
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
 from .common import mean_std
 
-ROWS = {"fc-sgd": ("fc", "sgd", "mnist"), "fc-adam": ("fc", "adam", "mnist"),
-        "vconv-sgd": ("vconv", "sgd", "cifar10"), "vconv-adam": ("vconv", "adam", "cifar10"),
-        "gconv-sgd": ("gconv", "sgd", "cifar10"), "gconv-adam": ("gconv", "adam", "cifar10")}
+ROWS = {
+    "fc-sgd": ("fc", "sgd", "mnist"),
+    "fc-adam": ("fc", "adam", "mnist"),
+    "vconv-sgd": ("vconv", "sgd", "cifar10"),
+    "vconv-adam": ("vconv", "adam", "cifar10"),
+    "gconv-sgd": ("gconv", "sgd", "cifar10"),
+    "gconv-adam": ("gconv", "adam", "cifar10"),
+}
 # The authors' table (arXiv 2006.10529): regime -> (mean %, std %)
 PAPER = {
-    "fc-sgd": {"frnpf-ii": (95.85, .10), "frnpf-di": (95.85, .17), "dlnpf": (97.86, .11), "flnpf": (97.10, .09), "relu": (97.85, .09)},
-    "fc-adam": {"frnpf-ii": (96.02, .13), "frnpf-di": (96.09, .12), "dlnpf": (98.22, .05), "flnpf": (97.82, .02), "relu": (98.14, .07)},
-    "vconv-sgd": {"frnpf-ii": (58.92, .62), "frnpf-di": (58.83, .27), "dlnpf": (63.21, .07), "flnpf": (63.06, .73), "relu": (67.02, .43)},
-    "vconv-adam": {"frnpf-ii": (64.86, 1.18), "frnpf-di": (64.68, .84), "dlnpf": (69.45, .76), "flnpf": (71.40, .47), "relu": (72.43, .54)},
-    "gconv-sgd": {"frnpf-ii": (67.36, .56), "frnpf-di": (66.86, .44), "dlnpf": (74.57, .43), "flnpf": (78.52, .39), "relu": (78.90, .37)},
-    "gconv-adam": {"frnpf-ii": (67.09, .58), "frnpf-di": (67.08, .27), "dlnpf": (77.12, .19), "flnpf": (79.68, .32), "relu": (80.32, .35)},
+    "fc-sgd": {
+        "frnpf-ii": (95.85, 0.10),
+        "frnpf-di": (95.85, 0.17),
+        "dlnpf": (97.86, 0.11),
+        "flnpf": (97.10, 0.09),
+        "relu": (97.85, 0.09),
+    },
+    "fc-adam": {
+        "frnpf-ii": (96.02, 0.13),
+        "frnpf-di": (96.09, 0.12),
+        "dlnpf": (98.22, 0.05),
+        "flnpf": (97.82, 0.02),
+        "relu": (98.14, 0.07),
+    },
+    "vconv-sgd": {
+        "frnpf-ii": (58.92, 0.62),
+        "frnpf-di": (58.83, 0.27),
+        "dlnpf": (63.21, 0.07),
+        "flnpf": (63.06, 0.73),
+        "relu": (67.02, 0.43),
+    },
+    "vconv-adam": {
+        "frnpf-ii": (64.86, 1.18),
+        "frnpf-di": (64.68, 0.84),
+        "dlnpf": (69.45, 0.76),
+        "flnpf": (71.40, 0.47),
+        "relu": (72.43, 0.54),
+    },
+    "gconv-sgd": {
+        "frnpf-ii": (67.36, 0.56),
+        "frnpf-di": (66.86, 0.44),
+        "dlnpf": (74.57, 0.43),
+        "flnpf": (78.52, 0.39),
+        "relu": (78.90, 0.37),
+    },
+    "gconv-adam": {
+        "frnpf-ii": (67.09, 0.58),
+        "frnpf-di": (67.08, 0.27),
+        "dlnpf": (77.12, 0.19),
+        "flnpf": (79.68, 0.32),
+        "relu": (80.32, 0.35),
+    },
 }
 ORDER = ("frnpf-ii", "frnpf-di", "dlnpf", "flnpf", "relu")  # the paper's column order
 BUDGETS = ("quick", "cpu", "paper")
@@ -46,10 +89,16 @@ BUDGETS = ("quick", "cpu", "paper")
 # cpu: what 2 CPU cores do in about 3 hours per pair of conv rows, chosen from the measured budget curve
 #      (`reproduce budget`, docs/RESULTS.md); FC rows at the paper's budget (they fit on the CPU).
 BUDGET_SETTINGS = {
-    "quick": {"fc": dict(epochs=5), "vconv": dict(epochs=2, limit_train=500, limit_test=500),
-              "gconv": dict(epochs=2, limit_train=500, limit_test=500)},
-    "cpu": {"fc": dict(), "vconv": dict(epochs=16, limit_train=10000, width=0.25),
-            "gconv": dict(epochs=16, limit_train=10000, width=0.25)},
+    "quick": {
+        "fc": dict(epochs=5),
+        "vconv": dict(epochs=2, limit_train=500, limit_test=500),
+        "gconv": dict(epochs=2, limit_train=500, limit_test=500),
+    },
+    "cpu": {
+        "fc": dict(),
+        "vconv": dict(epochs=12, limit_train=10000, width=0.25),
+        "gconv": dict(epochs=12, limit_train=10000, width=0.25),
+    },
     "paper": {"fc": dict(), "vconv": dict(), "gconv": dict()},
 }
 
@@ -62,17 +111,28 @@ def row_settings(row, budget, epochs=None, limit_train=None, limit_test=None, wi
     arch, opt, data = ROWS[row]
     lr, ep = PAPER_DEFAULTS[(arch, opt)]
     b = BUDGET_SETTINGS[budget][arch]
-    st = dict(arch=arch, optimizer=opt, dataset=data, lr=lr, epochs=epochs or b.get("epochs", ep),
-              limit_train=limit_train or b.get("limit_train"), limit_test=limit_test or b.get("limit_test"),
-              width=width or b.get("width", 1.0), channels=None, hidden=None)
+    st = dict(
+        arch=arch,
+        optimizer=opt,
+        dataset=data,
+        lr=lr,
+        epochs=epochs or b.get("epochs", ep),
+        limit_train=limit_train or b.get("limit_train"),
+        limit_test=limit_test or b.get("limit_test"),
+        width=width or b.get("width", 1.0),
+        channels=None,
+        hidden=None,
+    )
     if arch != "fc" and st["width"] != 1.0:
         from .budget import conv_widths
+
         st["channels"], st["hidden"] = conv_widths(st["width"])
     return st
 
 
 def _lock(path):
     from filelock import FileLock
+
     return FileLock(str(path))
 
 
@@ -83,8 +143,22 @@ def _clean_source_differs(rdir, seed) -> bool:
     return r["best_even_epoch"] != r["best_epoch"]
 
 
-def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_test=None, width=None, data_root=None,
-            device="auto", progress=None, log=print, stacked=True):
+def run_row(
+    row,
+    seeds,
+    budget,
+    out,
+    *,
+    epochs=None,
+    limit_train=None,
+    limit_test=None,
+    width=None,
+    data_root=None,
+    device="auto",
+    progress=None,
+    log=print,
+    stacked=True,
+):
     """Train the 5 regimes x ``seeds`` of one row. Phase 1: ReLU, FRNPF-II, FRNPF-DI, DLNPF. Phase 2: FLNPF on the
     same seed's ReLU gates from its best test epoch (the authors' protocol), and, where the ReLU run's best epoch
     on the even test half differs, a second FLNPF run on those gates ('flnpf-clean', the clean column's source)."""
@@ -93,10 +167,21 @@ def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_tes
     rdir.mkdir(parents=True, exist_ok=True)
 
     def cfg(regime, seed):
-        c = TrainConfig(arch=st["arch"], dataset=st["dataset"], regime=regime.removesuffix("-clean"),
-                        optimizer=st["optimizer"], lr=st["lr"], epochs=st["epochs"], seed=seed,
-                        limit_train=st["limit_train"], limit_test=st["limit_test"], channels=st["channels"],
-                        hidden=st["hidden"], data_root=data_root, device=device)
+        c = TrainConfig(
+            arch=st["arch"],
+            dataset=st["dataset"],
+            regime=regime.removesuffix("-clean"),
+            optimizer=st["optimizer"],
+            lr=st["lr"],
+            epochs=st["epochs"],
+            seed=seed,
+            limit_train=st["limit_train"],
+            limit_test=st["limit_test"],
+            channels=st["channels"],
+            hidden=st["hidden"],
+            data_root=data_root,
+            device=device,
+        )
         if regime.startswith("flnpf"):
             src = "best_even.pt" if regime.endswith("-clean") else "best.pt"
             c.relu_checkpoint = str(rdir / f"relu-s{seed}" / src)
@@ -105,8 +190,14 @@ def run_row(row, seeds, budget, out, *, epochs=None, limit_train=None, limit_tes
     first = [(r, s) for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") for s in seeds]
     with _lock(rdir / ".lock"):
         for phase in ("phase1", "phase2"):
-            runs = first if phase == "phase1" else (
-                [("flnpf", s) for s in seeds] + [("flnpf-clean", s) for s in seeds if _clean_source_differs(rdir, s)])
+            runs = (
+                first
+                if phase == "phase1"
+                else (
+                    [("flnpf", s) for s in seeds]
+                    + [("flnpf-clean", s) for s in seeds if _clean_source_differs(rdir, s)]
+                )
+            )
             cfgs = [cfg(r, s) for r, s in runs]
             outs = [rdir / f"{r}-s{s}" for r, s in runs]
             if stacked:
@@ -127,13 +218,28 @@ def collect(out):
         c = r["config"]
         row = res.parent.parent.name
         variant = "clean-source" if res.parent.name.startswith("flnpf-clean") else "headline"
-        recs.append({"row": row, "regime": c["regime"], "variant": variant, "seed": c["seed"],
-                     "best_test_acc": r["best_test_acc"], "best_epoch": r["best_epoch"],
-                     "final_test_acc": r["final_test_acc"], "clean_test_acc": r.get("clean_test_acc"),
-                     "epochs": c["epochs"], "lr": c["lr"], "limit_train": c["limit_train"],
-                     "limit_test": c["limit_test"], "channels": c.get("channels"), "hidden": c.get("hidden"),
-                     "data": r.get("data"), "device": r.get("device"), "seconds": r.get("seconds"),
-                     "run": str(res.parent.relative_to(Path(out)))})
+        recs.append(
+            {
+                "row": row,
+                "regime": c["regime"],
+                "variant": variant,
+                "seed": c["seed"],
+                "best_test_acc": r["best_test_acc"],
+                "best_epoch": r["best_epoch"],
+                "final_test_acc": r["final_test_acc"],
+                "clean_test_acc": r.get("clean_test_acc"),
+                "epochs": c["epochs"],
+                "lr": c["lr"],
+                "limit_train": c["limit_train"],
+                "limit_test": c["limit_test"],
+                "channels": c.get("channels"),
+                "hidden": c.get("hidden"),
+                "data": r.get("data"),
+                "device": r.get("device"),
+                "seconds": r.get("seconds"),
+                "run": str(res.parent.relative_to(Path(out))),
+            }
+        )
     with atomic_path(Path(out) / "runs.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in recs))
     return recs
@@ -152,10 +258,22 @@ def summarise(recs, rows):
             rs = [r for r in recs if r["row"] == row and r["regime"] == reg and r.get("variant") != "clean-source"]
             clean = {r["seed"]: r["clean_test_acc"] for r in rs}
             # FLNPF's clean column: the run on the ReLU gates chosen on the even half, where that run exists
-            clean.update({r["seed"]: r["clean_test_acc"] for r in recs if r["row"] == row and r["regime"] == reg
-                          and r.get("variant") == "clean-source" and r["seed"] in clean})
-            out[row][reg] = dict(n=len(rs), best=_ms([r["best_test_acc"] for r in rs]),
-                                 final=_ms([r["final_test_acc"] for r in rs]), clean=_ms(list(clean.values())))
+            clean.update(
+                {
+                    r["seed"]: r["clean_test_acc"]
+                    for r in recs
+                    if r["row"] == row
+                    and r["regime"] == reg
+                    and r.get("variant") == "clean-source"
+                    and r["seed"] in clean
+                }
+            )
+            out[row][reg] = dict(
+                n=len(rs),
+                best=_ms([r["best_test_acc"] for r in rs]),
+                final=_ms([r["final_test_acc"] for r in rs]),
+                clean=_ms(list(clean.values())),
+            )
     return out
 
 
@@ -173,11 +291,25 @@ def settings_from_records(recs) -> dict:
         arch, opt, data = ROWS[r["row"]]
         lr, ep = PAPER_DEFAULTS[(arch, opt)]
         ch = r.get("channels")
-        paper = (r["epochs"] == ep and r["lr"] == lr and not r["limit_train"] and not r["limit_test"]
-                 and (not ch or list(ch) == [64, 64, 128, 128]))
-        out[r["row"]] = dict(arch=arch, optimizer=opt, lr=r["lr"], epochs=r["epochs"], limit_train=r["limit_train"],
-                             limit_test=r["limit_test"], channels=ch, hidden=r.get("hidden"), data=r.get("data"),
-                             paper=paper)
+        paper = (
+            r["epochs"] == ep
+            and r["lr"] == lr
+            and not r["limit_train"]
+            and not r["limit_test"]
+            and (not ch or list(ch) == [64, 64, 128, 128])
+        )
+        out[r["row"]] = dict(
+            arch=arch,
+            optimizer=opt,
+            lr=r["lr"],
+            epochs=r["epochs"],
+            limit_train=r["limit_train"],
+            limit_test=r["limit_test"],
+            channels=ch,
+            hidden=r.get("hidden"),
+            data=r.get("data"),
+            paper=paper,
+        )
     return out
 
 
@@ -190,37 +322,60 @@ def table_markdown(recs, rows=None, title_note="") -> str:
     lines = [f"# The paper's table: ours (seeds {seeds}) beside the authors'{title_note}", ""]
     for row in rows:
         st = settings[row]
-        lim = "full training split" if not st["limit_train"] else f"stratified subset of {st['limit_train']} training images"
+        lim = (
+            "full training split"
+            if not st["limit_train"]
+            else f"stratified subset of {st['limit_train']} training images"
+        )
         tl = "full test split" if not st["limit_test"] else f"stratified subset of {st['limit_test']} test images"
         wd = "" if not st["channels"] or st["paper"] else f", channels {st['channels']}, dense {st['hidden']}"
-        lines.append(f"- **{row}**: {st['optimizer']} lr {st['lr']:g}, {st['epochs']} epochs, batch 32, {lim}, {tl}"
-                     f"{wd}; data: {st['data']}" + ("" if st["paper"] else " — NOT the paper's budget"))
-    lines += ["", "Test accuracy %, mean ± population std over seeds. best = best test epoch (the authors' protocol); "
-              "clean = epoch chosen on the even half of the test set, reported on the odd half (FLNPF: on gates "
-              "of the ReLU epoch chosen the same way); Δ = ours(best) − paper.", "",
-              "| row | regime | paper | ours best | Δ | ours clean | ours final | seeds |", "|---|---|---|---|---|---|---|---|"]
+        lines.append(
+            f"- **{row}**: {st['optimizer']} lr {st['lr']:g}, {st['epochs']} epochs, batch 32, {lim}, {tl}"
+            f"{wd}; data: {st['data']}" + ("" if st["paper"] else " — NOT the paper's budget")
+        )
+    lines += [
+        "",
+        "Test accuracy %, mean ± population std over seeds. best = best test epoch (the authors' protocol); "
+        "clean = epoch chosen on the even half of the test set, reported on the odd half (FLNPF: on gates "
+        "of the ReLU epoch chosen the same way); Δ = ours(best) − paper.",
+        "",
+        "| row | regime | paper | ours best | Δ | ours clean | ours final | seeds |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         for reg in ORDER:
             s = summary[row][reg]
             p = PAPER[row][reg]
             d = "—" if s["best"][0] is None else f"{s['best'][0] - p[0]:+.2f}"
-            lines.append(f"| {row} | {reg.upper()} | {p[0]:.2f}±{p[1]:.2f} | {_fmt(s['best'])} | {d} | "
-                         f"{_fmt(s['clean'])} | {_fmt(s['final'])} | {s['n']} |")
+            lines.append(
+                f"| {row} | {reg.upper()} | {p[0]:.2f}±{p[1]:.2f} | {_fmt(s['best'])} | {d} | "
+                f"{_fmt(s['clean'])} | {_fmt(s['final'])} | {s['n']} |"
+            )
     return "\n".join(lines) + "\n"
 
 
 def plot(summary, rows, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
+
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False)
     for ax, row in zip(axes[0], rows):
         x = np.arange(len(ORDER))
         ours = [summary[row][r]["best"] for r in ORDER]
         paper = [PAPER[row][r] for r in ORDER]
-        ax.bar(x - 0.2, [p[0] for p in paper], 0.4, yerr=[p[1] for p in paper], label="paper", color="#bbbbbb",
-               hatch="//", edgecolor="#666666")
+        ax.bar(
+            x - 0.2,
+            [p[0] for p in paper],
+            0.4,
+            yerr=[p[1] for p in paper],
+            label="paper",
+            color="#bbbbbb",
+            hatch="//",
+            edgecolor="#666666",
+        )
         ax.bar(x + 0.2, [o[0] or 0 for o in ours], 0.4, yerr=[o[1] or 0 for o in ours], label="ours", color="#1f77b4")
         vals = [p[0] for p in paper] + [o[0] for o in ours if o[0] is not None]
         lo = max(0.0, min(vals) - 5)
@@ -236,8 +391,22 @@ def plot(summary, rows, path):
     plt.close(fig)
 
 
-def run(out, rows=None, seeds=2, budget="quick", *, epochs=None, limit_train=None, limit_test=None, width=None,
-        data_root=None, device="auto", progress=None, log=print, stacked=True) -> str:
+def run(
+    out,
+    rows=None,
+    seeds=2,
+    budget="quick",
+    *,
+    epochs=None,
+    limit_train=None,
+    limit_test=None,
+    width=None,
+    data_root=None,
+    device="auto",
+    progress=None,
+    log=print,
+    stacked=True,
+) -> str:
     rows = list(rows or ROWS)
     for r in rows:
         check_choice("row", r, tuple(ROWS))
@@ -251,12 +420,28 @@ def run(out, rows=None, seeds=2, budget="quick", *, epochs=None, limit_train=Non
     t0 = time.time()
     for row in rows:
         log(f"row {row}: {len(REGIMES)} regimes x {len(seeds)} seeds ({budget} budget)")
-        run_row(row, seeds, budget, out, epochs=epochs, limit_train=limit_train, limit_test=limit_test, width=width,
-                data_root=data_root, device=device, progress=progress, log=log, stacked=stacked)
+        run_row(
+            row,
+            seeds,
+            budget,
+            out,
+            epochs=epochs,
+            limit_train=limit_train,
+            limit_test=limit_test,
+            width=width,
+            data_root=data_root,
+            device=device,
+            progress=progress,
+            log=log,
+            stacked=stacked,
+        )
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)
     md = table_markdown(recs, rows)
-    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {out / 'runs.jsonl'}; plot: {out / 'table.png'}\n"
+    md += (
+        f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {out / 'runs.jsonl'}; "
+        f"plot: {out / 'table.png'}\n"
+    )
     write_text(out / "table.md", md)
     plot(summary, rows, out / "table.png")
     return md

@@ -10,6 +10,7 @@ with sigma = c / sqrt(w) in every layer:
 Part c measures the same ratio where the theorem does not apply: the standard ReLU net (gates depend on the
 weights) and DLNPF (soft gates: K = K^v + K^f, the feature part included).
 """
+
 from __future__ import annotations
 
 import math
@@ -42,8 +43,15 @@ def _inputs(n, data_root, seed=0):
 def _gated_net(width, depth, seed, gates_from=None, in_dim=784):
     """Hard-gate, bias-free DGN with out_dim 1 and Gaussian (c/sqrt(fan_in)) feature weights, or the given ReLU
     net's hidden layers as frozen feature network (FLNPF)."""
-    net = FCDGN(in_dim=in_dim, width=width, depth=depth, out_dim=1, bias=False, init="gaussian",
-                generator=torch.Generator().manual_seed(seed)).double()
+    net = FCDGN(
+        in_dim=in_dim,
+        width=width,
+        depth=depth,
+        out_dim=1,
+        bias=False,
+        init="gaussian",
+        generator=torch.Generator().manual_seed(seed),
+    ).double()
     if gates_from is not None:
         for f, src in zip(net.feature_layers, gates_from.value_layers):
             f.weight.data.copy_(src.weight.data.double())
@@ -67,15 +75,26 @@ def _draw_value(net, width, init, seed):
 def _trained_relu(width, depth, data_root, seed, epochs=1, n=2000):
     """A briefly trained bias-free ReLU net (Adam 1e-3, batch 32, the training engine): the source of FLNPF's
     learnt gates."""
-    net = FCDGN(in_dim=784, width=width, depth=depth, out_dim=10, bias=False, tied=True,
-                generator=torch.Generator().manual_seed(seed))
+    net = FCDGN(
+        in_dim=784,
+        width=width,
+        depth=depth,
+        out_dim=10,
+        bias=False,
+        tied=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
     try:
         x, y = datasets.load("mnist", "train", root=data_root, limit=n, seed=seed + 1)
     except (FileNotFoundError, ValueError):
         x, y = datasets.load("synthetic", "train", n=n, shape=(1, 28, 28), seed=seed + 1)
     data = RunData(x, y, x[:0], y[:0])
-    fit([RunSpec(net=net, seed=seed, train_idx=torch.arange(len(y)), label="theorem relu")], data,
-        FitOptions(optimizer="adam", lr=1e-3, epochs=epochs, device="cpu", eval_batch=1000), progress=False)
+    fit(
+        [RunSpec(net=net, seed=seed, train_idx=torch.arange(len(y)), label="theorem relu")],
+        data,
+        FitOptions(optimizer="adam", lr=1e-3, epochs=epochs, device="cpu", eval_batch=1000),
+        progress=False,
+    )
     return net
 
 
@@ -85,8 +104,10 @@ def rel_err(a, b):
 
 def run(out, quick: bool = True, data_root=None, progress: bool = True, log=print, device="cpu") -> dict:
     """Run parts a, b, c; append records to out/theorem.jsonl, write out/theorem.png and out/theorem.md."""
-    from tqdm import tqdm
     from pathlib import Path
+
+    from tqdm import tqdm
+
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     recs_path = out / "theorem.jsonl"
@@ -121,8 +142,17 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
                     acc += ntk(net, x, params="value")
                     done += 1
                 mean = acc / done
-                rec({"part": "a", "regime": regime, "init": init, "width": w, "depth": d, "draws": done,
-                     "rel_err": rel_err(mean / (d * sigma ** (2 * (d - 1))), H)})
+                rec(
+                    {
+                        "part": "a",
+                        "regime": regime,
+                        "init": init,
+                        "width": w,
+                        "depth": d,
+                        "draws": done,
+                        "rel_err": rel_err(mean / (d * sigma ** (2 * (d - 1))), H),
+                    }
+                )
     # (b) one draw, widths x depths, FRNPF-II and FLNPF; (c) ReLU and DLNPF
     grid = [(dd, ww) for dd in depths for ww in widths]
     for dd, ww in tqdm(grid, desc="(b, c) width x depth", disable=not progress, leave=False):
@@ -133,24 +163,62 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
                 sigma = _draw_value(net, ww, "bernoulli", seed=10_000 + s)
                 H = npk(net, x)
                 Kv = ntk(net, x, params="value")
-                rec({"part": "b", "regime": regime, "init": "bernoulli", "width": ww, "depth": dd, "seed": s,
-                     "rel_err": rel_err(Kv / (dd * sigma ** (2 * (dd - 1))), H)})
+                rec(
+                    {
+                        "part": "b",
+                        "regime": regime,
+                        "init": "bernoulli",
+                        "width": ww,
+                        "depth": dd,
+                        "seed": s,
+                        "rel_err": rel_err(Kv / (dd * sigma ** (2 * (dd - 1))), H),
+                    }
+                )
             # (c) the standard ReLU net: its gates come from the very weights being differentiated
             tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double().to(device)
             sigma = _draw_value(tied, ww, "bernoulli", seed=20_000 + s)
-            rec({"part": "c", "regime": "relu", "init": "bernoulli", "width": ww, "depth": dd, "seed": s,
-                 "rel_err": rel_err(ntk(tied, x, params="all") / (dd * sigma ** (2 * (dd - 1))), npk(tied, x))})
+            rec(
+                {
+                    "part": "c",
+                    "regime": "relu",
+                    "init": "bernoulli",
+                    "width": ww,
+                    "depth": dd,
+                    "seed": s,
+                    "rel_err": rel_err(ntk(tied, x, params="all") / (dd * sigma ** (2 * (dd - 1))), npk(tied, x)),
+                }
+            )
             # (c) DLNPF: soft gates from an independent feature net; K = K^v + K^f
-            dl = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, gate="soft", init="gaussian",
-                       generator=torch.Generator().manual_seed(30_000 + s)).double().to(device)
+            dl = (
+                FCDGN(
+                    in_dim=784,
+                    width=ww,
+                    depth=dd,
+                    out_dim=1,
+                    bias=False,
+                    gate="soft",
+                    init="gaussian",
+                    generator=torch.Generator().manual_seed(30_000 + s),
+                )
+                .double()
+                .to(device)
+            )
             sigma = _draw_value(dl, ww, "bernoulli", seed=40_000 + s)
             init_layers(dl.feature_layers.cpu(), "bernoulli", C, torch.Generator().manual_seed(50_000 + s))
             dl.to(device)
             H = npk(dl, x)
             for params in ("value", "all"):
-                rec({"part": "c", "regime": f"dlnpf ({'K^v' if params == 'value' else 'K^v + K^f'})",
-                     "init": "bernoulli", "width": ww, "depth": dd, "seed": s,
-                     "rel_err": rel_err(ntk(dl, x, params=params) / (dd * sigma ** (2 * (dd - 1))), H)})
+                rec(
+                    {
+                        "part": "c",
+                        "regime": f"dlnpf ({'K^v' if params == 'value' else 'K^v + K^f'})",
+                        "init": "bernoulli",
+                        "width": ww,
+                        "depth": dd,
+                        "seed": s,
+                        "rel_err": rel_err(ntk(dl, x, params=params) / (dd * sigma ** (2 * (dd - 1))), H),
+                    }
+                )
     summary = summarize(records)
     summary["seconds"] = time.time() - t0
     write_text(out / "theorem.md", report(summary, quick))
@@ -162,8 +230,11 @@ def summarize(records):
     slopes = {}
     for regime in sorted({r["regime"] for r in records if r["part"] in "bc"}):
         for d in sorted({r["depth"] for r in records if r["part"] in "bc"}):
-            pts = [(r["width"], r["rel_err"]) for r in records if r["part"] in "bc" and r["regime"] == regime
-                   and r["depth"] == d]
+            pts = [
+                (r["width"], r["rel_err"])
+                for r in records
+                if r["part"] in "bc" and r["regime"] == regime and r["depth"] == d
+            ]
             ws = sorted({p[0] for p in pts})
             errs = [np.mean([e for w, e in pts if w == ww]) for ww in ws]
             slope = float(np.polyfit(np.log(ws), np.log(errs), 1)[0])
@@ -173,13 +244,25 @@ def summarize(records):
 
 
 def report(s, quick):
-    lines = ["# Theorem 5.1 measured", "", f"budget: {'quick' if quick else 'full'}", "",
-             "## (a) Monte-Carlo mean of K^v vs d sigma^(2(d-1)) H (width 32, depth 4)", "",
-             "| regime | init | draws | rel. Frobenius error |", "|---|---|---|---|"]
+    lines = [
+        "# Theorem 5.1 measured",
+        "",
+        f"budget: {'quick' if quick else 'full'}",
+        "",
+        "## (a) Monte-Carlo mean of K^v vs d sigma^(2(d-1)) H (width 32, depth 4)",
+        "",
+        "| regime | init | draws | rel. Frobenius error |",
+        "|---|---|---|---|",
+    ]
     for r in s["part_a"]:
         lines.append(f"| {r['regime']} | {r['init']} | {r['draws']} | {r['rel_err']:.4f} |")
-    lines += ["", "## (b, c) one draw: error vs width, fitted log-log slope", "",
-              "| regime | depth | slope | error at widest |", "|---|---|---|---|"]
+    lines += [
+        "",
+        "## (b, c) one draw: error vs width, fitted log-log slope",
+        "",
+        "| regime | depth | slope | error at widest |",
+        "|---|---|---|---|",
+    ]
     for k, v in s["slopes"].items():
         reg, d = k.split("|")
         lines.append(f"| {reg} | {d} | {v['slope']:.3f} | {v['err_at_max_width']:.4f} (w={v['max_width']}) |")
@@ -188,16 +271,22 @@ def report(s, quick):
 
 def plot(records, path):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     from ..io import atomic_path
+
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     a = [r for r in records if r["part"] == "a"]
     for key in sorted({(r["regime"], r["init"]) for r in a}):
         pts = [(r["draws"], r["rel_err"]) for r in a if (r["regime"], r["init"]) == key]
         axes[0].loglog(*zip(*pts), "o-", label=f"{key[0]}, {key[1]}")
-    axes[0].set(xlabel="Monte-Carlo draws", ylabel="rel. error of E[K^v]/(d σ^{2(d-1)}) vs H",
-                title="(a) expectation is exact: error ~ draws^(-1/2)")
+    axes[0].set(
+        xlabel="Monte-Carlo draws",
+        ylabel="rel. error of E[K^v]/(d σ^{2(d-1)}) vs H",
+        title="(a) expectation is exact: error ~ draws^(-1/2)",
+    )
     axes[0].legend(fontsize=8)
     bc = [r for r in records if r["part"] in "bc"]
     depths = sorted({r["depth"] for r in bc})
@@ -210,8 +299,13 @@ def plot(records, path):
                 continue
             ws = sorted({p[0] for p in pts})
             errs = [np.mean([e for w, e in pts if w == ww]) for ww in ws]
-            axes[1].loglog(ws, errs, linestyle=ls, color=cmap(i / max(1, len(depths) - 1)),
-                           label=f"{regime}, d={d}" if i in (0, len(depths) - 1) else None)
+            axes[1].loglog(
+                ws,
+                errs,
+                linestyle=ls,
+                color=cmap(i / max(1, len(depths) - 1)),
+                label=f"{regime}, d={d}" if i in (0, len(depths) - 1) else None,
+            )
     axes[1].set(xlabel="width w", ylabel="||K/(d σ^{2(d-1)}) - H||_F / ||H||_F", title="(b, c) one draw vs width")
     axes[1].legend(fontsize=7, ncol=2)
     fig.tight_layout()

@@ -14,6 +14,7 @@
   Each entry is computed by exactly one rank with the same code as in one process, so the result is bit for bit
   the single-process one.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -24,9 +25,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..precision import exact
-
 from ..errors import NeuralpathError
+from ..precision import exact
 
 
 def _avail_memory() -> int:
@@ -76,8 +76,10 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
     if out is None:
         limit = memory_limit if memory_limit is not None else int(0.8 * _avail_memory())
         if need > limit:
-            raise NeuralpathError(f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB "
-                                  "of memory is available; pass out=FILE.npy to stream it to disk, or use fewer inputs")
+            raise NeuralpathError(
+                f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but only {limit / 2**30:.2f} GiB "
+                "of memory is available; pass out=FILE.npy to stream it to disk, or use fewer inputs"
+            )
     else:
         out = Path(out)
         if out.is_dir():
@@ -90,8 +92,10 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
         parent.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(parent).free
         if need > free:
-            raise NeuralpathError(f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but {parent} has only "
-                                  f"{free / 2**30:.2f} GiB free; choose another output folder or fewer inputs")
+            raise NeuralpathError(
+                f"the ({n1}, {n2}) kernel needs {need / 2**30:.2f} GiB but {parent} has only "
+                f"{free / 2**30:.2f} GiB free; choose another output folder or fewer inputs"
+            )
     return need
 
 
@@ -102,9 +106,21 @@ def gram(featurize, pair, x1, x2=None, **kw):
         return _gram(featurize, pair, x1, x2, **kw)
 
 
-def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=torch.float32, progress: bool = False,
-          feature_budget: int = 1 << 30, feature_bytes_per_input: int | None = None, desc: str = "kernel",
-          memory_limit: int | None = None):
+def _gram(
+    featurize,
+    pair,
+    x1,
+    x2=None,
+    *,
+    block: int = 1024,
+    out=None,
+    dtype=torch.float32,
+    progress: bool = False,
+    feature_budget: int = 1 << 30,
+    feature_bytes_per_input: int | None = None,
+    desc: str = "kernel",
+    memory_limit: int | None = None,
+):
     sym = x2 is None
     x2_ = x1 if sym else x2
     n1, n2 = len(x1), len(x2_)
@@ -115,33 +131,66 @@ def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=to
     rank, world = _dist()
     if out is None:  # several ranks, in memory: each fills its tiles, then one all-reduce sums them
         K = (torch.zeros if world > 1 else torch.empty)((n1, n2), dtype=dtype)
-        return _fill(featurize, pair, x1, x2_, sym, K.numpy(), block, dtype, progress, feature_budget,
-                     feature_bytes_per_input, desc, rank, world, K=K)
+        return _fill(
+            featurize,
+            pair,
+            x1,
+            x2_,
+            sym,
+            K.numpy(),
+            block,
+            dtype,
+            progress,
+            feature_budget,
+            feature_bytes_per_input,
+            desc,
+            rank,
+            world,
+            K=K,
+        )
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial.npy")
     lock = None
     if rank == 0:
         from filelock import FileLock, Timeout
+
         lock = FileLock(str(out.with_name(f".{out.name}.lock")))
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            raise NeuralpathError(f"{out} is being written by another neuralpath process; wait for it or pick "
-                                  "another --out") from None
+            raise NeuralpathError(
+                f"{out} is being written by another neuralpath process; wait for it or pick " "another --out"
+            ) from None
     try:
         if rank == 0:
             tmp.unlink(missing_ok=True)  # a stale partial of a killed run of the same name
             if need > 1 << 30 and progress is not False:
                 import sys
+
                 print(f"{desc}: writing a ({n1:,} x {n2:,}) kernel, {need / 2**30:.1f} GiB, to {out}", file=sys.stderr)
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")),
-                                      shape=(n1, n2)).flush()
+            np.lib.format.open_memmap(
+                tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")), shape=(n1, n2)
+            ).flush()
         if world > 1:
             torch.distributed.barrier()
         target = _TileWriter(tmp, n2, itemsize)
         try:
-            _fill(featurize, pair, x1, x2_, sym, target, block, dtype, progress, feature_budget,
-                  feature_bytes_per_input, desc, rank, world)
+            _fill(
+                featurize,
+                pair,
+                x1,
+                x2_,
+                sym,
+                target,
+                block,
+                dtype,
+                progress,
+                feature_budget,
+                feature_bytes_per_input,
+                desc,
+                rank,
+                world,
+            )
         finally:
             target.close()
         if world > 1:
@@ -162,17 +211,37 @@ def _gram(featurize, pair, x1, x2=None, *, block: int = 1024, out=None, dtype=to
     return out
 
 
-def _fill(featurize, pair, x1, x2_, sym, target, block, dtype, progress, feature_budget, feature_bytes_per_input,
-          desc, rank, world, K=None):
+def _fill(
+    featurize,
+    pair,
+    x1,
+    x2_,
+    sym,
+    target,
+    block,
+    dtype,
+    progress,
+    feature_budget,
+    feature_bytes_per_input,
+    desc,
+    rank,
+    world,
+    K=None,
+):
     from tqdm import tqdm
+
     n1, n2 = len(x1), len(x2_)
     cache1 = cache2 = None
     fb = feature_bytes_per_input
     if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
-        cache1 = [featurize(x1[i:i + block]) for i in range(0, n1, block)]
-        cache2 = cache1 if sym else [featurize(x2_[j:j + block]) for j in range(0, n2, block)]
-    tiles = [(bi, bj) for bi in range((n1 + block - 1) // block) for bj in range((n2 + block - 1) // block)
-             if not sym or bj >= bi]
+        cache1 = [featurize(x1[i : i + block]) for i in range(0, n1, block)]
+        cache2 = cache1 if sym else [featurize(x2_[j : j + block]) for j in range(0, n2, block)]
+    tiles = [
+        (bi, bj)
+        for bi in range((n1 + block - 1) // block)
+        for bj in range((n2 + block - 1) // block)
+        if not sym or bj >= bi
+    ]
     mine = tiles[rank::world]
     bar = tqdm(total=len(mine), desc=desc, disable=not progress, leave=False)
     f1_idx, f1 = None, None
@@ -182,16 +251,16 @@ def _fill(featurize, pair, x1, x2_, sym, target, block, dtype, progress, feature
             a, b = cache1[bi], cache2[bj]
         else:
             if f1_idx != bi:
-                f1_idx, f1 = bi, featurize(x1[i0:i0 + block])
+                f1_idx, f1 = bi, featurize(x1[i0 : i0 + block])
             a = f1
-            b = f1 if (sym and bi == bj) else featurize(x2_[j0:j0 + block])
+            b = f1 if (sym and bi == bj) else featurize(x2_[j0 : j0 + block])
         tile = pair(a, b).to(dtype).cpu().numpy()
         if sym and bi == bj:  # BLAS does not promise a @ a.T symmetric to the last bit: mirror the upper triangle
             iu = np.triu_indices(tile.shape[0], 1)
             tile[(iu[1], iu[0])] = tile[iu]
-        target[i0:i0 + tile.shape[0], j0:j0 + tile.shape[1]] = tile
+        target[i0 : i0 + tile.shape[0], j0 : j0 + tile.shape[1]] = tile
         if sym and bi != bj:
-            target[j0:j0 + tile.shape[1], i0:i0 + tile.shape[0]] = tile.T
+            target[j0 : j0 + tile.shape[1], i0 : i0 + tile.shape[0]] = tile.T
         bar.update(1)
     bar.close()
     if K is not None and world > 1:

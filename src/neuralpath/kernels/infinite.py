@@ -16,8 +16,10 @@ so the NPK of the paper's bias-free value paths, H = <x, x'> prod_l overlap_l, s
 Without biases the first angle is that of x and x' and the recursion is the arc-cosine one of Cho & Saul (2009):
 cos t_{l+1} = (sin t_l + (pi - t_l) cos t_l) / pi. On the diagonal t_l = 0 for every l: H(x, x) / w^(d-1) =
 ||x||^2 2^-(d-1), with or without biases. Off the diagonal, arccos near 1 amplifies rounding (arccos(1 - e) ~
-sqrt(2e)): nearly parallel inputs carry a relative error up to ~1e-8 in float64. Cost: O(n1 n2 (d_in + depth)), one GEMM and elementwise work; computed through the Gram engine.
+sqrt(2e)): nearly parallel inputs carry a relative error up to ~1e-8 in float64. Cost: O(n1 n2 (d_in + depth)),
+one GEMM and elementwise work; computed through the Gram engine.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +54,18 @@ def _pair(a, b, depth, sigma_b2, diag=False):
     return H
 
 
-def npk_infinite(x1, x2=None, *, depth: int, bias_std: float = 0.0, diag: bool = False, dtype=torch.float64,
-                 block: int = 4096, out=None, progress: bool = False):
+def npk_infinite(
+    x1,
+    x2=None,
+    *,
+    depth: int,
+    bias_std: float = 0.0,
+    diag: bool = False,
+    dtype=torch.float64,
+    block: int = 4096,
+    out=None,
+    progress: bool = False,
+):
     """H(x1, x2) / w^(d-1) as w -> infinity for random ReLU gates (see the module docstring); (n1, n2), or the
     (n1,) diagonal with ``diag=True``. ``depth`` is the network's d (d-1 gated layers)."""
     if isinstance(depth, bool) or not isinstance(depth, int) or depth < 2:
@@ -68,5 +80,14 @@ def npk_infinite(x1, x2=None, *, depth: int, bias_std: float = 0.0, diag: bool =
     if diag:  # the angle between x and itself is 0 at every layer (biases or not): P(u > 0) = 1/2 per layer
         return (x1.reshape(len(x1), -1) ** 2).sum(1) / 2 ** (depth - 1)
     x2 = None if x2 is None else x2.to(dtype)
-    return gram(lambda x: _features(x.to(dtype), s2), lambda a, b: _pair(a, b, depth, s2), x1, x2, block=block,
-                out=out, dtype=dtype, progress=progress, desc="infinite-width NPK")
+    return gram(
+        lambda x: _features(x.to(dtype), s2),
+        lambda a, b: _pair(a, b, depth, s2),
+        x1,
+        x2,
+        block=block,
+        out=out,
+        dtype=dtype,
+        progress=progress,
+        desc="infinite-width NPK",
+    )

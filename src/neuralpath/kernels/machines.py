@@ -7,6 +7,7 @@ j * mean(diag K), j in {0, 1e-12, 1e-11, ..., 1e-4}, that makes the factorisatio
 that still fails (indefinite beyond round-off, NaN/inf) is an error naming the jitter tried. No explicit inverse
 is ever formed.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 
 from ..errors import NeuralpathError, check_choice
 
-JITTERS = (0.0,) + tuple(10.0 ** -e for e in range(12, 3, -1))
+JITTERS = (0.0,) + tuple(10.0**-e for e in range(12, 3, -1))
 
 
 def _as64(K, name="K"):
@@ -35,9 +36,11 @@ def cholesky(K, jitters=JITTERS):
         L, info = torch.linalg.cholesky_ex(K + (j * scale) * eye if j else K)
         if int(info) == 0:
             return L, j
-    raise NeuralpathError(f"the kernel matrix ({K.shape[0]} x {K.shape[0]}) is not positive definite even with "
-                          f"jitter {jitters[-1]:g} x mean(diag); it is indefinite or badly scaled (check for NaN "
-                          "gates, or use normalize='cosine')")
+    raise NeuralpathError(
+        f"the kernel matrix ({K.shape[0]} x {K.shape[0]}) is not positive definite even with "
+        f"jitter {jitters[-1]:g} x mean(diag); it is indefinite or badly scaled (check for NaN "
+        "gates, or use normalize='cosine')"
+    )
 
 
 def psd_solve(K, Y, jitters=JITTERS):
@@ -90,15 +93,17 @@ class KernelRidge:
         if K.dim() != 2 or K.shape[0] != K.shape[1]:
             raise NeuralpathError(f"KernelRidge.fit: K_train must be a square (n, n) matrix, got {tuple(K.shape)}")
         if y.dim() != 1 or len(y) != K.shape[0]:
-            raise NeuralpathError(f"KernelRidge.fit: y has shape {tuple(y.shape)} but K_train is {tuple(K.shape)}; "
-                                  "give one label per row of K_train")
+            raise NeuralpathError(
+                f"KernelRidge.fit: y has shape {tuple(y.shape)} but K_train is {tuple(K.shape)}; "
+                "give one label per row of K_train"
+            )
         if len(y) < 2 or int(y.min()) < 0:
             raise NeuralpathError("KernelRidge.fit: needs at least 2 training points with labels 0..k-1")
         self.k = int(y.max()) + 1
         if self.lam is None:
             n = min(len(y), self.select_n)
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
-            hold, fit = perm[: max(1, n // 10)], perm[max(1, n // 10):]
+            hold, fit = perm[: max(1, n // 10)], perm[max(1, n // 10) :]
             best = (-1.0, None)
             for lam in self.lams:
                 a, _ = self._solve(K[fit][:, fit], one_hot(y[fit], self.k), lam)
@@ -114,8 +119,10 @@ class KernelRidge:
             raise NeuralpathError("KernelRidge.predict was called before fit; call fit(K_train, y) first")
         Kt = torch.as_tensor(K_test_train, dtype=torch.float64)
         if Kt.dim() != 2 or Kt.shape[1] != self.alpha.shape[0]:
-            raise NeuralpathError(f"KernelRidge.predict: K_test_train must be (m, {self.alpha.shape[0]}) (test x "
-                                  f"training points), got {tuple(Kt.shape)}")
+            raise NeuralpathError(
+                f"KernelRidge.predict: K_test_train must be (m, {self.alpha.shape[0]}) (test x "
+                f"training points), got {tuple(Kt.shape)}"
+            )
         return (Kt @ self.alpha).argmax(1)
 
 
@@ -143,5 +150,14 @@ def accuracy(pred, y) -> float:
     return float(torch.as_tensor(pred).eq(torch.as_tensor(y)).double().mean())
 
 
-__all__ = ["cholesky", "psd_solve", "quadratic_form_inverse", "alignment", "KernelRidge", "svm", "fit_predict",
-           "accuracy", "JITTERS"]
+__all__ = [
+    "cholesky",
+    "psd_solve",
+    "quadratic_form_inverse",
+    "alignment",
+    "KernelRidge",
+    "svm",
+    "fit_predict",
+    "accuracy",
+    "JITTERS",
+]

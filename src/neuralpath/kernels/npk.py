@@ -27,6 +27,7 @@ Cost, n1 x n2 pairs: FC O(n1 n2 (d_in + sum_l w_l)) multiply-adds, all GEMMs; me
 for the features plus the tile. Conv: O(n1 n2 HW sum_l C_l) GEMM work plus O(n1 n2 HW k^2) for the box filters
 per conv layer; tile memory O(b1 b2 HW).
 """
+
 from __future__ import annotations
 
 import copy
@@ -51,13 +52,15 @@ def _as_dtype(net: DGN, dtype):
 
 def _is_module_dgn(net) -> bool:
     from ..anynet import ModuleDGN
+
     return isinstance(net, ModuleDGN)
 
 
 def _check_inputs(net, x1, x2):
     if not isinstance(net, DGN) and not _is_module_dgn(net):
-        raise TypeError(f"net must be an FCDGN, a ConvDGN or neuralpath.from_module(model, example), got "
-                        f"{type(net).__name__}")
+        raise TypeError(
+            f"net must be an FCDGN, a ConvDGN or neuralpath.from_module(model, example), got " f"{type(net).__name__}"
+        )
     for name, x in (("x1", x1), ("x2", x2)):
         if x is None:
             continue
@@ -66,8 +69,10 @@ def _check_inputs(net, x1, x2):
         if not bool(torch.isfinite(x).all()):
             raise NeuralpathError(f"{name} contains NaN or inf values")
     if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
-        raise NeuralpathError(f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
-                              "they must match the network's input")
+        raise NeuralpathError(
+            f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
+            "they must match the network's input"
+        )
 
 
 def _structure(net: DGN):
@@ -131,7 +136,7 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
             t = t.sum(dim=(-2, -1)) / hw  # flatten: sum over positions (normalised by HW)
             log_s += math.log(hw)
             if trans == "gap":  # each path through the pool carries 1/(HW): 1/(HW)^2 per pair
-                t = t / hw ** 2
+                t = t / hw**2
         if kind == "conv":
             t = _box(t, k) / (k * k)
             log_s += math.log(k * k)
@@ -151,8 +156,10 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
 def _finish(t, log_s, dtype):
     h = t * math.exp(log_s) if log_s < 700 else t * float("inf")
     if not bool(torch.isfinite(h).all()):
-        raise NeuralpathError(f"the NPK overflows {dtype} (scale e^{log_s:.1f}); use normalize='trace' or 'cosine', "
-                              "or dtype=torch.float64")
+        raise NeuralpathError(
+            f"the NPK overflows {dtype} (scale e^{log_s:.1f}); use normalize='trace' or 'cosine', "
+            "or dtype=torch.float64"
+        )
     return h
 
 
@@ -165,6 +172,7 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
     """
     check_choice("normalize", normalize, NORMALIZE)
     from ..dlgn import DLGNVT
+
     if isinstance(net, DLGNVT):
         if normalize is not None or out is not None:
             raise NeuralpathError("the DLGN-VT kernel is returned in memory, unnormalised")
@@ -172,8 +180,10 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
     _check_inputs(net, x1, x2)
     if _is_module_dgn(net):
         from ..anynet import npk_module
-        K = npk_module(net, x1, x2, dtype=dtype, block=min(block, 256), out=None if normalize else out,
-                       progress=progress)
+
+        K = npk_module(
+            net, x1, x2, dtype=dtype, block=min(block, 256), out=None if normalize else out, progress=progress
+        )
         if normalize is None:
             return K
         if normalize == "trace":
@@ -197,8 +207,18 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
         return t
 
     n_units = sum(g.numel() for g in featurize(net, x1[:1])[1]) + x1[:1].numel()
-    K = gram(lambda x: featurize(net, x), pair, x1, x2, block=block, out=out, dtype=dt, progress=progress,
-             feature_bytes_per_input=n_units * torch.empty((), dtype=dt).element_size(), desc="NPK")
+    K = gram(
+        lambda x: featurize(net, x),
+        pair,
+        x1,
+        x2,
+        block=block,
+        out=out,
+        dtype=dt,
+        progress=progress,
+        feature_bytes_per_input=n_units * torch.empty((), dtype=dt).element_size(),
+        desc="NPK",
+    )
     if normalize is None:
         return K
     if out is not None:
@@ -214,7 +234,7 @@ def npk_diag(net: DGN, x, scaled: bool = False, block: int = 4096):
     """H(x_i, x_i) for every row, without the off-diagonal work (cost linear in n)."""
     out = []
     for i in range(0, len(x), block):
-        f = featurize(net, x[i:i + block])
+        f = featurize(net, x[i : i + block])
         t, ls = npk_pair(net, f, f, diag=True)
         out.append((t if scaled else _finish(t, ls, t.dtype)).reshape(-1))
     return torch.cat(out)
@@ -226,6 +246,7 @@ def overlaps(net, x1, x2=None, dtype=None):
     net = _as_dtype(net, dtype)
     if _is_module_dgn(net):
         from ..anynet import overlaps_module
+
         return overlaps_module(net, x1, x2)
     f1 = featurize(net, x1)
     f2 = f1 if x2 is None else featurize(net, x2)

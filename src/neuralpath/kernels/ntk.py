@@ -25,6 +25,7 @@ N O P. The reference; pick it only for small nets or to check.
 ``vp``. NTK-vector products (torch.func vjp then jvp): J(x2)^T is formed by vjp on the n2 k output directions and
 pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Useful when P is large and n small.
 """
+
 from __future__ import annotations
 
 import torch
@@ -65,7 +66,7 @@ def _weight_grads(layer, a, delta):
     n, k = delta.shape[:2]
     if isinstance(layer, torch.nn.Conv2d):
         patches = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, Ci*kh*kw, HW)
-        d = delta.flatten(3)                                                                  # (n, k, Co, HW)
+        d = delta.flatten(3)  # (n, k, Co, HW)
         gw = torch.einsum("nkoh,nph->nkop", d, patches).reshape(n, k, -1)
         gb = d.sum(-1)
         return gw, gb
@@ -191,6 +192,7 @@ def _fn(net):
             return functional_call(net, p, (x[None],))[0]
         finally:
             net.features_frozen = frozen
+
     return f
 
 
@@ -221,8 +223,20 @@ def _ntk_vp(net, x1, x2, params, trace, biases=True):
     return cols.reshape(n2, k, x1.shape[0], k).permute(2, 0, 3, 1)  # (n1, n2, k1, k2)
 
 
-def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structured", trace: bool = True,
-        biases: bool = True, dtype=None, block: int = 256, out=None, progress: bool = False):
+def ntk(
+    net: DGN,
+    x1,
+    x2=None,
+    *,
+    params: str = "value",
+    method: str = "structured",
+    trace: bool = True,
+    biases: bool = True,
+    dtype=None,
+    block: int = 256,
+    out=None,
+    progress: bool = False,
+):
     """Empirical NTK of a DGN, (n1, n2) traced over outputs (trace=False: (n1, n2, k, k)).
 
     params: 'value' | 'feature' | 'all';  method: 'structured' | 'jacobian' | 'vp' (see the module docstring).
@@ -249,8 +263,17 @@ def ntk(net: DGN, x1, x2=None, *, params: str = "value", method: str = "structur
             f1 = _featurize(net, x1, params, biases)
             f2 = f1 if x2 is None else _featurize(net, x2, params, biases)
             return _pair_structured(f1, f2, trace=False)
-        return gram(lambda x: _featurize(net, x, params, biases), lambda a, b: _pair_structured(a, b, True), x1, x2,
-                    block=block, out=out, dtype=dt, progress=progress, desc="NTK")
+        return gram(
+            lambda x: _featurize(net, x, params, biases),
+            lambda a, b: _pair_structured(a, b, True),
+            x1,
+            x2,
+            block=block,
+            out=out,
+            dtype=dt,
+            progress=progress,
+            desc="NTK",
+        )
     if out is not None:
         raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
     with exact():

@@ -11,6 +11,7 @@ T_l is a fixed linear "transition" before layer l: identity, flatten, or global 
 ``tied=True`` makes Theta^f and Theta^v one set of modules with hard gates: the standard ReLU network,
 since G * q = 1{q>0} q = relu(q).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,8 +24,8 @@ from ..errors import NeuralpathError, check_choice
 from ..gates import GATES, gate_fn
 
 INITS = ("glorot", "gaussian", "bernoulli")
-GATINGS = ("relu", "linear", "shallow")   # the feature network: a ReLU net (the paper), linear (DLGN), reads x (DLGN-SF)
-VALUE_INPUTS = ("x", "ones")              # the value network's input: x, or all ones ("pwc": piecewise constant in x)
+GATINGS = ("relu", "linear", "shallow")  # the feature network: a ReLU net (the paper), linear (DLGN), reads x (DLGN-SF)
+VALUE_INPUTS = ("x", "ones")  # the value network's input: x, or all ones ("pwc": piecewise constant in x)
 
 
 def init_layers(layers, init: str = "glorot", c: float = math.sqrt(2.0), generator: torch.Generator | None = None):
@@ -59,8 +60,9 @@ class DGN(nn.Module):
     feature_layers: nn.ModuleList
     transitions: list  # transitions[l] in {"none", "flatten", "gap"}, applied to the input of layer l (0-based)
 
-    def _setup_gating(self, gate: str, beta: float, eps: float, tied: bool, gating: str = "relu",
-                      value_input: str = "x"):
+    def _setup_gating(
+        self, gate: str, beta: float, eps: float, tied: bool, gating: str = "relu", value_input: str = "x"
+    ):
         check_choice("gate", gate, GATES)
         check_choice("gating", gating, GATINGS)
         check_choice("value_input", value_input, VALUE_INPUTS)
@@ -91,7 +93,9 @@ class DGN(nn.Module):
             raise TypeError(f"x must be a floating tensor, got dtype {x.dtype}; convert with x.float()")
         p = next(self.parameters())
         if x.dtype != p.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the network has {p.dtype}; use net.to({x.dtype}) or x.to({p.dtype})")
+            raise TypeError(
+                f"x has dtype {x.dtype} but the network has {p.dtype}; use net.to({x.dtype}) or x.to({p.dtype})"
+            )
         if x.device != p.device:
             raise TypeError(f"x is on {x.device} but the network is on {p.device}; move one of them")
 
@@ -180,8 +184,12 @@ class DGN(nn.Module):
         theirs.setdefault("gating", "relu")  # weights saved before the DLGN settings existed
         theirs.setdefault("value_input", "x")
         mine = self.config()
-        diff = {k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)}
+        diff = {
+            k: (theirs.get(k), mine.get(k)) for k in sorted(set(theirs) | set(mine)) if theirs.get(k) != mine.get(k)
+        }
         if diff:
             desc = ", ".join(f"{k}={a!r} in the weights vs {b!r} here" for k, (a, b) in diff.items())
-            raise NeuralpathError(f"these weights belong to another network configuration ({desc}); rebuild the "
-                                  "network with neuralpath.load_net(checkpoint)")
+            raise NeuralpathError(
+                f"these weights belong to another network configuration ({desc}); rebuild the "
+                "network with neuralpath.load_net(checkpoint)"
+            )

@@ -5,6 +5,7 @@
                    -> [dense, gated] x len(hidden) -> dense out_dim
 All hidden layers are gated: 6 for the paper's shape channels=(64, 64, 128, 128), hidden=(256, 256).
 """
+
 from __future__ import annotations
 
 import math
@@ -19,11 +20,26 @@ ARCHS = ("vconv", "gconv")
 
 
 class ConvDGN(DGN):
-    def __init__(self, arch: str = "gconv", in_channels: int = 3, out_dim: int = 10, gate: str = "hard",
-                 bias: bool = True, tied: bool = False, channels=(64, 64, 128, 128), hidden=(256, 256),
-                 image_size: int = 32, kernel_size: int = 3, beta: float = 4.0, eps: float = 0.1,
-                 init: str = "glorot", init_scale: float = math.sqrt(2.0), generator: torch.Generator | None = None,
-                 gating: str = "relu", value_input: str = "x"):
+    def __init__(
+        self,
+        arch: str = "gconv",
+        in_channels: int = 3,
+        out_dim: int = 10,
+        gate: str = "hard",
+        bias: bool = True,
+        tied: bool = False,
+        channels=(64, 64, 128, 128),
+        hidden=(256, 256),
+        image_size: int = 32,
+        kernel_size: int = 3,
+        beta: float = 4.0,
+        eps: float = 0.1,
+        init: str = "glorot",
+        init_scale: float = math.sqrt(2.0),
+        generator: torch.Generator | None = None,
+        gating: str = "relu",
+        value_input: str = "x",
+    ):
         super().__init__()
         check_choice("arch", arch, ARCHS)
         for name, v in (("in_channels", in_channels), ("out_dim", out_dim), ("image_size", image_size)):
@@ -44,8 +60,11 @@ class ConvDGN(DGN):
             # flattened (vconv) or pooled (gconv) form)
             layers, c_in = [], in_channels
             for c in channels:
-                layers.append(nn.Conv2d(in_channels if shallow else c_in, c, kernel_size, stride=1,
-                                        padding=kernel_size // 2, bias=bias))
+                layers.append(
+                    nn.Conv2d(
+                        in_channels if shallow else c_in, c, kernel_size, stride=1, padding=kernel_size // 2, bias=bias
+                    )
+                )
                 c_in = c
             d_in = c_in * image_size * image_size if arch == "vconv" else c_in
             d_x = in_channels * image_size * image_size if arch == "vconv" else in_channels
@@ -63,10 +82,22 @@ class ConvDGN(DGN):
         self.reset_parameters(init, init_scale, generator)
 
     def config(self) -> dict:
-        return dict(arch=self.arch, in_channels=self.in_channels, out_dim=self.out_dim, gate=self.gate_kind,
-                    bias=self.has_bias, tied=self.tied, channels=list(self.channels), hidden=list(self.hidden),
-                    image_size=self.image_size, kernel_size=self.kernel_size, beta=self.beta, eps=self.eps,
-                    gating=self.gating, value_input=self.value_input)
+        return dict(
+            arch=self.arch,
+            in_channels=self.in_channels,
+            out_dim=self.out_dim,
+            gate=self.gate_kind,
+            bias=self.has_bias,
+            tied=self.tied,
+            channels=list(self.channels),
+            hidden=list(self.hidden),
+            image_size=self.image_size,
+            kernel_size=self.kernel_size,
+            beta=self.beta,
+            eps=self.eps,
+            gating=self.gating,
+            value_input=self.value_input,
+        )
 
     @property
     def n_conv(self) -> int:
@@ -78,6 +109,8 @@ class ConvDGN(DGN):
         if x.dim() == 2 and x.shape[1] == c * s * s:
             x = x.view(-1, c, s, s)  # (n, C*H*W) -> (n, C, H, W)
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
-            raise NeuralpathError(f"input of shape {tuple(x.shape)} does not match the network's ({c}, {s}, {s}) "
-                                  f"images; pass (n, {c}, {s}, {s})")
+            raise NeuralpathError(
+                f"input of shape {tuple(x.shape)} does not match the network's ({c}, {s}, {s}) "
+                f"images; pass (n, {c}, {s}, {s})"
+            )
         return x

@@ -10,6 +10,7 @@ linear map given the gates, which batch statistics are not; ``bn=True`` adds Bat
 in eval mode (a per-channel scale and a bias unit). Its deep gated network is ``neuralpath.from_module(net, x)``,
 and its NPK is exact in closed form (the identity paths and the block's paths add).
 """
+
 from __future__ import annotations
 
 import torch
@@ -39,7 +40,7 @@ class CifarResNet(nn.Module):
         self.stem_bn = nn.BatchNorm2d(width) if bn else nn.Identity()
         layers, c = [], width
         for s, n in enumerate(blocks):
-            c_out = width * 2 ** s
+            c_out = width * 2**s
             for b in range(n):
                 layers.append(BasicBlock(c, c_out, stride=2 if (s > 0 and b == 0) else 1, bn=bn))
                 c = c_out
