@@ -533,6 +533,31 @@ def reproduce_gates(budget, epochs, pairs, data_root, device, out):
     )
 
 
+@reproduce.command("resnet")
+@click.option("--budget", default="cpu", show_default=True, help="cpu (12 epochs, 10,000 images, 3 seeds) | quick")
+@click.option("--seeds", type=int, default=None)
+@click.option("--epochs", type=int, default=None)
+@click.option("--data-root", default=None)
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", default="runs/resnet", show_default=True)
+def reproduce_resnet(budget, seeds, epochs, data_root, device, out):
+    """A CIFAR ResNet as ReLU, FRNPF-II and FLNPF, and kernel ridge regression on the NPK of its gates."""
+    from .experiments import resnet
+
+    click.echo(
+        resnet.run(
+            out,
+            budget,
+            seeds=seeds,
+            epochs=epochs,
+            data_root=data_root,
+            device=device,
+            progress=_progress(),
+            log=lambda m: click.echo(m, err=True),
+        )
+    )
+
+
 @reproduce.command("theorem")
 @click.option("--budget", default="quick", show_default=True, help="quick | full")
 @click.option("--data-root", default=None)

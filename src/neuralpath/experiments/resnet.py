@@ -1,0 +1,194 @@
+"""Beyond the paper: how much of what a ResNet learns is in its gates (arXiv 2110.03403 treats skip connections).
+
+A small CIFAR ResNet (``neuralpath.nets.resnet``: width 16, one basic block per stage, identity and projection
+shortcuts, no batch norm) on CIFAR-10 (the JPEG copy here) in three regimes of the paper, 3 seeds, trained as stacks
+of the engine: ReLU (the ResNet itself), FRNPF-II (random frozen gates, a fresh value network) and FLNPF (the trained
+ResNet's gates frozen at its best epoch, a fresh, independently initialised value network). Then kernel ridge
+regression on the closed-form NPK of the ResNet's gates (docs/THEORY.md §7: the identity paths and the blocks'
+paths add) at initialisation and after training.
+
+compute (:func:`run`) -> records (``resnet.jsonl``) -> report (:func:`report`) -> plot (:func:`plot`).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from .. import checkpoints, datasets
+from ..errors import NeuralpathError, check_choice
+from ..io import append_jsonl, read_jsonl, write_text
+from ..kernels.machines import accuracy, fit_predict
+from ..kernels.npk import npk
+from ..regimes import build_regime
+from ..runfolder import RunFolder
+from ..train import TrainConfig, net_kwargs, train_many
+from .common import mean_std, pyplot, savefig, write_jsonl
+
+BUDGETS = {
+    "cpu": dict(epochs=12, limit_train=10000, seeds=3, width=16, blocks=[1, 1, 1], krr_train=2000, krr_test=2000),
+    "quick": dict(epochs=1, limit_train=500, seeds=1, width=4, blocks=[1, 1], krr_train=100, krr_test=100),
+}
+REGIMES = ("frnpf-ii", "flnpf", "relu")
+
+
+def run(out, budget="cpu", seeds=None, epochs=None, data_root=None, device="auto", progress=None, log=print) -> str:
+    check_choice("budget", budget, tuple(BUDGETS))
+    b = dict(BUDGETS[budget])
+    for k, v in (("seeds", seeds), ("epochs", epochs)):
+        if v is not None:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise NeuralpathError(f"--{k} {v!r} must be a positive integer")
+            b[k] = v
+    out = Path(out)
+    t0 = time.time()
+    seeds_ = list(range(b["seeds"]))
+    common = dict(
+        arch="resnet",
+        dataset="cifar10",
+        optimizer="adam",
+        lr=3e-4,
+        epochs=b["epochs"],
+        limit_train=b["limit_train"],
+        width=b["width"],
+        blocks=b["blocks"],
+        data_root=data_root,
+        device=device,
+    )
+    runs = out / "runs"
+    log(f"ResNet (width {b['width']}, blocks {b['blocks']}): ReLU and FRNPF-II x seeds {seeds_}, one stack")
+    first = [("relu", s) for s in seeds_] + [("frnpf-ii", s) for s in seeds_]
+    train_many(
+        [TrainConfig(regime=r, seed=s, **common) for r, s in first],
+        [runs / f"{r}-s{s}" for r, s in first],
+        runs / "stack-phase1.pt",
+        progress=progress,
+        log=log,
+    )
+    log("FLNPF on each seed's best ReLU gates, one stack")
+    train_many(
+        [
+            TrainConfig(regime="flnpf", seed=s, relu_checkpoint=str(runs / f"relu-s{s}" / "best.pt"), **common)
+            for s in seeds_
+        ],
+        [runs / f"flnpf-s{s}" for s in seeds_],
+        runs / "stack-phase2.pt",
+        progress=progress,
+        log=log,
+    )
+    _kernels(out, b, common, data_root, log)
+    recs = collect(out)
+    md = report(recs, budget, b, datasets.source_label("cifar10", data_root))
+    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {out / 'resnet.jsonl'}.\n"
+    write_text(out / "resnet.md", md)
+    plot(recs, out / "resnet.png")
+    return md
+
+
+def _kernels(out, b, common, data_root, log):
+    path = out / "kernels.jsonl"
+    have = {r["gates"] for r in read_jsonl(path)}
+    xtr, ytr = datasets.load("cifar10", "train", root=data_root, limit=b["krr_train"], seed=0)
+    xte, yte = datasets.load("cifar10", "test", root=data_root, limit=b["krr_test"], seed=0)
+    cfg = TrainConfig(regime="relu", seed=0, **common).resolved()
+    for gates in ("initial", "trained"):
+        if gates in have:
+            continue
+        net, _ = build_regime("relu", "resnet", 0, None, **net_kwargs(cfg, (3, 32, 32), 10))
+        if gates == "trained":
+            net.load_state_dict(checkpoints.load(out / "runs" / "relu-s0" / "best.pt")["model"])
+        net = net.double()
+        t = time.time()
+        K = npk(net, xtr.double(), normalize="cosine")
+        Kt = npk(net, xte.double(), xtr.double(), normalize="cosine")
+        pred, info = fit_predict("krr", K, ytr, Kt)
+        rec = {
+            "gates": gates,
+            "seed": 0,
+            "n_train": len(ytr),
+            "n_test": len(yte),
+            "test_acc": accuracy(pred, yte),
+            "kernel_seconds": time.time() - t,
+            **info,
+        }
+        append_jsonl(path, rec)
+        log(f"NPK of the ResNet's {gates} gates + KRR: {100 * rec['test_acc']:.2f}%")
+
+
+def collect(out) -> list:
+    recs = []
+    for res in sorted(Path(out).glob("runs/*/result.json")):
+        f = RunFolder(res.parent)
+        r, c = f.result(), f.config()
+        recs.append(
+            {
+                "regime": c["regime"],
+                "seed": c["seed"],
+                "best_test_acc": r["best_test_acc"],
+                "clean_test_acc": r.get("clean_test_acc"),
+                "final_test_acc": r["final_test_acc"],
+                "best_epoch": r["best_epoch"],
+                "epochs": c["epochs"],
+                "data": r.get("data"),
+            }
+        )
+    recs += [
+        dict(r, regime=f"krr-npk-{r['gates']}", best_test_acc=r["test_acc"])
+        for r in read_jsonl(Path(out) / "kernels.jsonl")
+    ]
+    write_jsonl(Path(out) / "resnet.jsonl", recs)
+    return recs
+
+
+def report(recs, budget, b, label) -> str:
+    def ms(vals):
+        m, s = mean_std([100 * v for v in vals if v is not None])
+        return "—" if m is None else f"{m:.2f} ± {s:.2f}"
+
+    lines = [
+        f"# A CIFAR ResNet in the paper's regimes (budget `{budget}`: width {b['width']}, blocks {b['blocks']}, "
+        f"no batch norm, {b['limit_train']} training images, full test set, Adam 3e-4, {b['epochs']} epochs, "
+        f"{b['seeds']} seeds; data: {label})",
+        "",
+        "| regime | best % | clean % | final % | seeds |",
+        "|---|---|---|---|---|",
+    ]
+    for reg in REGIMES:
+        rs = [r for r in recs if r["regime"] == reg]
+        lines.append(
+            f"| {reg.upper()} | {ms([r['best_test_acc'] for r in rs])} | "
+            f"{ms([r['clean_test_acc'] for r in rs])} | {ms([r['final_test_acc'] for r in rs])} | {len(rs)} |"
+        )
+    for g in ("initial", "trained"):
+        rs = [r for r in recs if r["regime"] == f"krr-npk-{g}"]
+        if rs:
+            lines.append(
+                f"| KRR on the cosine-normalised NPK of the ResNet's {g} gates (seed 0, "
+                f"{rs[0]['n_train']} / {rs[0]['n_test']} images) | {100 * rs[0]['test_acc']:.2f} | — | — | 1 |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs, path):
+    rows = [r for r in REGIMES if any(x["regime"] == r for x in recs)]
+    if not rows:
+        return
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    ms = [mean_std([100 * x["best_test_acc"] for x in recs if x["regime"] == r]) for r in rows]
+    ax.bar(range(len(rows)), [m for m, _ in ms], yerr=[s for _, s in ms], color="#1f77b4")
+    for i, g in enumerate(("initial", "trained")):
+        k = [x for x in recs if x["regime"] == f"krr-npk-{g}"]
+        if k:
+            ax.axhline(
+                100 * k[0]["test_acc"],
+                ls=":" if g == "initial" else "--",
+                color=f"C{i + 1}",
+                label=f"KRR, NPK of {g} gates",
+            )
+    ax.set_xticks(range(len(rows)), [r.upper() for r in rows])
+    ax.set_ylabel("test accuracy %")
+    ax.legend(fontsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    savefig(fig, path)
