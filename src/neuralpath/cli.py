@@ -683,11 +683,30 @@ def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_
 @click.option("--epochs", type=int, default=None)
 @click.option("--data-root", default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
+@click.option(
+    "--relu-run",
+    default=None,
+    help="Use this finished ReLU run (e.g. runs/table-cpu/runs/gconv-adam/relu-s0): its initial and "
+    "trained gates' NPK, no training.",
+)
 @click.option("--out", default="runs/kernels", show_default=True)
-def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, out):
+def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, relu_run, out):
     """Kernel ridge regression and an SVM on the NPK of evolving gates, and on the final NTK."""
     from .experiments import kernel_machines
 
+    if relu_run:
+        click.echo(
+            kernel_machines.run_on_run(
+                out,
+                relu_run,
+                n_train=n_train or 3000,
+                n_test=n_test or 1000,
+                data_root=data_root,
+                device=device,
+                log=lambda m: click.echo(m, err=True),
+            )
+        )
+        return
     click.echo(
         kernel_machines.run(
             out,

@@ -105,10 +105,7 @@ class LoopStack:
         """The networks are the runs themselves: nothing to copy back."""
 
     def load_state_dict_of(self, r: int, sd: dict):
-        net = self.nets[r]
-        if "_extra_state" not in sd and hasattr(net, "get_extra_state"):  # a state saved before configs travelled
-            sd = dict(sd, _extra_state=net.get_extra_state())
-        net.load_state_dict(sd)
+        self.nets[r].load_state_dict(sd)
 
     @torch.no_grad()
     def cache_frozen_gates(self, x: torch.Tensor, rows_per_run, batch: int = 64):

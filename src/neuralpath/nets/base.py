@@ -179,6 +179,13 @@ class DGN(nn.Module):
         load silently into a network that would compute something else (e.g. DLNPF's soft gates into hard ones)."""
         return {"config": self.config(), "features_frozen": bool(getattr(self, "features_frozen", False))}
 
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """As nn.Module's; weights saved before the configuration travelled with them (no ``_extra_state``) load
+        without that check."""
+        if "_extra_state" not in state_dict:
+            state_dict = dict(state_dict, _extra_state=self.get_extra_state())
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+
     def set_extra_state(self, state):
         theirs = dict(state.get("config", {})) if isinstance(state, dict) else {}
         theirs.setdefault("gating", "relu")  # weights saved before the DLGN settings existed
