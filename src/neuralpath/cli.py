@@ -728,6 +728,32 @@ def report():
     """Regenerate a table or plot from committed records (no training)."""
 
 
+@report.command("collect")
+@click.argument("source")
+@click.argument("dest")
+def report_collect(source, dest):
+    """Copy the small records of an experiment folder (config.json, metrics.jsonl, result.json of every run; the
+    experiment's .jsonl/.md/.png files) into DEST, leaving checkpoints and data behind: what docs/results holds."""
+    import shutil
+    from pathlib import Path
+
+    src, dst = Path(source), Path(dest)
+    if not src.is_dir():
+        raise FileNotFoundError(f"{source}: no such experiment folder")
+    keep = {"config.json", "metrics.jsonl", "result.json"}
+    n = 0
+    for p in sorted(src.rglob("*")):
+        if not p.is_file() or p.name.startswith("."):
+            continue
+        top = p.parent == src
+        if p.name in keep or (top and p.suffix in (".jsonl", ".md", ".png", ".json")):
+            q = dst / p.relative_to(src)
+            q.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(p, q)
+            n += 1
+    click.echo(f"{n} record files copied from {src} to {dst}")
+
+
 @report.command("table")
 @click.argument("records")
 @click.option("--out", default=None, help="Folder for table.md and table.png (default: beside the records).")

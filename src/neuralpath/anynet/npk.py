@@ -42,8 +42,8 @@ class Sig:
     """T = t * exp(ls) [* G1 G2 when ``g`` is set]; t is (a, b, *unit_shape) with a size-1 channel dim when the
     signal is the same for every channel (``bcast``)."""
 
-    def __init__(self, t, ls=0.0, g=None, shape=None):
-        self.t, self.ls, self.g, self.shape = t, float(ls), g, tuple(shape)
+    def __init__(self, t, ls=0.0, g=None, shape=None, gpm=None):
+        self.t, self.ls, self.g, self.shape, self.gpm = t, float(ls), g, tuple(shape), gpm
 
 
 def _outer(u, v, paired):
@@ -63,7 +63,14 @@ def _chsum(s: Sig, groups, paired):
     """Sum over the channel dim (dim 0 of the unit shape) within ``groups``: (a, b, groups, *rest)."""
     c = s.shape[0]
     rest = s.shape[1:]
-    if s.g is not None and s.t.shape[2] == 1:  # factored: t(p) * sum_c G1(c, p) G2(c, p), a GEMM per position
+    if s.g is not None and s.t.shape[2] == 1 and groups == 1 and s.gpm is not None and not paired:
+        # factored: t(p) * sum_c G1(c, p) G2(c, p), one GEMM per position on contiguous position-major operands
+        p1, p2 = s.gpm  # (P, a, C), (P, b, C)
+        ov = torch.bmm(p1, p2.transpose(1, 2))  # (P, a, b)
+        a, b = p1.shape[1], p2.shape[1]
+        ov = ov.permute(1, 2, 0).reshape(a, b, 1, *rest)
+        return s.t.reshape(*s.t.shape[:2], 1, *s.t.shape[3:]) * ov
+    if s.g is not None and s.t.shape[2] == 1:  # factored, general: the same sum per position (einsum)
         g1, g2 = s.g
         a, b = g1.shape[0], g2.shape[0]
         g1 = g1.reshape(a, groups, c // groups, -1)
@@ -108,7 +115,7 @@ def _adaptive_matrix(n_in, n_out, dtype, device):
 
 def propagate(dgn, f1, f2, paired: bool = False):
     """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale per entry)."""
-    (x1, g1s, p1s), (x2, g2s, p2s) = f1, f2
+    (x1, g1s, p1s, m1), (x2, g2s, p2s, m2) = f1, f2
     ops = dgn.ops
     mods = dict(dgn.value.named_modules())
     sigs = []
@@ -122,7 +129,7 @@ def propagate(dgn, f1, f2, paired: bool = False):
             a = ins[0]
             if a.g is not None:  # two gates in a row: fold the first in
                 a = Sig(_full(a, paired), a.ls, None, a.shape)
-            s = Sig(a.t, a.ls, (g1s[gi], g2s[gi]), a.shape)
+            s = Sig(a.t, a.ls, (g1s[gi], g2s[gi]), a.shape, gpm=(m1[gi], m2[gi]) if m1[gi] is not None else None)
             gi += 1
         elif k in ("conv", "linear"):
             m = mods[op.module]
@@ -213,11 +220,16 @@ def featurize(dgn, x):
     x = x.to(p.device, p.dtype)
     with torch.no_grad():
         g, pools = dgn.feature_state(x)
-    return x, [t.detach() for t in g], pools
+    g = [t.detach() for t in g]
+    # position-major copies (positions, inputs, channels) of image-shaped gates for the per-position GEMMs
+    pm = [t.flatten(2).permute(2, 0, 1).contiguous() if t.dim() > 2 else None for t in g]
+    return x, g, pools, pm
 
 
-def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False):
-    """NPK of a ModuleDGN through the blocked Gram engine (or its diagonal, ``diag=True``)."""
+def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False, scaled=False):
+    """NPK of a ModuleDGN through the blocked Gram engine (or its diagonal, ``diag=True``). ``scaled=True`` returns
+    H * exp(-s) for the network's fixed log-scale s (the same for every pair): ratios such as the cosine
+    normalisation never overflow."""
     from ..kernels.gram import gram
 
     if dtype is not None and dtype != next(dgn.parameters()).dtype:
@@ -228,7 +240,7 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
 
     def pair(a, b):
         t, ls = propagate(dgn, a, b)
-        return _finish(t, ls, dt)
+        return t if scaled else _finish(t, ls, dt)
 
     if diag:
         with torch.no_grad():
@@ -236,7 +248,7 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
             for i in range(0, len(x1), block):
                 f = featurize(dgn, x1[i : i + block])
                 t, ls = propagate(dgn, f, f, paired=True)
-                outs.append(_finish(t[:, 0], ls, dt).cpu())
+                outs.append((t[:, 0] if scaled else _finish(t[:, 0], ls, dt)).cpu())
             return torch.cat(outs)
     with torch.no_grad():
         return gram(

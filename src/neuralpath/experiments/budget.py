@@ -205,7 +205,7 @@ def plot(recs, path):
     for ax, xl in ((axes[1], "epoch"), (axes[2], "image-passes (images x epochs)")):
         ax.axhline(0, color="k", lw=0.8)
         ax.axhline(5, color="gray", ls=":", lw=0.8)
-        ax.set(xlabel=xl, ylabel="ReLU - FRNPF-II (points)", title="gap against budget")
+        ax.set(xlabel=xl, ylabel="ReLU - FRNPF-II (points)", title=f"gap against {xl.split(' ')[0]}")
         ax.grid(alpha=0.3)
     axes[2].set_xscale("log")
     axes[1].legend(fontsize=7)

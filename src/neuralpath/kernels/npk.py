@@ -263,17 +263,19 @@ def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024,
     if _is_module_dgn(net):
         from ..anynet import npk_module
 
+        if normalize == "trace" and x2 is not None:
+            raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
+        if normalize is not None and out is not None:
+            raise NeuralpathError("normalize= is not supported together with out=; normalise the memmap afterwards")
         K = npk_module(
-            net, x1, x2, dtype=dtype, block=min(block, 256), out=None if normalize else out, progress=progress
-        )
+            net, x1, x2, dtype=dtype, block=min(block, 256), out=out, progress=progress, scaled=normalize is not None
+        )  # normalised kernels are ratios: computed from the scaled kernel, they never overflow
         if normalize is None:
             return K
         if normalize == "trace":
-            if x2 is not None:
-                raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
             return K / K.diagonal().sum()
-        d1 = npk_module(net, x1, diag=True, dtype=dtype)
-        d2 = d1 if x2 is None else npk_module(net, x2, diag=True, dtype=dtype)
+        d1 = npk_module(net, x1, diag=True, dtype=dtype, scaled=True)
+        d2 = d1 if x2 is None else npk_module(net, x2, diag=True, dtype=dtype, scaled=True)
         return K / torch.sqrt(d1[:, None] * d2[None, :])
     if normalize == "trace" and x2 is not None:
         raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
