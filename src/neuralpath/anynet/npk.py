@@ -38,12 +38,23 @@ import torch.nn.functional as F
 from ..errors import NeuralpathError
 
 
-class Sig:
-    """T = t * exp(ls) [* G1 G2 when ``g`` is set]; t is (a, b, *unit_shape) with a size-1 channel dim when the
-    signal is the same for every channel (``bcast``)."""
+class Term:
+    """t * G1 G2: t is (a, b, *unit_shape) with a size-1 channel dim when the term is channel-independent; g is None
+    or the per-input products of every gate met since the term became channel-independent: (G1 (a, C, ...),
+    G2 (b, C, ...), and their position-major copies (P, a, C), (P, b, C) for the overlap GEMMs)."""
 
-    def __init__(self, t, ls=0.0, g=None, shape=None, gpm=None):
-        self.t, self.ls, self.g, self.shape, self.gpm = t, float(ls), g, tuple(shape), gpm
+    __slots__ = ("t", "g")
+
+    def __init__(self, t, g=None):
+        self.t, self.g = t, g
+
+
+class Sig:
+    """T = exp(ls) * sum of terms (the identity paths of a residual network add terms instead of materialising a
+    per-channel tensor: each term's channel sum is one GEMM per position)."""
+
+    def __init__(self, terms, ls, shape):
+        self.terms, self.ls, self.shape = list(terms), float(ls), tuple(shape)
 
 
 def _outer(u, v, paired):
@@ -51,45 +62,83 @@ def _outer(u, v, paired):
     return (u * v).unsqueeze(1) if paired else u.unsqueeze(1) * v.unsqueeze(0)
 
 
+def _pm(g):
+    """Position-major contiguous copy (P, n, C) of per-input gates (n, C, ...); (1, n, F) for flat units."""
+    return g.unsqueeze(0) if g.dim() == 2 else g.flatten(2).permute(2, 0, 1).contiguous()
+
+
+def _term_full(term, shape, paired):
+    t = term.t
+    if term.g is not None:
+        t = t * _outer(term.g[0], term.g[1], paired)
+    return t.expand(*t.shape[:2], *shape) if tuple(t.shape[2:]) != tuple(shape) else t
+
+
 def _full(s: Sig, paired):
-    """The signal as a dense (a, b, *shape) tensor."""
-    t = s.t
-    if s.g is not None:
-        t = t * _outer(s.g[0], s.g[1], paired)
-    return t.expand(*t.shape[:2], *s.shape) if tuple(t.shape[2:]) != s.shape else t
+    """The signal as one dense (a, b, *shape) tensor (scaled by exp(-ls))."""
+    out = None
+    for term in s.terms:
+        v = _term_full(term, s.shape, paired)
+        out = v.clone() if out is None else out + v
+    return out
+
+
+def _dense(s: Sig, paired):
+    return Sig([Term(_full(s, paired))], s.ls, s.shape)
+
+
+def _gate(s: Sig, g1, g2, paired):
+    """Multiply by the gates of both inputs: channel-independent terms keep them factored (per-input products)."""
+    terms = []
+    for term in s.terms:
+        if term.t.dim() > 2 and term.t.shape[2] == 1 or term.t.dim() == 2:
+            if term.g is None:
+                terms.append(Term(term.t, (g1, g2, _pm(g1), _pm(g2))))
+            else:
+                G1, G2 = term.g[0] * g1, term.g[1] * g2
+                terms.append(Term(term.t, (G1, G2, _pm(G1), _pm(G2))))
+        else:  # a per-channel term: fold the gates in
+            terms.append(Term(_term_full(term, s.shape, paired) * _outer(g1, g2, paired)))
+    return Sig(terms, s.ls, s.shape)
 
 
 def _chsum(s: Sig, groups, paired):
     """Sum over the channel dim (dim 0 of the unit shape) within ``groups``: (a, b, groups, *rest)."""
     c = s.shape[0]
     rest = s.shape[1:]
-    if s.g is not None and s.t.shape[2] == 1 and groups == 1 and s.gpm is not None and not paired:
-        # factored: t(p) * sum_c G1(c, p) G2(c, p), one GEMM per position on contiguous position-major operands
-        p1, p2 = s.gpm  # (P, a, C), (P, b, C)
-        ov = torch.bmm(p1, p2.transpose(1, 2))  # (P, a, b)
-        a, b = p1.shape[1], p2.shape[1]
-        ov = ov.permute(1, 2, 0).reshape(a, b, 1, *rest)
-        return s.t.reshape(*s.t.shape[:2], 1, *s.t.shape[3:]) * ov
-    if s.g is not None and s.t.shape[2] == 1:  # factored, general: the same sum per position (einsum)
-        g1, g2 = s.g
-        a, b = g1.shape[0], g2.shape[0]
-        g1 = g1.reshape(a, groups, c // groups, -1)
-        g2 = g2.reshape(b, groups, c // groups, -1)
-        if paired:
-            ov = (g1 * g2).sum(2)[:, None]  # (a, 1, groups, P)
+    out = None
+    for term in s.terms:
+        t = term.t
+        if term.g is not None and groups == 1:
+            p1, p2 = term.g[2], term.g[3]  # (P, a, C), (P, b, C)
+            if paired:
+                ov = (p1 * p2).sum(-1).permute(1, 0).reshape(p1.shape[1], 1, 1, *rest)
+            else:  # sum_c G1(c, p) G2(c, p): one GEMM per position on contiguous operands
+                ov = torch.bmm(p1, p2.transpose(1, 2)).permute(1, 2, 0).reshape(p1.shape[1], p2.shape[1], 1, *rest)
+            v = t.reshape(*t.shape[:2], 1, *t.shape[3:]) * ov
+        elif term.g is not None:  # grouped channels: the same sum per group (einsum)
+            g1, g2 = term.g[0], term.g[1]
+            a, b = g1.shape[0], g2.shape[0]
+            g1 = g1.reshape(a, groups, c // groups, -1)
+            g2 = g2.reshape(b, groups, c // groups, -1)
+            ov = (g1 * g2).sum(2)[:, None] if paired else torch.einsum("agcp,bgcp->abgp", g1, g2)
+            v = t.reshape(*t.shape[:2], 1, *t.shape[3:]) * ov.reshape(a, 1 if paired else b, groups, *rest)
+        elif t.shape[2] == 1:  # channel-independent: the sum is C/groups times the value
+            v = t.expand(*t.shape[:2], groups, *t.shape[3:]) * (c // groups)
         else:
-            ov = torch.einsum("agcp,bgcp->abgp", g1, g2)
-        ov = ov.reshape(a, 1 if paired else b, groups, *rest)
-        return s.t.reshape(*s.t.shape[:2], 1, *s.t.shape[3:]) * ov
-    t = _full(s, paired) if s.g is not None else s.t
-    if t.shape[2] == 1:  # channel-independent: the sum is C/groups times the value
-        return t.expand(*t.shape[:2], groups, *t.shape[3:]) * (c // groups)
-    return t.reshape(*t.shape[:2], groups, c // groups, *t.shape[3:]).sum(3)
+            v = t.reshape(*t.shape[:2], groups, c // groups, *t.shape[3:]).sum(3)
+        out = v if out is None else out + v
+    return out
 
 
-def _align(sigs, paired):
+def _align(sigs):
+    """The terms of several signals on one common scale."""
     ls = max(s.ls for s in sigs)
-    return [_full(s, paired) * math.exp(s.ls - ls) for s in sigs], ls
+    out = []
+    for s in sigs:
+        f = math.exp(s.ls - ls)
+        out.append([Term(t.t * f if f != 1.0 else t.t, t.g) for t in s.terms])
+    return out, ls
 
 
 def _window_divisors(op, h, w, dtype, device):
@@ -114,8 +163,8 @@ def _adaptive_matrix(n_in, n_out, dtype, device):
 
 
 def propagate(dgn, f1, f2, paired: bool = False):
-    """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale per entry)."""
-    (x1, g1s, p1s, m1), (x2, g2s, p2s, m2) = f1, f2
+    """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale)."""
+    (x1, g1s, p1s), (x2, g2s, p2s) = f1, f2
     ops = dgn.ops
     mods = dict(dgn.value.named_modules())
     sigs = []
@@ -124,12 +173,9 @@ def propagate(dgn, f1, f2, paired: bool = False):
         k = op.kind
         ins = [sigs[j] for j in op.args]
         if k == "input":
-            s = Sig(_outer(x1, x2, paired), 0.0, None, op.shape)
+            s = Sig([Term(_outer(x1, x2, paired))], 0.0, op.shape)
         elif k == "gate":
-            a = ins[0]
-            if a.g is not None:  # two gates in a row: fold the first in
-                a = Sig(_full(a, paired), a.ls, None, a.shape)
-            s = Sig(a.t, a.ls, (g1s[gi], g2s[gi]), a.shape, gpm=(m1[gi], m2[gi]) if m1[gi] is not None else None)
+            s = _gate(ins[0], g1s[gi], g2s[gi], paired)
             gi += 1
         elif k in ("conv", "linear"):
             m = mods[op.module]
@@ -160,11 +206,11 @@ def propagate(dgn, f1, f2, paired: bool = False):
             ls = a.ls + math.log(fan)
             if m.bias is not None:
                 t = t + math.exp(-ls)
-            s = Sig(t, ls, None, op.shape)
-        elif k == "bn":
+            s = Sig([Term(t)], ls, op.shape)
+        elif k == "bn":  # T + 1 per unit: a constant term beside the others (the scale is a weight edge)
             a = ins[0]
-            t = (_full(a, paired) if a.g is not None else a.t) + math.exp(-a.ls)
-            s = Sig(t, a.ls, None, op.shape)
+            const = torch.full((1, 1, 1, *a.shape[1:]), math.exp(-a.ls), dtype=x1.dtype, device=x1.device)
+            s = Sig(a.terms + [Term(const)], a.ls, op.shape)
         elif k == "maxpool":
             a = ins[0]
             T = _full(a, paired)
@@ -176,10 +222,10 @@ def propagate(dgn, f1, f2, paired: bool = False):
                 (i1 == i2).flatten(2).unsqueeze(1) if paired else (i1.unsqueeze(1) == i2.unsqueeze(0)).flatten(3)
             )  # the two inputs route alike
             t = T.flatten(3).gather(3, idx) * same.to(T.dtype)
-            s = Sig(t.reshape(A, B, *op.shape), a.ls, None, op.shape)
+            s = Sig([Term(t.reshape(A, B, *op.shape))], a.ls, op.shape)
         elif k == "avgpool":
             a = ins[0]
-            T = _full(a, paired) if a.g is not None else a.t
+            T = _full(a, paired)
             A, B = T.shape[:2]
             c, h, w = T.shape[2:]
             if "adaptive" in op.opts:
@@ -194,24 +240,31 @@ def propagate(dgn, f1, f2, paired: bool = False):
                 )
                 div_map, div = _window_divisors(op, h, w, T.dtype, T.device)
                 t = summed.reshape(A, B, c, *summed.shape[-2:]) / (div**2 if div else div_map**2)
-            s = Sig(t, a.ls, None, op.shape)
+            s = Sig([Term(t)], a.ls, op.shape)
         elif k == "flatten":
             a = ins[0]
-            s = Sig(_full(a, paired).flatten(2), a.ls, None, op.shape)
+            if (
+                all(term.g is None and term.t.dim() > 2 and term.t.shape[2] == 1 for term in a.terms)
+                and len(a.shape) > 1
+                and all(d == 1 for d in a.shape[1:])
+            ):
+                s = Sig([Term(term.t.reshape(*term.t.shape[:2], 1)) for term in a.terms], a.ls, op.shape)
+            else:
+                s = Sig([Term(_full(a, paired).flatten(2))], a.ls, op.shape)
         elif k == "identity":
             s = ins[0]
-        elif k == "add":
-            (u, v), ls = _align(ins, paired)
-            s = Sig(u + v, ls, None, op.shape)
+        elif k == "add":  # the two branches' paths are disjoint: their terms add
+            (u, v), ls = _align(ins)
+            s = Sig(u + v, ls, op.shape)
         elif k == "cat":
-            ts, ls = _align(ins, paired)
-            s = Sig(torch.cat(ts, 2), ls, None, op.shape)
+            aligned, ls = _align(ins)
+            parts = [_full(Sig(ts, ls, x.shape), paired) for ts, x in zip(aligned, ins)]
+            s = Sig([Term(torch.cat(parts, 2))], ls, op.shape)
         else:  # pragma: no cover
             raise NeuralpathError(f"unknown op {k}")
         sigs.append(s)
-    out = sigs[-1]
-    T = _full(out, paired) if out.g is not None else out.t
-    return T.reshape(*T.shape[:2], -1)[:, :, 0], out.ls
+    T = _full(sigs[-1], paired)
+    return T.reshape(*T.shape[:2], -1)[:, :, 0], sigs[-1].ls
 
 
 def featurize(dgn, x):
@@ -220,10 +273,7 @@ def featurize(dgn, x):
     x = x.to(p.device, p.dtype)
     with torch.no_grad():
         g, pools = dgn.feature_state(x)
-    g = [t.detach() for t in g]
-    # position-major copies (positions, inputs, channels) of image-shaped gates for the per-position GEMMs
-    pm = [t.flatten(2).permute(2, 0, 1).contiguous() if t.dim() > 2 else None for t in g]
-    return x, g, pools, pm
+    return x, [t.detach() for t in g], pools
 
 
 def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False, scaled=False):
