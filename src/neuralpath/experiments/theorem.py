@@ -131,6 +131,7 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
     # (a) Monte-Carlo mean of K^v against d sigma^(2(d-1)) H, width 32, depth 4
     w, d = 32, 4
     relu = _trained_relu(w, d, data_root, seed=0)
+    log(f"(a) Monte-Carlo mean of K^v, width {w}, depth {d}, up to {draws_a[-1]} draws per regime and init")
     for regime, gates_from in (("frnpf-ii", None), ("flnpf", relu)):
         net = _gated_net(w, d, seed=100, gates_from=gates_from).to(device)
         H = npk(net, x)
@@ -155,7 +156,9 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
                 )
     # (b) one draw, widths x depths, FRNPF-II and FLNPF; (c) ReLU and DLNPF
     grid = [(dd, ww) for dd in depths for ww in widths]
-    for dd, ww in tqdm(grid, desc="(b, c) width x depth", disable=not progress, leave=False):
+    for i, (dd, ww) in enumerate(tqdm(grid, desc="(b, c) width x depth", disable=not progress, leave=False)):
+        if not progress:
+            log(f"(b, c) one draw per regime: depth {dd}, width {ww} ({i + 1} of {len(grid)})")
         relu = _trained_relu(ww, dd, data_root, seed=dd * 1000 + ww)
         for s in range(seeds_b):
             for regime in ("frnpf-ii", "flnpf"):
