@@ -15,6 +15,9 @@
     python -m benchmarks roofline lower bound on the fc-adam row from this machine's measured GEMM rate and memory
                                   bandwidth, beside the measured ensemble steps
     python -m benchmarks convstep conv optimiser steps per regime kind and width, single and stacked, vs the GEMM rate
+    python -m benchmarks npkload  FC NPK vs GEMM with the second core quiet, then busy with elementwise work
+    python -m benchmarks convnpk_scale  GCONV NPK pairs/s at n = 1,000 vs its overlap GEMMs at the GEMM rate
+    python -m benchmarks resnetnpk NPK of 1,000 inputs through a ResNet-18-sized CIFAR ResNet, vs its overlaps
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 
@@ -128,6 +131,110 @@ def bench_stream(args):
     t = time.perf_counter()
     npx.npk(net, x, out=out, block=4096, progress=True)
     return dict(bench="stream", n=n, seconds=time.perf_counter() - t, peak_rss_gib=peak_rss_gib(), out=out)
+
+
+_LOAD = r"""
+import torch, sys
+torch.set_num_threads(1)
+a = torch.rand(1 << 22)
+while True:  # elementwise work on one core: what 'the second core busy' means in docs/PERFORMANCE.md
+    a.mul_(1.0000001).add_(1e-9)
+"""
+
+
+def bench_npkload(args):
+    """The FC NPK (n = 4,000, 6x128, tiles of 1,024) against the same-multiply-add GEMM, interleaved (GEMM, NPK,
+    GEMM, NPK, ...), with the second core quiet and then busy with elementwise work (a background process)."""
+    import subprocess
+
+    n = args.n or 4000
+    net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
+    x = mnist(n)
+    k = 784 + 5 * 128
+    a, b = torch.randn(n, k), torch.randn(n, k)
+    out = {}
+    for mode in ("quiet", "loaded"):
+        proc = subprocess.Popen([sys.executable, "-c", _LOAD]) if mode == "loaded" else None
+        try:
+            time.sleep(1.0 if proc else 0.0)
+            g, p = [], []
+            a @ b.T
+            npx.npk(net, x, block=1024)
+            for _ in range(args.repeat):
+                g.append(timeit(lambda: a @ b.T, 1, warmup=0))
+                p.append(timeit(lambda: npx.npk(net, x, block=1024), 1, warmup=0))
+        finally:
+            if proc:
+                proc.kill()
+                proc.wait()
+        out[mode] = dict(
+            gemm_s=statistics.median(g), npk_s=statistics.median(p), ratio=statistics.median(p) / statistics.median(g)
+        )
+    return dict(bench="npkload", n=n, **out)
+
+
+def _gemm_rate():
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    return 2 * 2048**3 / min(timeit(lambda: a @ b, 1, warmup=0) for _ in range(5)) / 1e9
+
+
+def bench_convnpk_scale(args):
+    """Pairs per second of the GCONV NPK (float32) at n = 1,000 (``--n``), at the paper's width and at x1/4,
+    against the multiply-adds of its per-position overlap GEMMs (n^2/2 pairs x HW x sum_l C_l x 2, plus the input's
+    HW x 3) at the large-GEMM rate measured in the same run."""
+    from neuralpath.experiments.budget import conv_widths
+
+    n = args.n or 1000
+    rate = _gemm_rate()
+    x = torch.rand(n, 3, 32, 32)
+    rows = []
+    for mult in (1.0, 0.25):
+        ch, hid = conv_widths(mult)
+        net = npx.ConvDGN("gconv", channels=ch, hidden=hid, tied=True)
+        t = timeit(lambda: npx.npk(net, x), 1, warmup=0)
+        pairs = n * (n + 1) / 2
+        flops = pairs * 2 * 1024 * (3 + sum(ch))
+        rows.append(
+            dict(
+                width=mult,
+                seconds=t,
+                pairs_per_s=pairs / t,
+                gemm_bound_s=flops / rate / 1e9,
+                over_bound=t / (flops / rate / 1e9),
+            )
+        )
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return dict(bench="convnpk_scale", n=n, large_gemm_gflops=rate, rows=rows)
+
+
+def bench_resnetnpk(args):
+    """NPK (cosine-normalised, float32) of n = 1,000 CIFAR-shaped inputs (``--n``) through a ResNet-18-sized CIFAR
+    ResNet (blocks 2, 2, 2, 2; widths 64-512; no batch norm), against the multiply-adds of its gate overlaps (every
+    ReLU's units, n^2/2 pairs x 2) at the large-GEMM rate of the same run; peak memory of the process."""
+    from neuralpath.anynet import from_module
+    from neuralpath.regimes import make_resnet
+
+    n = args.n or 1000
+    rate = _gemm_rate()
+    model = make_resnet(0, blocks=(2, 2, 2, 2), width=64).eval()
+    m = from_module(model, torch.zeros(2, 3, 32, 32))
+    x = torch.rand(n, 3, 32, 32)
+    units = sum(g[0].numel() for g in m.gates(x[:1]))
+    t = timeit(lambda: npx.npk(m, x, normalize="cosine"), 1, warmup=0)
+    pairs = n * (n + 1) / 2
+    bound = pairs * 2 * units / rate / 1e9
+    return dict(
+        bench="resnetnpk",
+        n=n,
+        gated_units=units,
+        seconds=t,
+        pairs_per_s=pairs / t,
+        large_gemm_gflops=rate,
+        overlap_gemm_bound_s=bound,
+        over_bound=t / bound,
+        peak_rss_gib=peak_rss_gib(),
+    )
 
 
 def bench_convnpk(args):
@@ -643,6 +750,9 @@ def main():
             "convntk",
             "roofline",
             "convstep",
+            "npkload",
+            "convnpk_scale",
+            "resnetnpk",
         ],
     )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")
