@@ -380,6 +380,11 @@ def kernel_ntk(block, out, params, **kw):
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
+def _echo_run(run, *args, **kw):
+    """Run an experiment's ``run(...)`` with the CLI's progress and log, and print the report it returns."""
+    click.echo(run(*args, progress=_progress(), log=lambda m: click.echo(m, err=True), **kw))
+
+
 def _progress():
     return True if sys.stderr.isatty() else None
 
@@ -462,18 +467,7 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
     from .experiments import budget
 
     check_choice("arch", arch, ("gconv", "vconv"))
-    click.echo(
-        budget.run(
-            out,
-            grid=grid,
-            arch=arch,
-            limit_test=limit_test,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
-    )
+    _echo_run(budget.run, out, grid=grid, arch=arch, limit_test=limit_test, data_root=data_root, device=device)
 
 
 @reproduce.command("dlgn")
@@ -492,17 +486,14 @@ def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
     """DLGN, DLGN-SF, a ReLU net and KRR on the DLGN's NPK on the oblique-decision-tree sets; 2-D hyperplane plot."""
     from .experiments import dlgn
 
-    click.echo(
-        dlgn.run(
-            out,
-            budget,
-            sets=[s.strip() for s in sets.split(",") if s.strip()],
-            epochs=epochs,
-            seeds=seeds,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
+    _echo_run(
+        dlgn.run,
+        out,
+        budget,
+        sets=[s.strip() for s in sets.split(",") if s.strip()],
+        epochs=epochs,
+        seeds=seeds,
+        device=device,
     )
 
 
@@ -519,18 +510,7 @@ def reproduce_gates(budget, epochs, pairs, data_root, device, out):
     """Gate dynamics during training: flips, activation patterns, class sub-network overlap, regions on segments."""
     from .experiments import gates
 
-    click.echo(
-        gates.run(
-            out,
-            budget,
-            epochs=epochs,
-            pairs=pairs,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
-    )
+    _echo_run(gates.run, out, budget, epochs=epochs, pairs=pairs, data_root=data_root, device=device)
 
 
 @reproduce.command("resnet")
@@ -544,18 +524,7 @@ def reproduce_resnet(budget, seeds, epochs, data_root, device, out):
     """A CIFAR ResNet as ReLU, FRNPF-II and FLNPF, and kernel ridge regression on the NPK of its gates."""
     from .experiments import resnet
 
-    click.echo(
-        resnet.run(
-            out,
-            budget,
-            seeds=seeds,
-            epochs=epochs,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
-    )
+    _echo_run(resnet.run, out, budget, seeds=seeds, epochs=epochs, data_root=data_root, device=device)
 
 
 @reproduce.command("theorem")
@@ -596,18 +565,7 @@ def reproduce_nu(budget, runs, epochs, data_root, device, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu
 
-    click.echo(
-        nu.run(
-            out,
-            budget,
-            runs=runs,
-            epochs=epochs,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
-    )
+    _echo_run(nu.run, out, budget, runs=runs, epochs=epochs, data_root=data_root, device=device)
 
 
 @reproduce.command("ntk-split")
@@ -620,17 +578,7 @@ def reproduce_ntk_split(budget, epochs, data_root, device, out):
     """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
     from .experiments import ntk_split
 
-    click.echo(
-        ntk_split.run(
-            out,
-            budget,
-            epochs=epochs,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
-    )
+    _echo_run(ntk_split.run, out, budget, epochs=epochs, data_root=data_root, device=device)
 
 
 @reproduce.command("continuous")
@@ -657,21 +605,18 @@ def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_
     """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
     from .experiments import continuous
 
-    click.echo(
-        continuous.run(
-            out,
-            budget,
-            arch=arch,
-            seeds=seeds,
-            stages=stages,
-            step=step,
-            stage_epochs=stage_epochs,
-            limit_train=limit_train,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
+    _echo_run(
+        continuous.run,
+        out,
+        budget,
+        arch=arch,
+        seeds=seeds,
+        stages=stages,
+        step=step,
+        stage_epochs=stage_epochs,
+        limit_train=limit_train,
+        data_root=data_root,
+        device=device,
     )
 
 
@@ -707,19 +652,16 @@ def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, 
             )
         )
         return
-    click.echo(
-        kernel_machines.run(
-            out,
-            budget,
-            arch=arch,
-            n_train=n_train,
-            n_test=n_test,
-            epochs=epochs,
-            data_root=data_root,
-            device=device,
-            progress=_progress(),
-            log=lambda m: click.echo(m, err=True),
-        )
+    _echo_run(
+        kernel_machines.run,
+        out,
+        budget,
+        arch=arch,
+        n_train=n_train,
+        n_test=n_test,
+        epochs=epochs,
+        data_root=data_root,
+        device=device,
     )
 
 
