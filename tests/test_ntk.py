@@ -98,6 +98,7 @@ def test_bad_arguments():
 
 class TestNTKBattery(KernelTestBase):
     rtol = 1e-9
+    methods = ("structured", "jacobian", "vp")
 
     def kernel(self, net, x1, x2=None, **kw):
         return npx.ntk(net, x1, x2, params="all", **kw)

@@ -148,7 +148,11 @@ def test_bad_inputs():
 
 
 class TestNPKBattery(KernelTestBase):
+    methods = ("closed_form", "paths")
+
     def kernel(self, net, x1, x2=None, **kw):
+        if isinstance(net, npx.anynet.ModuleDGN):
+            kw.pop("block", None)
         return npx.npk(net, x1, x2, **kw)
 
     def cases(self):
@@ -159,7 +163,22 @@ class TestNPKBattery(KernelTestBase):
             ),
             npx.ConvDGN("vconv", in_channels=1, out_dim=2, channels=(3,), hidden=(4,), image_size=5).double(),
         ]
-        return [(n, inputs(n, 7), inputs(n, 5, seed=3)) for n in nets]
+        out = [(n, inputs(n, 7), inputs(n, 5, seed=3)) for n in nets]
+        model = (
+            torch.nn.Sequential(
+                torch.nn.Conv2d(2, 2, 3, padding=1),
+                torch.nn.ReLU(),
+                torch.nn.MaxPool2d(2),
+                torch.nn.Flatten(),
+                torch.nn.Linear(8, 2),
+            )
+            .double()
+            .eval()
+        )
+        g = torch.Generator().manual_seed(4)
+        xm = torch.rand(6, 2, 4, 4, dtype=torch.float64, generator=g)
+        out.append((npx.from_module(model, xm[:2]), xm, torch.rand(4, 2, 4, 4, dtype=torch.float64, generator=g)))
+        return out
 
 
 def arccos_overlaps(x1, x2, depth):

@@ -1,17 +1,22 @@
 """A test battery every kernel of neuralpath must pass (in the manner of GPyTorch's kernel test base class).
 
-Subclass :class:`KernelTestBase` in a pytest module, set ``kernel(net, x1, x2=None)`` and ``cases()`` (pairs of
-a small float64 network and inputs), and the checks below run for the new kernel: symmetry, positive
-semi-definiteness, K(x1, x2) = K(x2, x1)^T, and blocked == unblocked.
+Subclass :class:`KernelTestBase` in a pytest module, set ``kernel(net, x1, x2=None, **kw)``, ``cases()`` (triples
+of a small network and two input sets) and ``methods`` (the kernel's implementations), and the checks below run for
+the new kernel: symmetry, positive semi-definiteness, K(x1, x2) = K(x2, x1)^T, blocked == unblocked, the diagonal
+(``diag=True``) equals the full kernel's, and every method agrees with every other. Tolerances come from one table,
+by dtype (:data:`TOL`).
 """
 
 from __future__ import annotations
 
 import torch
 
+TOL = {torch.float64: 1e-10, torch.float32: 1e-5}  # relative, against the largest entry
+
 
 class KernelTestBase:
-    rtol = 1e-10
+    rtol = None  # None: from TOL by the network's dtype
+    methods: tuple = ()
 
     def kernel(self, net, x1, x2=None, **kw):  # pragma: no cover - to override
         raise NotImplementedError
@@ -21,7 +26,18 @@ class KernelTestBase:
 
     def _close(self, a, b):
         scale = max(a.abs().max().item(), b.abs().max().item(), 1e-300)
-        assert (a - b).abs().max().item() <= self.rtol * scale, (a - b).abs().max().item() / scale
+        tol = self.rtol if self.rtol is not None else TOL.get(a.dtype, 1e-5)
+        assert (a - b).abs().max().item() <= tol * scale, (a - b).abs().max().item() / scale
+
+    def test_diag(self):
+        for net, x, _ in self.cases():
+            self._close(self.kernel(net, x, diag=True), self.kernel(net, x).diagonal())
+
+    def test_methods_agree(self):
+        for net, x, x2 in self.cases():
+            ref = self.kernel(net, x, x2)
+            for m in self.methods:
+                self._close(self.kernel(net, x, x2, method=m), ref)
 
     def test_symmetric(self):
         for net, x, _ in self.cases():

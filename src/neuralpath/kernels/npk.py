@@ -245,14 +245,49 @@ def _finish(t, log_s, dtype):
     return h
 
 
-def npk(net: DGN, x1, x2=None, *, normalize=None, dtype=None, block: int = 1024, out=None, progress: bool = False):
-    """Neural path kernel H(x1, x2) = <phi_x1, phi_x2> in closed form; never enumerates paths.
+METHODS = ("closed_form", "paths")
 
+
+def npk(
+    net: DGN,
+    x1,
+    x2=None,
+    *,
+    diag: bool = False,
+    method: str = "closed_form",
+    normalize=None,
+    dtype=None,
+    block: int = 1024,
+    out=None,
+    progress: bool = False,
+):
+    """Neural path kernel H(x1, x2) = <phi_x1, phi_x2>.
+
+    method 'closed_form' (default): never enumerates paths; cost the overlap GEMMs (docs/THEORY.md §2, §7).
+    method 'paths': the explicit NPF Gram matrix npf(x1) npf(x2)^T, the reference for small networks (refuses,
+    with the path count, when the paths are too many). diag=True: the (n1,) vector H(x_i, x_i), linear in n1.
     normalize: None (the kernel itself), 'trace' (H / trace H, symmetric case only) or 'cosine'
     (H(x,x') / sqrt(H(x,x) H(x',x'))). dtype: compute and return in this dtype (e.g. torch.float64).
     block/out/progress: see :func:`neuralpath.kernels.gram.gram` (out streams into a .npy memmap).
     """
     check_choice("normalize", normalize, NORMALIZE)
+    check_choice("method", method, METHODS)
+    if method == "paths" or diag:
+        if normalize is not None or out is not None:
+            raise NeuralpathError("diag=True and method='paths' return the kernel in memory, unnormalised")
+        _check_inputs(net, x1, x2)
+        if diag and x2 is not None:
+            raise NeuralpathError("diag=True takes x1 only: the diagonal H(x_i, x_i)")
+        if method == "paths":
+            from ..paths import npf
+
+            p1 = npf(net, x1, dtype=dtype)
+            return (p1 * p1).sum(1) if diag else p1 @ (p1 if x2 is None else npf(net, x2, dtype=dtype)).T
+        if _is_module_dgn(net):
+            from ..anynet import npk_module
+
+            return npk_module(net, x1, diag=True, dtype=dtype)
+        return npk_diag(_as_dtype(net, dtype), x1)
     from ..dlgn import DLGNVT
 
     if isinstance(net, DLGNVT):

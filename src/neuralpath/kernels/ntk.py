@@ -147,9 +147,20 @@ def _featurize(net, x, params, biases=True):
     return out
 
 
-def _pair_structured(f1, f2, trace: bool):
+def _pair_structured(f1, f2, trace: bool, diag: bool = False):
     K = None
     for e1, e2 in zip(f1, f2):
+        if diag:  # paired rows: (n,) diagonal
+            if e1[0] == "dense":
+                _, a1, d1, has_b = e1
+                part = ((a1 * a1).sum(1) + (1.0 if has_b else 0.0)) * (d1 * d1).reshape(len(d1), -1).sum(1)
+            else:
+                _, g1, b1 = e1
+                part = (g1 * g1).reshape(len(g1), -1).sum(1) + (
+                    0 if b1 is None else (b1 * b1).reshape(len(b1), -1).sum(1)
+                )
+            K = part if K is None else K + part
+            continue
         if e1[0] == "dense":
             _, a1, d1, has_b = e1
             _, a2, d2, _ = e2
@@ -228,6 +239,7 @@ def ntk(
     x1,
     x2=None,
     *,
+    diag: bool = False,
     params: str = "value",
     method: str = "structured",
     trace: bool = True,
@@ -246,6 +258,23 @@ def ntk(
     check_choice("params", params, PARAMS)
     check_choice("method", method, METHODS)
     _check_inputs(net, x1, x2)
+    if diag:  # K(x_i, x_i) (traced): linear in n for the structured method, so the NTK can be cosine-normalised
+        if x2 is not None or out is not None or not trace:
+            raise NeuralpathError("diag=True takes x1 only and returns the traced diagonal in memory")
+        if method == "structured" and isinstance(net, DGN):
+            net_ = _as_dtype(net, dtype)
+            p = next(net_.parameters())
+            rows = []
+            for i in range(0, len(x1), block):
+                f = _featurize(net_, x1[i : i + block].to(p.device, p.dtype), params, biases)
+                rows.append(_pair_structured(f, f, trace=True, diag=True).cpu())
+            return torch.cat(rows)
+        return torch.stack(
+            [
+                ntk(net, x1[i : i + 1], params=params, method=method, biases=biases, dtype=dtype)[0, 0]
+                for i in range(len(x1))
+            ]
+        )
     net = _as_dtype(net, dtype)
     dt = next(net.parameters()).dtype
     dev = next(net.parameters()).device
