@@ -119,11 +119,10 @@ def output_bound(net, x, dtype=torch.float64):
     """(|yhat(x)| (n, k), bound sqrt(H(x, x)) ||v_k||_2 (n, k)): Cauchy-Schwarz on yhat_k = <phi_x, v_k>."""
     import copy
 
-    from .anynet import ModuleDGN, npk_module
-    from .kernels.npk import npk_diag
+    from .kernels.npk import npk
 
     net64 = copy.deepcopy(net).to(dtype)
     x = x.to(dtype)
     out = net64(x).abs()
-    h = npk_module(net64, x, diag=True) if isinstance(net64, ModuleDGN) else npk_diag(net64, x)
+    h = npk(net64, x, diag=True)
     return out, torch.sqrt(h)[:, None] * torch.sqrt(path_norm(net64, 2.0, dtype))[None, :]
