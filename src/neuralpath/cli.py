@@ -478,14 +478,19 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
     help="quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)",
 )
 @click.option("--sets", default="sd-i,sd-ii,sd-iii", show_default=True, help="Comma-separated oblique-tree sets.")
+@click.option("--cifar", is_flag=True, help="Instead: a conv DLGN beside its ReLU net on CIFAR-10 (CPU conv budget).")
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--seeds", type=int, default=None, help="Override the budget's seeds.")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="runs/dlgn", show_default=True)
-def reproduce_dlgn(budget, sets, epochs, seeds, device, out):
-    """DLGN, DLGN-SF, a ReLU net and KRR on the DLGN's NPK on the oblique-decision-tree sets; 2-D hyperplane plot."""
+def reproduce_dlgn(budget, sets, cifar, epochs, seeds, device, out):
+    """DLGN, DLGN-SF, a ReLU net and KRR on the DLGN's NPK on the oblique-decision-tree sets; 2-D hyperplane plot.
+    With --cifar: a convolutional DLGN beside its ReLU network on CIFAR-10."""
     from .experiments import dlgn
 
+    if cifar:
+        _echo_run(dlgn.run_cifar, out, seeds=seeds or 3, epochs=epochs or 12, device=device)
+        return
     _echo_run(
         dlgn.run,
         out,

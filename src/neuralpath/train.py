@@ -75,6 +75,8 @@ class TrainConfig:
     channels: list | None = None  # conv only: override (64, 64, 128, 128)
     hidden: list | None = None  # conv only: override (256, 256)
     bias: bool = True  # the authors' Keras layers have biases; the theory is bias-free
+    gating: str = "relu"  # the feature network: ReLU (the paper), linear (DLGN) or shallow (DLGN-SF)
+    value_input: str = "x"  # the value network's input: x, or all ones ("pwc")
     limit_train: int | None = None  # stratified, seeded subset of the training split
     limit_test: int | None = None
     val_split: float = 0.0  # fraction of the training split held out for model selection
@@ -129,6 +131,8 @@ class TrainConfig:
                         for x in v
                     ],
                 )
+        if c.regime == "relu" and (c.gating != "relu" or c.value_input != "x"):
+            raise NeuralpathError("regime 'relu' is the ReLU network: it takes gating='relu' and value_input='x'")
         if c.regime == "flnpf" and not c.relu_checkpoint:
             raise NeuralpathError("regime 'flnpf' needs --relu-checkpoint RUN_DIR_OR_FILE (a trained ReLU run)")
         check_choice("device", c.device, ("auto", "cpu", "cuda"))
@@ -214,6 +218,8 @@ def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
 
 def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
     kw = dict(in_shape=tuple(in_shape), out_dim=out_dim, bias=cfg.bias)
+    if cfg.gating != "relu" or cfg.value_input != "x":
+        kw.update(gating=cfg.gating, value_input=cfg.value_input)
     if cfg.arch == "fc":
         kw.update(width=cfg.width, depth=cfg.depth)
     elif cfg.arch == "resnet":
