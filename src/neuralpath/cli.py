@@ -122,6 +122,13 @@ def data_info(name, root):
 @click.option("--save-every", type=int, default=0, show_default=True, help="Keep epoch_K.pt every K epochs.")
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option(
+    "--gating",
+    default="relu",
+    show_default=True,
+    help="The feature network: relu (the paper) | linear (DLGN) | shallow (DLGN-SF).",
+)
+@click.option("--value-input", default="x", show_default=True, help="x | ones (the DLGN's piecewise-constant 'pwc').")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for training (off: the paper's float32 arithmetic).")
 @click.option(
     "--allow-change",
