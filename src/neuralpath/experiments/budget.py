@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import NeuralpathError
 from ..io import write_text
@@ -59,7 +60,7 @@ def run(
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:
         ch, hid = conv_widths(w)
-        base = dict(
+        base: dict[str, Any] = dict(
             arch=arch,
             dataset="cifar10",
             optimizer="adam",

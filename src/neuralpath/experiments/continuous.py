@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import datasets
 from ..errors import NeuralpathError, check_choice
@@ -50,7 +51,7 @@ def run(
     of every seed trains as one stack: stage 0 FRNPF-II, stage k FLNPF on the gates of the ReLU net's best-so-far
     checkpoint at epoch k * step (the authors reload their best-so-far checkpoint at each stage)."""
     check_choice("budget", budget, tuple(BUDGETS))
-    b = dict(BUDGETS[budget])
+    b: dict[str, Any] = dict(BUDGETS[budget])
     arch = arch or b["arch"]
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
     for k, v in (
@@ -68,7 +69,7 @@ def run(
     t0 = time.time()
     dataset = "mnist" if arch == "fc" else "cifar10"
     ch, hid = conv_widths(b["width"]) if (arch != "fc" and b["width"]) else (None, None)
-    common = dict(
+    common: dict[str, Any] = dict(
         arch=arch,
         dataset=dataset,
         optimizer="adam",

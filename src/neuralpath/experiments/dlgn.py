@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -78,7 +79,7 @@ def run(
     log=print,
 ) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
-    b = dict(BUDGETS[budget])
+    b: dict[str, Any] = dict(BUDGETS[budget])
     for k, v in (("epochs", epochs), ("seeds", seeds)):
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -380,7 +381,7 @@ def run_cifar(
     out = Path(out)
     t0 = time.time()
     ch, hid = conv_widths(width)
-    base = dict(
+    base: dict[str, Any] = dict(
         arch=arch,
         dataset="cifar10",
         optimizer="adam",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -60,7 +61,7 @@ def run(
 ) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
-    b = dict(BUDGETS[budget])
+    b: dict[str, Any] = dict(BUDGETS[budget])
     n_train, n_test, epochs = n_train or b["n_train"], n_test or b["n_test"], epochs or b["epochs"]
     out = Path(out)
     t0 = time.time()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 from .. import checkpoints, datasets
 from ..errors import NeuralpathError, check_choice
@@ -34,7 +35,7 @@ REGIMES = ("frnpf-ii", "flnpf", "relu")
 
 def run(out, budget="cpu", seeds=None, epochs=None, data_root=None, device="auto", progress=None, log=print) -> str:
     check_choice("budget", budget, tuple(BUDGETS))
-    b = dict(BUDGETS[budget])
+    b: dict[str, Any] = dict(BUDGETS[budget])
     for k, v in (("seeds", seeds), ("epochs", epochs)):
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -43,7 +44,7 @@ def run(out, budget="cpu", seeds=None, epochs=None, data_root=None, device="auto
     out = Path(out)
     t0 = time.time()
     seeds_ = list(range(b["seeds"]))
-    common = dict(
+    common: dict[str, Any] = dict(
         arch="resnet",
         dataset="cifar10",
         optimizer="adam",

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from ..errors import NeuralpathError, check_choice
 from ..io import atomic_path, write_text
@@ -80,7 +81,7 @@ def row_settings(row, budget, epochs=None, limit_train=None, limit_test=None, wi
     arch, opt, data = ROWS[row]
     lr, ep = PAPER_DEFAULTS[(arch, opt)]
     b = BUDGET_SETTINGS[budget][arch]
-    st = dict(
+    st: dict[str, Any] = dict(
         arch=arch,
         optimizer=opt,
         dataset=data,
