@@ -300,6 +300,24 @@ def test_table_rejects_bad_rows(cli, tmp_path):
     assert r.returncode == 1 and "row" in r.stderr and "fc-adam" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_table_regime_subset(mnist_root, tmp_path, cli):
+    """--regimes trains only the named regimes; FLNPF without its ReLU source is refused before anything runs."""
+    bad = cli("reproduce", "table", "--rows", "fc-adam", "--regimes", "flnpf", "--out", tmp_path / "b")
+    assert bad.returncode == 1 and "flnpf without relu" in bad.stderr and "Traceback" not in bad.stderr
+    assert not (tmp_path / "b" / "runs").exists()
+    bad = cli("reproduce", "table", "--rows", "fc-adam", "--regimes", "relu,gelu", "--out", tmp_path / "b")
+    assert bad.returncode == 1 and "gelu" in bad.stderr and "Traceback" not in bad.stderr
+    out = tmp_path / "t"
+    r = cli(
+        "reproduce", "table", "--rows", "fc-adam", "--regimes", "relu,flnpf", "--epochs", "1", "--seeds", "1",
+        "--limit-train", "500", "--limit-test", "500", "--data-root", mnist_root, "--out", out,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    recs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
+    assert sorted(x["regime"] for x in recs if x["variant"] == "headline") == ["flnpf", "relu"]
+    assert "| fc-adam | DLNPF | 98.22±0.05 | — |" in r.stdout
+
+
 def test_stratified_subsets_match_between_trainers():
     y = datasets.synthetic("train", n=1000, shape=(1, 4, 4))[1]
     from neuralpath.train import train_val_indices

@@ -128,10 +128,12 @@ def run_row(
     progress=None,
     log=print,
     stacked=True,
+    regimes=None,
 ):
-    """Train the 5 regimes x ``seeds`` of one row. Phase 1: ReLU, FRNPF-II, FRNPF-DI, DLNPF. Phase 2: FLNPF on the
-    same seed's ReLU gates from its best test epoch (the authors' protocol), and, where the ReLU run's best epoch
-    on the even test half differs, a second FLNPF run on those gates ('flnpf-clean', the clean column's source)."""
+    """Train the 5 regimes (or the subset ``regimes``) x ``seeds`` of one row. Phase 1: ReLU, FRNPF-II, FRNPF-DI,
+    DLNPF. Phase 2: FLNPF on the same seed's ReLU gates from its best test epoch (the authors' protocol), and, where
+    the ReLU run's best epoch on the even test half differs, a second FLNPF run on those gates ('flnpf-clean', the
+    clean column's source)."""
     st = row_settings(row, budget, epochs, limit_train, limit_test, width)
     rdir = Path(out) / "runs" / row
     rdir.mkdir(parents=True, exist_ok=True)
@@ -157,7 +159,8 @@ def run_row(
             c.relu_checkpoint = str(rdir / f"relu-s{seed}" / src)
         return c
 
-    first = [(r, s) for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") for s in seeds]
+    regimes = list(regimes or REGIMES)
+    first = [(r, s) for r in ("relu", "frnpf-ii", "frnpf-di", "dlnpf") if r in regimes for s in seeds]
     with _lock(rdir / ".lock"):
         for phase in ("phase1", "phase2"):
             runs = (
@@ -166,8 +169,12 @@ def run_row(
                 else (
                     [("flnpf", s) for s in seeds]
                     + [("flnpf-clean", s) for s in seeds if _clean_source_differs(rdir, s)]
+                    if "flnpf" in regimes
+                    else []
                 )
             )
+            if not runs:
+                continue
             cfgs = [cfg(r, s) for r, s in runs]
             outs = [rdir / f"{r}-s{s}" for r, s in runs]
             if stacked:
@@ -376,10 +383,18 @@ def run(
     progress=None,
     log=print,
     stacked=True,
+    regimes=None,
 ) -> str:
     rows = list(rows or ROWS)
     for r in rows:
         check_choice("row", r, tuple(ROWS))
+    regimes = list(regimes or REGIMES)
+    for r in regimes:
+        check_choice("regime", r, tuple(REGIMES))
+    if "flnpf" in regimes and "relu" not in regimes:
+        raise NeuralpathError(
+            "--regimes has flnpf without relu: FLNPF takes its gates from the same seed's ReLU run; add relu"
+        )
     if isinstance(seeds, int):
         if seeds < 1:
             raise NeuralpathError(f"seeds={seeds!r} must be >= 1")
@@ -389,7 +404,7 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for row in rows:
-        log(f"row {row}: {len(REGIMES)} regimes x {len(seeds)} seeds ({budget} budget)")
+        log(f"row {row}: {len(regimes)} regimes x {len(seeds)} seeds ({budget} budget)")
         run_row(
             row,
             seeds,
@@ -404,6 +419,7 @@ def run(
             progress=progress,
             log=log,
             stacked=stacked,
+            regimes=regimes,
         )
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)
