@@ -311,3 +311,36 @@ def test_read_only_data_root_is_usable(mnist_root, tmp_path):
 def test_version_flag(cli):
     r = cli("--version")
     assert r.returncode == 0 and r.stdout.strip() == f"neuralpath {npx.__version__}"
+
+
+# -- round two, session 5: the commands added since, tried the same way ------------------------------------------
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["reproduce", "budget", "--out", "FILE"], ["--out", "existing file"]),
+        (["reproduce", "gates", "--pairs", "0", "--out", "G"], ["--pairs", "positive"]),
+        (["reproduce", "dlgn", "--cifar", "--seeds", "0", "--out", "D"], ["--seeds", "positive"]),
+        (["train", "--regime", "dlnpf", "--gating", "tanh", "--out", "T"], ["gating", "tanh", "linear"]),
+        (["train", "--arch", "resnet", "--blocks", "0", "--out", "T"], ["blocks", "positive"]),
+        (["train", "--arch", "fc", "--blocks", "1", "--out", "T"], ["blocks", "only", "fc"]),
+        (["kernel", "npk", "--module", "os:path", "--out", "K.npy"], ["--module", "not a callable"]),
+        (["kernel", "npk", "--dataset", "sd-i", "--arch", "gconv", "--num-inputs", "4", "--out", "K.npy"], ["fc"]),
+        (["reproduce", "table", "--rows", "fc-adam", "--regimes", "flnpf", "--out", "R"], ["flnpf without relu"]),
+    ],
+    ids=["budget-out-file", "gates-pairs-0", "dlgn-cifar-seeds-0", "gating-tanh", "resnet-blocks-0", "fc-blocks",
+         "module-not-callable", "conv-on-vectors", "flnpf-without-relu"],
+)  # fmt: skip
+def test_new_commands_refuse_bad_requests_before_work(args, needles, cli, tmp_path):
+    (tmp_path / "FILE").write_text("x")
+    args = [str(tmp_path / a) if a in ("FILE", "G", "D", "T", "K.npy", "R") else a for a in args]
+    r = cli(*args)
+    _one_line_error(r, *needles)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # nothing written
+
+
+def test_fc_kernels_on_vector_data(cli, tmp_path):
+    """The oblique-tree sets are vectors: an FC network's kernels take them (formerly a tuple-unpacking traceback)."""
+    r = cli("kernel", "npk", "--dataset", "sd-i", "--num-inputs", "6", "--out", tmp_path / "k.npy")
+    assert r.returncode == 0, r.stderr
+    k = np.load(tmp_path / "k.npy")
+    assert k.shape == (6, 6) and np.allclose(k, k.T) and (np.linalg.eigvalsh(k) > -1e-6 * k.max()).all()

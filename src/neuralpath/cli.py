@@ -218,7 +218,12 @@ def _user_model(spec, weights):
         factory = getattr(importlib.import_module(mod), fn)
     except (ImportError, AttributeError) as e:
         raise NeuralpathError(f"--module {spec!r}: cannot import it ({e})") from None
-    model = factory()
+    if not callable(factory) or isinstance(factory, type(importlib)):
+        raise NeuralpathError(f"--module {spec!r}: {fn!r} is a {type(factory).__name__}, not a callable factory")
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory failing is reported in one line
+        raise NeuralpathError(f"--module {spec!r}: calling {fn}() failed ({type(e).__name__}: {e})") from None
     if not isinstance(model, torch.nn.Module):
         raise NeuralpathError(f"--module {spec!r}: the factory returned a {type(model).__name__}, not an nn.Module")
     if weights:
@@ -389,7 +394,18 @@ def kernel_ntk(block, out, params, **kw):
 # -- reproduce ------------------------------------------------------------------------------------------
 def _echo_run(run, *args, **kw):
     """Run an experiment's ``run(...)`` with the CLI's progress and log, and print the report it returns."""
+    _check_out_folder(args[0] if args else kw.get("out"))
     click.echo(run(*args, progress=_progress(), log=lambda m: click.echo(m, err=True), **kw))
+
+
+def _check_out_folder(out):
+    """An experiment's --out must be a folder (or not exist yet): refused before any work otherwise."""
+    from pathlib import Path
+
+    from .errors import NeuralpathError
+
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise NeuralpathError(f"--out {out} is an existing file, not a folder; pick another --out")
 
 
 def _progress():
@@ -410,6 +426,7 @@ def _table(
         regimes = [r.strip() for r in regimes.split(",") if r.strip()]
         if not regimes:
             raise NeuralpathError("--regimes is empty; give e.g. --regimes relu,flnpf")
+    _check_out_folder(out)
     md = table.run(
         out,
         rows=rows,
@@ -512,7 +529,13 @@ def reproduce_dlgn(budget, sets, cifar, epochs, seeds, device, out):
     from .experiments import dlgn
 
     if cifar:
-        _echo_run(dlgn.run_cifar, out, seeds=seeds or 3, epochs=epochs or 12, device=device)
+        from .errors import check_positive_int
+
+        for flag, v in (("--seeds", seeds), ("--epochs", epochs)):
+            if v is not None:
+                check_positive_int(flag, v)
+        seeds, epochs = 3 if seeds is None else seeds, 12 if epochs is None else epochs
+        _echo_run(dlgn.run_cifar, out, seeds=seeds, epochs=epochs, device=device)
         return
     _echo_run(
         dlgn.run,

@@ -13,6 +13,8 @@ copied, frozen and trained.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .errors import NeuralpathError, check_choice
@@ -77,12 +79,16 @@ def make_net(
 ):
     """A DGN of the named architecture for images of shape ``in_shape``."""
     check_choice("arch", arch, ARCHS)
-    c, h, w = in_shape
     if arch == "resnet":
         raise NeuralpathError("make_net builds FC and conv DGNs; build ResNets with build_regime(..., 'resnet', ...)")
+    if arch != "fc" and len(in_shape) != 3:
+        raise NeuralpathError(
+            f"arch {arch!r} needs images (channels, height, width); this data has inputs of shape {tuple(in_shape)}: "
+            "use arch 'fc'"
+        )
     if arch == "fc":
         return FCDGN(
-            in_dim=c * h * w,
+            in_dim=math.prod(in_shape),
             width=width,
             depth=depth,
             out_dim=out_dim,
@@ -93,6 +99,7 @@ def make_net(
             init=init,
             **kw,
         )
+    c, h, w = in_shape
     if h != w:
         raise NeuralpathError(f"conv architectures need square images, got {h}x{w}")
     extra = {}

@@ -131,6 +131,14 @@ class TrainConfig:
                         for x in v
                     ],
                 )
+        check_choice("gating", c.gating, ("relu", "linear", "shallow"))
+        check_choice("value_input", c.value_input, ("x", "ones"))
+        if c.blocks is not None:
+            if c.arch != "resnet":
+                raise NeuralpathError(f"blocks={c.blocks!r} is for arch 'resnet' only (arch is {c.arch!r})")
+            c.blocks = [check_positive_int("blocks entry", x) for x in c.blocks]
+            if not 1 <= len(c.blocks) <= 4:
+                raise NeuralpathError(f"blocks={c.blocks!r} must have 1 to 4 stages, e.g. 1,1,1")
         if c.regime == "relu" and (c.gating != "relu" or c.value_input != "x"):
             raise NeuralpathError("regime 'relu' is the ReLU network: it takes gating='relu' and value_input='x'")
         if c.regime == "flnpf" and not c.relu_checkpoint:

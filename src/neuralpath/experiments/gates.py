@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .. import checkpoints, datasets
-from ..errors import check_choice
+from ..errors import check_choice, check_positive_int
 from ..gatestats import class_overlap, distinct_patterns, flip_fraction, hard_gates, regions_along_segment
 from ..io import read_jsonl, write_text
 from ..nets import FCDGN
@@ -43,7 +43,7 @@ def run(
             raise NeuralpathError(f"--epochs {epochs!r} must be a positive integer")
         b["epochs"] = epochs
     if pairs is not None:
-        b["pairs"] = int(pairs)
+        b["pairs"] = check_positive_int("--pairs", pairs)
     out = Path(out)
     t0 = time.time()
     cfg = TrainConfig(
