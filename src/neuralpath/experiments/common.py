@@ -28,6 +28,27 @@ def write_jsonl(path, records):
     write_text(path, "".join(json.dumps(r, sort_keys=True, default=str) + "\n" for r in records))
 
 
+def run_record(result_json, *config_keys, **extra) -> dict:
+    """The record of one finished run from its ``result.json``: the accuracies every report uses (best, clean,
+    final, best epoch), its budget, time, data and device, the named config keys, and ``extra``."""
+    import json
+
+    r = json.loads(Path(result_json).read_text())
+    c = r["config"]
+    return {
+        **{k: c.get(k) for k in ("regime", "seed", *config_keys)},
+        "best_test_acc": r["best_test_acc"],
+        "best_epoch": r["best_epoch"],
+        "final_test_acc": r["final_test_acc"],
+        "clean_test_acc": r.get("clean_test_acc"),
+        "epochs": c["epochs"],
+        "seconds": r.get("seconds"),
+        "data": r.get("data"),
+        "device": r.get("device"),
+        **extra,
+    }
+
+
 def done_keys(path, key):
     """Keys of the records already in a JSON-lines file (resumable experiments skip them)."""
     return {key(r) for r in read_jsonl(path)} if Path(path).exists() else set()

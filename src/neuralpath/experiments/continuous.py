@@ -20,7 +20,7 @@ from ..errors import NeuralpathError, check_choice
 from ..io import write_text
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
 from .budget import conv_widths
-from .common import mean_std, pyplot, savefig, write_jsonl
+from .common import mean_std, pyplot, run_record, savefig, write_jsonl
 
 PAPER_CURVE = [67.09, 72.29, 74.42, 77.0, 78.3, 78.6, 79.43]  # stages 0..6; stages 3-5 read off the plot
 CNTK, RELU = 77.43, 80.32
@@ -122,22 +122,14 @@ def collect(out) -> list:
     """One record per finished stage run (and ReLU run): rewrites ``out/continuous.jsonl``."""
     recs = []
     for res in sorted(Path(out).glob("*/result.json")):
-        r = json.loads(res.read_text())
         name = res.parent.name
-        stage = -1 if name.startswith("relu") else int(name.split("_")[1].split("-")[0])
-        src = r["config"].get("relu_checkpoint")
+        src = json.loads(res.read_text())["config"].get("relu_checkpoint")
         recs.append(
-            {
-                "stage": stage,
-                "seed": r["config"]["seed"],
-                "regime": r["config"]["regime"],
-                "best_test_acc": r["best_test_acc"],
-                "clean_test_acc": r.get("clean_test_acc"),
-                "final_test_acc": r["final_test_acc"],
-                "epochs": r["epochs"],
-                "gates_from": None if not src else Path(src).name,
-                "data": r.get("data"),
-            }
+            run_record(
+                res,
+                stage=-1 if name.startswith("relu") else int(name.split("_")[1].split("-")[0]),
+                gates_from=None if not src else Path(src).name,
+            )
         )
     write_jsonl(Path(out) / "continuous.jsonl", recs)
     return recs

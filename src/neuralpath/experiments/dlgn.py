@@ -28,7 +28,7 @@ from ..kernels.npk import npk
 from ..nets import FCDGN
 from ..runfolder import RunFolder
 from ..train import FitOptions, RunData, RunSpec, fit
-from .common import mean_std, pyplot, savefig, write_jsonl
+from .common import mean_std, pyplot, run_record, savefig, write_jsonl
 
 # set -> model -> (beta, lr, gated layers, width): the authors' settings (SPEC-DLGN table); ReLU uses DLGN's size/lr
 SETTINGS = {
@@ -205,21 +205,8 @@ def _kernels(out, s, data, b, log):
 def collect(out) -> list:
     recs = []
     for res in sorted(Path(out).glob("runs/*/*/result.json")):
-        f = RunFolder(res.parent)
-        r, c = f.result(), f.config()
-        recs.append(
-            {
-                "set": c["set"],
-                "model": c["model"],
-                "seed": c["seed"],
-                "best_test_acc": r["best_test_acc"],
-                "best_epoch": r["best_epoch"],
-                "final_test_acc": r["final_test_acc"],
-                "clean_test_acc": r.get("clean_test_acc"),
-                "epochs": c["epochs"],
-                "seconds": r.get("seconds"),
-            }
-        )
+        c = RunFolder(res.parent).config()
+        recs.append(run_record(res, set=c["set"], model=c["model"], seed=c["seed"]))
     recs += [
         dict(r, model=f"krr-npk-{r['model']}-{r['gates']}", best_test_acc=r["test_acc"])
         for r in read_jsonl(Path(out) / "kernels.jsonl")

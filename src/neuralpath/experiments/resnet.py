@@ -22,9 +22,8 @@ from ..io import append_jsonl, read_jsonl, write_text
 from ..kernels.machines import accuracy, fit_predict
 from ..kernels.npk import npk
 from ..regimes import build_regime
-from ..runfolder import RunFolder
 from ..train import TrainConfig, net_kwargs, train_many
-from .common import mean_std, pyplot, savefig, write_jsonl
+from .common import mean_std, pyplot, run_record, savefig, write_jsonl
 
 BUDGETS = {
     "cpu": dict(epochs=12, limit_train=10000, seeds=3, width=16, blocks=[1, 1, 1], krr_train=2000, krr_test=2000),
@@ -117,22 +116,7 @@ def _kernels(out, b, common, data_root, log):
 
 
 def collect(out) -> list:
-    recs = []
-    for res in sorted(Path(out).glob("runs/*/result.json")):
-        f = RunFolder(res.parent)
-        r, c = f.result(), f.config()
-        recs.append(
-            {
-                "regime": c["regime"],
-                "seed": c["seed"],
-                "best_test_acc": r["best_test_acc"],
-                "clean_test_acc": r.get("clean_test_acc"),
-                "final_test_acc": r["final_test_acc"],
-                "best_epoch": r["best_epoch"],
-                "epochs": c["epochs"],
-                "data": r.get("data"),
-            }
-        )
+    recs = [run_record(res) for res in sorted(Path(out).glob("runs/*/result.json"))]
     recs += [
         dict(r, regime=f"krr-npk-{r['gates']}", best_test_acc=r["test_acc"])
         for r in read_jsonl(Path(out) / "kernels.jsonl")

@@ -27,7 +27,7 @@ from ..errors import NeuralpathError, check_choice
 from ..io import atomic_path, write_text
 from ..regimes import REGIMES
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
-from .common import mean_std
+from .common import mean_std, run_record
 
 ROWS = {
     "fc-sgd": ("fc", "sgd", "mnist"),
@@ -191,31 +191,18 @@ def collect(out):
     """Every finished run under ``out`` as a record; also rewrites ``out/runs.jsonl`` (atomically)."""
     recs = []
     for res in sorted((Path(out) / "runs").glob("*/*/result.json")):
-        r = json.loads(res.read_text())
-        c = r["config"]
-        row = res.parent.parent.name
-        variant = "clean-source" if res.parent.name.startswith("flnpf-clean") else "headline"
         recs.append(
-            {
-                "row": row,
-                "regime": c["regime"],
-                "variant": variant,
-                "seed": c["seed"],
-                "best_test_acc": r["best_test_acc"],
-                "best_epoch": r["best_epoch"],
-                "final_test_acc": r["final_test_acc"],
-                "clean_test_acc": r.get("clean_test_acc"),
-                "epochs": c["epochs"],
-                "lr": c["lr"],
-                "limit_train": c["limit_train"],
-                "limit_test": c["limit_test"],
-                "channels": c.get("channels"),
-                "hidden": c.get("hidden"),
-                "data": r.get("data"),
-                "device": r.get("device"),
-                "seconds": r.get("seconds"),
-                "run": str(res.parent.relative_to(Path(out))),
-            }
+            run_record(
+                res,
+                "lr",
+                "limit_train",
+                "limit_test",
+                "channels",
+                "hidden",
+                row=res.parent.parent.name,
+                variant="clean-source" if res.parent.name.startswith("flnpf-clean") else "headline",
+                run=str(res.parent.relative_to(Path(out))),
+            )
         )
     with atomic_path(Path(out) / "runs.jsonl") as tmp:
         tmp.write_text("".join(json.dumps(x, sort_keys=True) + "\n" for x in recs))
