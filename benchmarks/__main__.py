@@ -32,6 +32,7 @@ import torch
 
 import neuralpath as npx
 from neuralpath.regimes import build_regime
+from neuralpath.train import make_optimizer
 
 
 def timeit(fn, repeat=5, warmup=1):
@@ -461,7 +462,7 @@ def _grouped_relu_step(arch, channels, hidden, R, batch=32):
         dense.append(torch.nn.Parameter(torch.randn(R, d, h) * d**-0.5))
         dense.append(torch.nn.Parameter(torch.zeros(R, 1, h)))
         d = h
-    opt = torch.optim.Adam(ws + dense, lr=1e-4, eps=1e-7, foreach=True)
+    opt = make_optimizer("adam", ws + dense, 1e-4)
     x = torch.rand(batch, R * 3, 32, 32)
     y = torch.randint(0, 10, (R, batch))
 
@@ -512,7 +513,7 @@ def bench_convstep(args):
                     nets = [build_regime(regime, arch, s, None, **kw)[0] for s in range(r)]
                     st = make_stack(nets)
                     st.cache_frozen_gates(x, [rows_all] * r)
-                    opt = torch.optim.Adam(st.parameters(), lr=1e-4, eps=1e-7, foreach=True)
+                    opt = make_optimizer("adam", st.parameters(), 1e-4)  # the engine's optimiser
 
                     def step():
                         idx = torch.randint(0, 512, (r, 32))
