@@ -344,3 +344,27 @@ def test_fc_kernels_on_vector_data(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     k = np.load(tmp_path / "k.npy")
     assert k.shape == (6, 6) and np.allclose(k, k.T) and (np.linalg.eigvalsh(k) > -1e-6 * k.max()).all()
+
+
+def test_core_import_needs_no_optional_dependency_and_reproduce_says_what_is_missing(tmp_path):
+    """The library imports and computes without loading matplotlib or scikit-learn (the [plots] and [kernels]
+    extras); when matplotlib is missing, `reproduce` stops in one line naming the extra, before any work."""
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    r = subprocess.run(
+        [sys.executable, "-c", "import sys, neuralpath, torch\n"
+         "k = neuralpath.npk(neuralpath.FCDGN(in_dim=4, width=3, depth=2), torch.randn(3, 4))\n"
+         "print(sorted(m for m in sys.modules if m.split('.')[0] in ('matplotlib', 'sklearn')), k.shape)"],
+        env=env, capture_output=True, text=True,
+    )  # fmt: skip
+    assert r.returncode == 0 and r.stdout.strip() == "[] torch.Size([3, 3])", r.stderr
+    hide = (
+        "import sys, importlib.util\n"
+        "orig = importlib.util.find_spec\n"
+        "importlib.util.find_spec = lambda n, *a: None if n == 'matplotlib' else orig(n, *a)\n"
+        "from neuralpath.cli import main\n"
+        "sys.argv = ['neuralpath', 'reproduce', 'nu', '--out', sys.argv[1]]\n"
+        "main()"
+    )
+    r = subprocess.run([sys.executable, "-c", hide, str(tmp_path / "o")], env=env, capture_output=True, text=True)
+    _one_line_error(r, "matplotlib", "neuralpath[plots]")
+    assert not (tmp_path / "o").exists()

@@ -451,6 +451,12 @@ def _table(
 @click.option("--data-root", default=None)
 @click.pass_context
 def reproduce(ctx, out, data_root):
+    import importlib.util
+
+    from .errors import NeuralpathError
+
+    if importlib.util.find_spec("matplotlib") is None:  # before any work: every experiment ends in plots
+        raise NeuralpathError("reproduce writes plots and needs matplotlib: pip install 'neuralpath[plots]'")
     """Experiments of the paper, with its numbers beside ours.
 
     With no sub-command: the quick budget of the FC rows of the table (5 regimes x 2 seeds, real MNIST)."""

@@ -74,7 +74,15 @@ def savefig(fig, path):
 
 
 def pyplot():
-    import matplotlib
+    """matplotlib with the Agg backend (an optional dependency: the [plots] extra; reproduce checks it up front)."""
+    try:
+        import matplotlib
+    except ImportError:
+        from ..errors import NeuralpathError
+
+        raise NeuralpathError(
+            "the experiments write plots and need matplotlib: pip install 'neuralpath[plots]'"
+        ) from None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

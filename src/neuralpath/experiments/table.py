@@ -319,10 +319,9 @@ def table_markdown(recs, rows=None, title_note="") -> str:
 
 
 def plot(summary, rows, path):
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     import numpy as np
 
     fig, axes = plt.subplots(1, len(rows), figsize=(4.2 * len(rows), 3.8), squeeze=False)

@@ -273,10 +273,9 @@ def report(s, quick):
 
 
 def plot(records, path):
-    import matplotlib
+    from .common import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     from ..io import atomic_path
 
