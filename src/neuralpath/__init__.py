@@ -4,7 +4,7 @@ Lakshminarayanan and Singh, "Neural Path Features and Neural Path Kernel: Unders
 deep learning", NeurIPS 2020 (arXiv 2006.10529).
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from . import datasets
 from .anynet import from_module
