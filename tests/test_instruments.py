@@ -146,3 +146,20 @@ def test_reproduce_gates_quick(cli, tmp_path, mnist_root):
     assert "| 1 |" in r.stdout and "neurons" in r.stdout
     assert (tmp_path / "gates.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "gates-overlap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nu_over_trace_is_the_least_norm_npv_that_fits_the_labels():
+    """nu / trace H = y^T H^-1 y equals ||v*||^2 for v* the least-norm solution of Phi v = y, Phi from path
+    enumeration (float64): what `reproduce nu` compares the trained ||v||^2 with."""
+    from neuralpath.experiments.nu import nu_of
+
+    g = torch.Generator().manual_seed(3)
+    net = npx.FCDGN(in_dim=6, width=10, depth=3, out_dim=1, bias=False, tied=True, generator=g).double()
+    x = torch.randn(5, 6, dtype=torch.float64, generator=g)
+    y = torch.tensor([1.0, -1.0, 1.0, 1.0, -1.0], dtype=torch.float64)
+    nu, jit, tr = nu_of(net, x, y)
+    phi = npx.npf(net, x)
+    assert torch.linalg.matrix_rank(phi) == 5  # the labels can be fitted exactly
+    v_star = torch.linalg.pinv(phi) @ y
+    assert jit <= 1e-12 and torch.allclose(phi @ v_star, y, atol=1e-10)  # at most the smallest jitter tried
+    assert abs(nu / tr - float(v_star @ v_star)) <= 1e-6 * float(v_star @ v_star)
