@@ -109,9 +109,9 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
     for r in range(runs):
         net = make_net(r)
         if (r, 0) not in have:
-            nu, jit, tr = nu_of(net, x[ev], yb[ev])
+            nu, jit, trh = nu_of(net, x[ev], yb[ev])
             v2 = float(path_norm(net, 2.0)[0])
-            add(rec_path, {"run": r, "epoch": 0, "nu": nu, "jitter": jit, "v_norm2": v2, "trace_h": tr})
+            add(rec_path, {"run": r, "epoch": 0, "nu": nu, "jitter": jit, "v_norm2": v2, "trace_h": trh})
         specs.append(
             RunSpec(
                 net=net,
@@ -128,9 +128,9 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
             return None
         recs = []
         for r, net in enumerate(nets):
-            nu, jit, tr = nu_of(net, x[ev].to(next(net.parameters()).device), yb[ev])
+            nu, jit, trh = nu_of(net, x[ev].to(next(net.parameters()).device), yb[ev])
             v2 = float(path_norm(net, 2.0)[0])  # ||v||_2^2 of the trained NPV; nu / trace H is the smallest that fits
-            rec = {"nu": nu, "jitter": jit, "v_norm2": v2, "trace_h": tr}
+            rec = {"nu": nu, "jitter": jit, "v_norm2": v2, "trace_h": trh}
             if (r, epoch) not in have:
                 add(rec_path, {"run": r, "epoch": epoch, **rec})
             recs.append(rec)
