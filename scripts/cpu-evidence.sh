@@ -10,7 +10,6 @@ cd "$(dirname "$0")/.."
 NP=.venv/bin/neuralpath
 lane_a() {
   $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II, GCONV x1/4, 10k, 120 ep
-  $NP reproduce dlgn --cifar --out runs/dlgn-cifar                     # conv DLGN vs ReLU, CPU conv budget, 3 seeds
   $NP reproduce table --rows gconv-adam,vconv-adam --seeds 3 --budget cpu --out runs/table-cpu
   $NP reproduce kernels --relu-run runs/table-cpu/runs/gconv-adam/relu-s0 --out runs/kernels-gconv
   $NP reproduce continuous --budget cpu --out runs/continuous-cpu
@@ -25,6 +24,7 @@ lane_b() {
   $NP reproduce theorem --out runs/theorem
   $NP reproduce kernels --out runs/kernels
   $NP reproduce gates --out runs/gates
+  $NP reproduce dlgn --cifar --out runs/dlgn-cifar                     # conv DLGN vs ReLU, CPU conv budget, 3 seeds
   # FLNPF with its independent value initialisation (and the ReLU runs it takes its gates from), 5 seeds
   $NP reproduce table --rows fc-adam --regimes relu,flnpf --seeds 5 --budget paper --out runs/paper-fc-adam
   $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd
