@@ -1,6 +1,7 @@
 """Instruments beyond the paper: the infinite-width NPK, path norms from the NPV, gate statistics and exact linear
 regions along a segment, each against an independent computation."""
 
+import json
 import math
 
 import numpy as np
@@ -163,3 +164,36 @@ def test_nu_over_trace_is_the_least_norm_npv_that_fits_the_labels():
     v_star = torch.linalg.pinv(phi) @ y
     assert jit <= 1e-12 and torch.allclose(phi @ v_star, y, atol=1e-10)  # at most the smallest jitter tried
     assert abs(nu / tr - float(v_star @ v_star)) <= 1e-6 * float(v_star @ v_star)
+
+
+def test_gates_of_an_existing_run(cli, tmp_path, mnist_root):
+    """`reproduce gates --run DIR` measures a user's ReLU FC run from its epoch_K.pt snapshots; epoch 0 is the run's
+    own initial network (rebuilt from its seed exactly as the engine draws it); other runs are refused."""
+    from neuralpath.experiments.gates import _existing_run, initial_net
+    from neuralpath.train import RunData, run_spec
+
+    run = tmp_path / "run"
+    common = ["--dataset", "mnist", "--data-root", mnist_root, "--limit-train", "500", "--limit-test", "200",
+              "--width", "16", "--depth", "3", "--epochs", "2", "--seed", "3"]  # fmt: skip
+    r = cli("train", *common, "--save-every", "1", "--out", run)
+    assert r.returncode == 0, r.stderr[-500:]
+    rc, snaps = _existing_run(run)
+    assert [e for e, _ in snaps] == [1, 2]
+    x = torch.zeros(10, 1, 28, 28)
+    data = RunData(x, torch.arange(10), x, torch.arange(10))  # 10 classes, as MNIST
+    engine_net = run_spec(rc, data).net
+    ours = initial_net(rc, (1, 28, 28))
+    for a, b in zip(engine_net.state_dict().values(), ours.state_dict().values()):
+        if torch.is_tensor(a):
+            assert torch.equal(a, b)
+    r = cli("reproduce", "gates", "--run", run, "--pairs", "2", "--data-root", mnist_root, "--out", tmp_path / "g")
+    assert r.returncode == 0, r.stderr[-800:]
+    assert "ReLU FC 3x16 on mnist" in r.stdout and "| 2 |" in r.stdout
+    recs = [json.loads(x) for x in (tmp_path / "g" / "gates.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in recs if not x.get("anchor")] == [0, 1, 2]
+    other = tmp_path / "dl"
+    assert cli("train", *common, "--regime", "dlnpf", "--out", other).returncode == 0
+    bad = cli("reproduce", "gates", "--run", other, "--out", tmp_path / "g2")
+    assert bad.returncode == 1 and "ReLU FC runs" in bad.stderr and "Traceback" not in bad.stderr
+    bad = cli("reproduce", "gates", "--run", tmp_path / "nope", "--out", tmp_path / "g3")
+    assert bad.returncode == 1 and "not a run folder" in bad.stderr

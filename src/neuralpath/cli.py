@@ -560,14 +560,20 @@ def reproduce_dlgn(budget, sets, cifar, epochs, seeds, device, out):
 )
 @click.option("--epochs", type=int, default=None)
 @click.option("--pairs", type=int, default=None, help="Segments per kind (same / different class) for the regions.")
+@click.option(
+    "--run",
+    "run_dir",
+    default=None,
+    help="Measure an existing ReLU FC run folder's epoch_K.pt snapshots (train it with --save-every) instead.",
+)
 @click.option("--data-root", default=None)
 @click.option("--device", default="auto", show_default=True)
 @click.option("--out", default="runs/gates", show_default=True)
-def reproduce_gates(budget, epochs, pairs, data_root, device, out):
+def reproduce_gates(budget, epochs, pairs, run_dir, data_root, device, out):
     """Gate dynamics during training: flips, activation patterns, class sub-network overlap, regions on segments."""
     from .experiments import gates
 
-    _echo_run(gates.run, out, budget, epochs=epochs, pairs=pairs, data_root=data_root, device=device)
+    _echo_run(gates.run, out, budget, epochs=epochs, pairs=pairs, data_root=data_root, device=device, run_dir=run_dir)
 
 
 @reproduce.command("resnet")

@@ -32,8 +32,19 @@ BUDGETS = {"quick": dict(epochs=10, limit_train=10000, pairs=20), "paper": dict(
 
 
 def run(
-    out, budget="quick", seed=0, epochs=None, pairs=None, data_root=None, device="auto", progress=None, log=print
+    out,
+    budget="quick",
+    seed=0,
+    epochs=None,
+    pairs=None,
+    data_root=None,
+    device="auto",
+    progress=None,
+    log=print,
+    run_dir=None,
 ) -> str:
+    """Train a ReLU FC 6x128 on MNIST with a checkpoint every epoch (or, with ``run_dir``, read an existing ReLU FC
+    run trained with ``--save-every``), and measure its gates at every checkpoint on a fixed probe."""
     check_choice("budget", budget, tuple(BUDGETS))
     b = dict(BUDGETS[budget])
     if epochs is not None:
@@ -46,22 +57,29 @@ def run(
         b["pairs"] = check_positive_int("--pairs", pairs)
     out = Path(out)
     t0 = time.time()
-    cfg = TrainConfig(
-        arch="fc",
-        dataset="mnist",
-        regime="relu",
-        optimizer="adam",
-        lr=1e-4,
-        epochs=b["epochs"],
-        seed=seed,
-        limit_train=b["limit_train"],
-        save_every=1,
-        data_root=data_root,
-        device=device,
-    )
-    log(f"training the ReLU FC 6x128 ({b['epochs']} epochs, checkpoint every epoch) into {out / 'relu'}")
-    train(cfg, out / "relu", resume=True, progress=progress, log=log)
-    xp, yp = datasets.load("mnist", "test", root=data_root)
+    if run_dir is not None:
+        rc, snapshots = _existing_run(run_dir, epochs)
+        b.update(epochs=snapshots[-1][0], limit_train=rc.limit_train, source=str(run_dir))
+    else:
+        cfg = TrainConfig(
+            arch="fc",
+            dataset="mnist",
+            regime="relu",
+            optimizer="adam",
+            lr=1e-4,
+            epochs=b["epochs"],
+            seed=seed,
+            limit_train=b["limit_train"],
+            save_every=1,
+            data_root=data_root,
+            device=device,
+        )
+        log(f"training the ReLU FC 6x128 ({b['epochs']} epochs, checkpoint every epoch) into {out / 'relu'}")
+        train(cfg, out / "relu", resume=True, progress=progress, log=log)
+        rc = cfg.resolved()
+        snapshots = [(ep, out / "relu" / f"epoch_{ep}.pt") for ep in range(1, b["epochs"] + 1)]
+    b["describe"] = _describe(rc, b)
+    xp, yp = datasets.load(rc.dataset, "test", root=data_root)
     probe = torch.from_numpy(np.concatenate([np.flatnonzero(yp.numpy() == c)[:100] for c in range(10)]))
     x, y = xp[probe].flatten(1).double(), yp[probe]
     g = torch.Generator().manual_seed(1)
@@ -72,12 +90,14 @@ def run(
             same.append((i, j))
         elif y[i] != y[j] and len(diff) < b["pairs"]:
             diff.append((i, j))
-    rc = cfg.resolved()
     recs, prev = [], None
-    for ep in range(0, b["epochs"] + 1):
-        net, _ = build_regime("relu", "fc", seed, None, **net_kwargs(rc, (1, 28, 28), 10))
-        if ep:
-            net.load_state_dict(checkpoints.load(out / "relu" / f"epoch_{ep}.pt")["model"])
+    in_shape = tuple(xp.shape[1:])
+    last = snapshots[-1][0]
+    every = max(1, last // 5)
+    for ep, ck in [(0, None), *snapshots]:
+        net = initial_net(rc, in_shape)
+        if ck is not None:
+            net.load_state_dict(checkpoints.load(ck)["model"])
         net = net.double()
         gs = hard_gates(net, x)
         per, whole = distinct_patterns(gs)
@@ -92,7 +112,7 @@ def run(
             "within": [float(m.diagonal().mean()) for m in ov],
             "between": [float((m.sum() - m.diagonal().sum()) / (m.numel() - len(m))) for m in ov],
         }
-        if ep in (0, b["epochs"]) or ep % max(1, b["epochs"] // 5) == 0:
+        if ep in (0, last) or ep % every == 0:
             rec["regions_same"] = [regions_along_segment(net, x[i], x[j]) for i, j in same]
             rec["regions_diff"] = [regions_along_segment(net, x[i], x[j]) for i, j in diff]
         recs.append(rec)
@@ -133,6 +153,46 @@ def run(
     return md
 
 
+def initial_net(rc, in_shape, num_classes=10):
+    """The run's initial network (epoch 0), rebuilt exactly as the engine draws it from the run's seed."""
+    return build_regime("relu", "fc", rc.seed, None, **net_kwargs(rc, in_shape, num_classes))[0]
+
+
+def _existing_run(run_dir, epochs=None):
+    """(resolved config, [(epoch, checkpoint path), ...]) of a finished or running ReLU FC run with epoch_K.pt
+    snapshots; anything else is refused in one line."""
+    import json
+
+    from ..errors import NeuralpathError
+
+    d = Path(run_dir)
+    if not (d / "config.json").is_file():
+        raise NeuralpathError(f"--run {run_dir}: not a run folder (no config.json)")
+    c = json.loads((d / "config.json").read_text())
+    if c.get("arch") != "fc" or c.get("regime") != "relu" or c.get("gating", "relu") != "relu":
+        raise NeuralpathError(
+            f"--run {run_dir}: gate dynamics are measured for ReLU FC runs (this one is arch={c.get('arch')!r}, "
+            f"regime={c.get('regime')!r})"
+        )
+    rc = TrainConfig(**{k: v for k, v in c.items() if k in TrainConfig.__dataclass_fields__}).resolved()
+    snaps = sorted((int(p.stem.split("_")[1]), p) for p in d.glob("epoch_*.pt") if p.stem.split("_")[1].isdigit())
+    if epochs is not None:
+        snaps = [s for s in snaps if s[0] <= epochs]
+    if not snaps:
+        raise NeuralpathError(
+            f"--run {run_dir}: no epoch_K.pt snapshots; train it with --save-every 1 (or K) to keep them"
+        )
+    return rc, snaps
+
+
+def _describe(rc, b) -> str:
+    src = f"run {b['source']}" if b.get("source") else f"seed {rc.seed}"
+    return (
+        f"a ReLU FC {rc.depth}x{rc.width} on {rc.dataset} ({rc.optimizer} {rc.lr:g}, {b['epochs']} epochs, "
+        f"{rc.limit_train or 'all'} training images, {src})"
+    )
+
+
 def _split(path):
     rs = read_jsonl(path)
     return [r for r in rs if not r.get("anchor")], [r for r in rs if r.get("anchor")]
@@ -141,8 +201,8 @@ def _split(path):
 def report(recs, anchor, b) -> str:
     L = len(recs[0]["patterns"])
     lines = [
-        f"# Gate dynamics of a ReLU FC 6x128 on MNIST (Adam 1e-4, {b['epochs']} epochs, "
-        f"{b['limit_train'] or 60000} training images, seed 0; probe: 1,000 test images, 100 per class)",
+        f"# Gate dynamics of {b.get('describe') or 'a ReLU FC 6x128 on MNIST'}; probe: 1,000 test images, 100 "
+        "per class",
         "",
         "| epoch | flips per layer % | distinct patterns per layer | whole network | within/between class overlap, "
         "last layer | regions same class | regions different class |",
