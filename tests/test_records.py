@@ -1,0 +1,58 @@
+"""The committed records under docs/results regenerate the tables in docs/RESULTS.md (no training): the report step
+works from records alone, and the numbers quoted in the docs are the records' numbers."""
+
+import shutil
+
+import pytest
+from conftest import REPO
+
+RESULTS = REPO / "docs" / "results"
+
+
+def _copy(tmp_path, name):
+    if not (RESULTS / name).is_dir():
+        pytest.skip(f"docs/results/{name} not committed")
+    dst = tmp_path / name
+    shutil.copytree(RESULTS / name, dst)
+    return dst
+
+
+def test_budget_curve_from_records(tmp_path):
+    from neuralpath.experiments import budget
+
+    recs = budget.collect(_copy(tmp_path, "budget"))
+    md = budget.report(recs)
+    row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 10000 |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2] == "120" and cells[3] == "53.72" and cells[4] == "52.79" and cells[6] == "104", row
+    budget.plot(recs, tmp_path / "b.png")
+    assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    assert "passes FRNPF-II for good at **epoch 104**" in doc
+
+
+def test_dlgn_table_from_records(tmp_path):
+    from neuralpath.experiments import dlgn
+
+    d = _copy(tmp_path, "dlgn")
+    recs = dlgn.collect(d)
+    md = dlgn.report(recs, "cpu", dict(dlgn.BUDGETS["cpu"]))
+    committed = (RESULTS / "dlgn" / "dlgn.md").read_text()
+    table = [x for x in md.splitlines() if x.startswith("| ")]
+    assert table and table == [x for x in committed.splitlines() if x.startswith("| ")]
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    for cell in ("96.29 ± 0.19", "95.81 ± 0.08", "70.99 ± 0.84", "98.28 ± 0.09", "70.47 ± 0.95"):
+        assert cell in md and cell in doc
+
+
+def test_nu_from_records(tmp_path):
+    from neuralpath.experiments import nu
+    from neuralpath.io import read_jsonl
+
+    recs = read_jsonl(_copy(tmp_path, "nu-paper") / "nu.jsonl")
+    ser = nu.series(recs, 5, 50)
+    first, last = ser[0], ser[-1]
+    assert (first[0], round(first[1], -1), round(first[2])) == (0, 17360, 812)  # RESULTS.md: 17,360 ± 812
+    assert (last[0], round(last[1]), round(last[2])) == (50, 7826, 311)  # 7,826 ± 311
+    assert all(s[4] == 5 for s in ser)
+    assert "17,360 ± 812" in (REPO / "docs" / "RESULTS.md").read_text()
