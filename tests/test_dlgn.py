@@ -126,3 +126,32 @@ def test_reproduce_dlgn_quick(tmp_path, cli):
     assert "| DLGN | " in r.stdout and "96.05" in r.stdout
     assert (tmp_path / "hyperplanes.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "dlgn.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_flnpf_freezes_a_trained_dlgns_gating_network(tmp_path):
+    """FLNPF with linear gates: the gating network of a trained DLGN (a dlnpf run with gating='linear') is copied and
+    frozen, the value network is fresh; the source must be such a run, not a ReLU one."""
+    from neuralpath.errors import NeuralpathError
+    from neuralpath.loading import load_net
+    from neuralpath.train import TrainConfig, train
+
+    common = dict(arch="fc", dataset="sd-i", width=8, depth=3, epochs=2, lr=1e-2, optimizer="adam", device="cpu")
+    src = tmp_path / "dlgn"
+    train(TrainConfig(regime="dlnpf", gating="linear", **common), src, progress=False, log=lambda m: None)
+    out = tmp_path / "flnpf"
+    cfg = TrainConfig(regime="flnpf", gating="linear", relu_checkpoint=str(src / "best.pt"), seed=1, **common)
+    train(cfg, out, progress=False, log=lambda m: None)
+    a, b = load_net(src / "best.pt"), load_net(out / "best.pt")
+    for (ka, va), (kb, vb) in zip(a.feature_layers.state_dict().items(), b.feature_layers.state_dict().items()):
+        assert ka == kb and torch.equal(va, vb)  # the DLGN's gating network, unchanged by FLNPF's training
+    assert not torch.equal(a.value_layers[0].weight, b.value_layers[0].weight)
+    x = torch.randn(64, 20)
+    ga, gb = a.gates(x), b.gates(x)
+    for u, v in zip(ga, gb):
+        # hard gates of the same half-spaces: the source's soft gate (1 + eps) sigmoid(beta q) is above half its range
+        assert torch.equal((u > (1 + a.eps) / 2).float(), v)
+    relu = tmp_path / "relu"
+    train(TrainConfig(regime="relu", **common), relu, progress=False, log=lambda m: None)
+    bad = TrainConfig(regime="flnpf", gating="linear", relu_checkpoint=str(relu / "best.pt"), **common)
+    with pytest.raises(NeuralpathError, match="not a 'dlnpf' run"):
+        train(bad, tmp_path / "bad", progress=False, log=lambda m: None)

@@ -151,9 +151,15 @@ def build_regime(regime: str, arch: str, seed: int = 0, relu_state: dict | None 
     elif regime == "flnpf":
         if relu_state is None:
             raise NeuralpathError("regime 'flnpf' needs a trained ReLU network: pass --relu-checkpoint RUN_DIR_OR_FILE")
-        hidden = {k.removeprefix("value_layers."): v for k, v in relu_state.items() if k.startswith("value_layers.")}
-        n_hidden = len(net.feature_layers)
-        src = {k: v for k, v in hidden.items() if int(k.split(".")[0]) < n_hidden}
+        if any(k.startswith("feature_layers.") for k in relu_state):  # an untied source (a trained DLGN): its gates
+            pre = "feature_layers."
+            src = {k.removeprefix(pre): v for k, v in relu_state.items() if k.startswith(pre)}
+        else:  # a tied ReLU net: its hidden layers are the gates
+            hidden = {
+                k.removeprefix("value_layers."): v for k, v in relu_state.items() if k.startswith("value_layers.")
+            }
+            n_hidden = len(net.feature_layers)
+            src = {k: v for k, v in hidden.items() if int(k.split(".")[0]) < n_hidden}
         dst = net.feature_layers.state_dict()
         if not _same_shape(src, dst):
             raise NeuralpathError(

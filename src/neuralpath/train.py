@@ -651,16 +651,21 @@ def load_relu_state(cfg: TrainConfig):
     if cfg.regime != "flnpf":
         return None
     ck = checkpoints.load(cfg.relu_checkpoint)
-    if ck["config"].get("regime") != "relu":
-        raise NeuralpathError(f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a 'relu' run")
-    keys = ("arch", "dataset", "bias") + {"fc": ("width", "depth"), "resnet": ("width", "blocks")}.get(
-        cfg.arch, ("channels", "hidden")
-    )
+    want = "relu" if cfg.gating == "relu" else "dlnpf"  # linear gates come from a trained DLGN (its gating network)
+    if ck["config"].get("regime") != want:
+        raise NeuralpathError(
+            f"{cfg.relu_checkpoint}: is a {ck['config'].get('regime')!r} run, not a {want!r} run"
+            + ("" if want == "relu" else f" (FLNPF with gating={cfg.gating!r} freezes a trained DLGN's gating network)")
+        )
+    keys = ("arch", "dataset", "bias", "gating", "value_input") + {
+        "fc": ("width", "depth"),
+        "resnet": ("width", "blocks"),
+    }.get(cfg.arch, ("channels", "hidden"))
     for k in keys:
         if k in ck["config"] and ck["config"][k] != getattr(cfg, k):
             raise NeuralpathError(
                 f"{cfg.relu_checkpoint}: checkpoint has {k}={ck['config'][k]!r} but this run "
-                f"has {k}={getattr(cfg, k)!r}; use a ReLU run of the same architecture"
+                f"has {k}={getattr(cfg, k)!r}; use a source run of the same architecture"
             )
     return ck["model"]
 
