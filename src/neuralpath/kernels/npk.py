@@ -92,20 +92,26 @@ def featurize(net: DGN, x):
     """(prepared input, list of gates, gates divided by their width) for a block of inputs. The scaled copy lets
     the FC tile loop fold the per-layer rescaling into the overlap GEMM (no extra pass over the tile)."""
     x = x.to(next(net.parameters()).device, next(net.parameters()).dtype)
+    if x.dim() == 4:
+        # channels-last convolutions: ~1.3x faster here, and their (n, H, W, C) outputs turn position-major with
+        # contiguous runs of C values (4x faster than transposing NCHW). In float32 a pre-activation within rounding
+        # of 0 may land on the other side than with NCHW (seen: 1 gate of 25 M; none in float64).
+        x = x.contiguous(memory_format=torch.channels_last)
     gates = net.gates(x)
     z = net.value_in(net._prepare(x))
     extra = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates]}
     if z.dim() == 4:  # conv nets: position-major copies (positions, inputs, channels) for per-position GEMMs
         extra["x_pm"] = _pm(z)
         extra["g_pm"] = [_pm(g) if g.dim() == 4 else None for g in gates]
-        extra["s_pm"] = [_pm(g) / g.shape[1] if g.dim() == 4 else None for g in gates]
+        extra["s_pm"] = [g / g.shape[2] if g is not None else None for g in extra["g_pm"]]
     return z, gates, extra
 
 
 def _pm(t):
     """(n, C, H, W) -> (H*W, n, C) contiguous: batched GEMMs over positions then run at the BLAS rate (a permuted,
-    non-contiguous operand made them 3-27x slower here)."""
-    return t.flatten(2).permute(2, 0, 1).contiguous()
+    non-contiguous operand made them 3-27x slower here). Cheapest from a channels-last tensor."""
+    n, c, h, w = t.shape
+    return t.permute(2, 3, 0, 1).reshape(h * w, n, c).contiguous()
 
 
 def _overlap(g1, g2):
