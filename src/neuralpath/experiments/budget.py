@@ -199,9 +199,14 @@ def plot(recs, path):
         lab = f"width {w:g}, {n} images"
         axes[0].plot(s["epochs"], s["relu"], "-", color=col, label=f"ReLU, {lab}")
         axes[0].plot(s["epochs"], s["frnpf"], "--", color=col, label=f"FRNPF-II, {lab}")
+        fl = _series(recs, w, n, "flnpf")
+        if fl:
+            axes[0].plot(sorted(fl), [100 * fl[e] for e in sorted(fl)], ":", lw=2, color=col, label=f"FLNPF, {lab}")
         axes[1].plot(s["epochs"], s["gap"], "-o", ms=2, color=col, label=lab)
         axes[2].plot([e * n for e in s["epochs"]], s["gap"], "-o", ms=2, color=col, label=lab)
-    axes[0].set(xlabel="epoch", ylabel="best-so-far test accuracy %", title="ReLU (solid) and FRNPF-II (dashed)")
+    axes[0].set(
+        xlabel="epoch", ylabel="best-so-far test accuracy %", title="ReLU (solid), FRNPF-II (dashed), FLNPF (dotted)"
+    )
     axes[0].legend(fontsize=6)
     for ax, xl in ((axes[1], "epoch"), (axes[2], "image-passes (images x epochs)")):
         ax.axhline(0, color="k", lw=0.8)
