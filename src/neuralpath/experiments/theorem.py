@@ -21,6 +21,7 @@ import torch
 
 from .. import datasets
 from ..io import append_jsonl, write_text
+from ..kernels.infinite import npk_infinite
 from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..nets import FCDGN
@@ -177,6 +178,29 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
                         "rel_err": rel_err(Kv / (dd * sigma ** (2 * (dd - 1))), H),
                     }
                 )
+            # (d) the NPK of random Gaussian gates (variance 2 / fan-in, no biases) against its infinite-width
+            # limit H / w^(d-1) -> npk_infinite (docs/THEORY.md §8): one draw per seed, same rate expected
+            rg = FCDGN(
+                in_dim=784,
+                width=ww,
+                depth=dd,
+                out_dim=1,
+                bias=False,
+                init="gaussian",
+                generator=torch.Generator().manual_seed(60_000 + s),
+            ).double()
+            xd = x.cpu().double().flatten(1)
+            rec(
+                {
+                    "part": "d",
+                    "regime": "random gates vs infinite width",
+                    "init": "gaussian",
+                    "width": ww,
+                    "depth": dd,
+                    "seed": s,
+                    "rel_err": rel_err(npk(rg, xd) / ww ** (dd - 1), npk_infinite(xd, depth=dd)),
+                }
+            )
             # (c) the standard ReLU net: its gates come from the very weights being differentiated
             tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double().to(device)
             sigma = _draw_value(tied, ww, "bernoulli", seed=20_000 + s)
@@ -231,12 +255,12 @@ def run(out, quick: bool = True, data_root=None, progress: bool = True, log=prin
 
 def summarize(records):
     slopes = {}
-    for regime in sorted({r["regime"] for r in records if r["part"] in "bc"}):
-        for d in sorted({r["depth"] for r in records if r["part"] in "bc"}):
+    for regime in sorted({r["regime"] for r in records if r["part"] in "bcd"}):
+        for d in sorted({r["depth"] for r in records if r["part"] in "bcd"}):
             pts = [
                 (r["width"], r["rel_err"])
                 for r in records
-                if r["part"] in "bc" and r["regime"] == regime and r["depth"] == d
+                if r["part"] in "bcd" and r["regime"] == regime and r["depth"] == d
             ]
             ws = sorted({p[0] for p in pts})
             errs = [np.mean([e for w, e in pts if w == ww]) for ww in ws]
@@ -261,7 +285,7 @@ def report(s, quick):
         lines.append(f"| {r['regime']} | {r['init']} | {r['draws']} | {r['rel_err']:.4f} |")
     lines += [
         "",
-        "## (b, c) one draw: error vs width, fitted log-log slope",
+        "## (b, c, d) one draw: error vs width, fitted log-log slope",
         "",
         "| regime | depth | slope | error at widest |",
         "|---|---|---|---|",
@@ -290,9 +314,16 @@ def plot(records, path):
         title="(a) expectation is exact: error ~ draws^(-1/2)",
     )
     axes[0].legend(fontsize=8)
-    bc = [r for r in records if r["part"] in "bc"]
+    bc = [r for r in records if r["part"] in "bcd"]
     depths = sorted({r["depth"] for r in bc})
-    styles = {"frnpf-ii": "-", "flnpf": "--", "relu": ":", "dlnpf (K^v)": "-.", "dlnpf (K^v + K^f)": (0, (1, 3))}
+    styles = {
+        "frnpf-ii": "-",
+        "flnpf": "--",
+        "relu": ":",
+        "dlnpf (K^v)": "-.",
+        "dlnpf (K^v + K^f)": (0, (1, 3)),
+        "random gates vs infinite width": (0, (5, 1)),
+    }
     cmap = plt.get_cmap("viridis")
     for regime, ls in styles.items():
         for i, d in enumerate(depths):
