@@ -392,6 +392,17 @@ def kernel_ntk(block, out, params, **kw):
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
+def _where(out, device="auto", device_help="auto | cpu | cuda"):
+    """The options every experiment shares, in this order: --data-root, --device, --out."""
+
+    def deco(f):
+        f = click.option("--out", default=out, show_default=True)(f)
+        f = click.option("--device", default=device, show_default=True, help=device_help)(f)
+        return click.option("--data-root", default=None)(f)
+
+    return deco
+
+
 def _echo_run(run, *args, **kw):
     """Run an experiment's ``run(...)`` with the CLI's progress and log, and print the report it returns."""
     _check_out_folder(args[0] if args else kw.get("out"))
@@ -504,9 +515,7 @@ def reproduce_table(
 @click.option("--grid", default="cpu", show_default=True, help="cpu (the measured grid, hours) | tiny (a smoke test)")
 @click.option("--arch", default="gconv", show_default=True, help="gconv | vconv")
 @click.option("--limit-test", type=int, default=None, help="Evaluate on a stratified test subset (default: all).")
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default="runs/budget", show_default=True)
+@_where("runs/budget")
 def reproduce_budget(grid, arch, limit_test, data_root, device, out):
     """ReLU - FRNPF-II against training budget (width, images, epochs) on CIFAR-10: where the paper's order appears."""
     from .errors import check_choice
@@ -566,9 +575,7 @@ def reproduce_dlgn(budget, sets, cifar, epochs, seeds, device, out):
     default=None,
     help="Measure an existing ReLU FC run folder's epoch_K.pt snapshots (train it with --save-every) instead.",
 )
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default="runs/gates", show_default=True)
+@_where("runs/gates")
 def reproduce_gates(budget, epochs, pairs, run_dir, data_root, device, out):
     """Gate dynamics during training: flips, activation patterns, class sub-network overlap, regions on segments."""
     from .experiments import gates
@@ -580,9 +587,7 @@ def reproduce_gates(budget, epochs, pairs, run_dir, data_root, device, out):
 @click.option("--budget", default="cpu", show_default=True, help="cpu (12 epochs, 10,000 images, 3 seeds) | quick")
 @click.option("--seeds", type=int, default=None)
 @click.option("--epochs", type=int, default=None)
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default="runs/resnet", show_default=True)
+@_where("runs/resnet")
 def reproduce_resnet(budget, seeds, epochs, data_root, device, out):
     """A CIFAR ResNet as ReLU, FRNPF-II and FLNPF, and kernel ridge regression on the NPK of its gates."""
     from .experiments import resnet
@@ -592,9 +597,7 @@ def reproduce_resnet(budget, seeds, epochs, data_root, device, out):
 
 @reproduce.command("theorem")
 @click.option("--budget", default="quick", show_default=True, help="quick | full")
-@click.option("--data-root", default=None)
-@click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto (kernels in float64)")
-@click.option("--out", default="runs/theorem", show_default=True)
+@_where("runs/theorem", device="cpu", device_help="cpu | cuda | auto (kernels in float64)")
 def reproduce_theorem(budget, data_root, device, out):
     """Theorem 5.1: E[K^v] = d sigma^(2(d-1)) H, and one draw converging like w^(-1/2)."""
     from .errors import check_choice
@@ -621,9 +624,7 @@ def reproduce_theorem(budget, data_root, device, out):
 @click.option("--budget", default="quick", show_default=True, help="quick (2 runs, 10 epochs, 4000 images) | paper")
 @click.option("--runs", type=int, default=None, help="Override the number of runs.")
 @click.option("--epochs", type=int, default=None, help="Override the epochs.")
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
-@click.option("--out", default="runs/nu", show_default=True)
+@_where("runs/nu", device_help="auto | cpu | cuda")
 def reproduce_nu(budget, runs, epochs, data_root, device, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu
@@ -634,9 +635,7 @@ def reproduce_nu(budget, runs, epochs, data_root, device, out):
 @reproduce.command("ntk-split")
 @click.option("--budget", default="quick", show_default=True, help="quick (10 epochs, 6000 images) | paper (60 epochs)")
 @click.option("--epochs", type=int, default=None)
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda (training; kernels on the CPU)")
-@click.option("--out", default="runs/ntk-split", show_default=True)
+@_where("runs/ntk-split", device_help="auto | cpu | cuda (training; kernels on the CPU)")
 def reproduce_ntk_split(budget, epochs, data_root, device, out):
     """K^v and K^f of DLNPF during training: trace, Frobenius norm, alignment every 5 epochs."""
     from .experiments import ntk_split
@@ -661,9 +660,7 @@ def reproduce_ntk_split(budget, epochs, data_root, device, out):
 @click.option("--step", type=int, default=None, help="ReLU epochs between stages.")
 @click.option("--stage-epochs", type=int, default=None, help="Epochs each stage trains.")
 @click.option("--limit-train", type=int, default=None)
-@click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", default="runs/continuous", show_default=True)
+@_where("runs/continuous")
 def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_train, data_root, device, out):
     """Continuous NPF learning: FLNPF with gates copied from a ReLU net after 0, step, 2 step, ... epochs."""
     from .experiments import continuous
