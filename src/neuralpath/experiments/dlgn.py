@@ -423,4 +423,26 @@ def run_cifar(
         + "\n"
     )
     write_text(out / "dlgn-cifar.md", md)
+    plot_cifar(out, out / "dlgn-cifar.png")
     return md
+
+
+def plot_cifar(out, path):
+    """Test accuracy per epoch of every conv DLGN and ReLU run under ``out`` (from their metrics records)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for d in sorted(Path(out).glob("*-s*/metrics.jsonl")):
+        m = read_jsonl(d)
+        model = d.parent.name.rsplit("-s", 1)[0]
+        ax.plot(
+            [r["epoch"] for r in m],
+            [100 * r["test_acc"] for r in m],
+            "-" if model == "dlgn" else "--",
+            color="C0" if model == "dlgn" else "C3",
+            label=f"{'DLGN' if model == 'dlgn' else 'ReLU'} seed {d.parent.name.rsplit('-s', 1)[1]}",
+        )
+    ax.set(xlabel="epoch", ylabel="test accuracy %", title="conv DLGN (solid) vs ReLU net (dashed), CIFAR-10")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    savefig(fig, path)
