@@ -56,3 +56,17 @@ def test_nu_from_records(tmp_path):
     assert (last[0], round(last[1]), round(last[2])) == (50, 7826, 311)  # 7,826 ± 311
     assert all(s[4] == 5 for s in ser)
     assert "17,360 ± 812" in (REPO / "docs" / "RESULTS.md").read_text()
+
+
+def test_conv_dlgn_from_records(tmp_path):
+    import json
+
+    from neuralpath.experiments import dlgn
+
+    d = _copy(tmp_path, "dlgn-cifar")
+    recs = [json.loads(x) for x in (d / "dlgn-cifar.jsonl").read_text().splitlines()]
+    acc = {(r["model"], r["seed"]): 100 * r["best_test_acc"] for r in recs}
+    ratios = [acc[("dlgn", s)] / acc[("relu", s)] for s in range(3)]
+    assert [round(100 * x, 1) for x in ratios] == [110.4, 114.4, 123.6]
+    dlgn.plot_cifar(d, tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
