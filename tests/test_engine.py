@@ -245,24 +245,9 @@ def test_killed_stack_resumes_to_the_same_result(tmp_path, arch):
 
 def test_table_cli_on_real_mnist(mnist_root, tmp_path, cli):
     out = tmp_path / "t"
-    r = cli(
-        "reproduce",
-        "table",
-        "--rows",
-        "fc-adam",
-        "--epochs",
-        "1",
-        "--seeds",
-        "2",
-        "--limit-train",
-        "2000",
-        "--limit-test",
-        "1000",
-        "--data-root",
-        mnist_root,
-        "--out",
-        out,
-    )
+    args = ["reproduce", "table", "--rows", "fc-adam", "--epochs", "1", "--seeds", "2", "--limit-train", "2000",
+            "--limit-test", "1000", "--data-root", mnist_root, "--out", out]  # fmt: skip
+    r = cli(*args)
     assert r.returncode == 0, r.stderr
     assert "| fc-adam | RELU | 98.14±0.07 |" in r.stdout and "NOT the paper's budget" in r.stdout
     recs = [json.loads(x) for x in (out / "runs.jsonl").read_text().splitlines()]
@@ -273,24 +258,7 @@ def test_table_cli_on_real_mnist(mnist_root, tmp_path, cli):
     assert flnpf["relu_checkpoint"].endswith("relu-s1/best.pt")
     # rerun: everything is finished, so nothing is retrained and the table is the same
     t = time.time()
-    r2 = cli(
-        "reproduce",
-        "table",
-        "--rows",
-        "fc-adam",
-        "--epochs",
-        "1",
-        "--seeds",
-        "2",
-        "--limit-train",
-        "2000",
-        "--limit-test",
-        "1000",
-        "--data-root",
-        mnist_root,
-        "--out",
-        out,
-    )
+    r2 = cli(*args)
     assert r2.returncode == 0 and r2.stdout.split("Wall time")[0] == r.stdout.split("Wall time")[0]
     assert time.time() - t < 60
 

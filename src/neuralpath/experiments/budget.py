@@ -47,6 +47,23 @@ def conv_widths(mult: float):
     return [max(1, round(c * mult)) for c in (64, 64, 128, 128)], [max(1, round(h * mult)) for h in (256, 256)]
 
 
+def cifar_adam(arch, width, limit_train, epochs, **rest) -> dict[str, Any]:
+    """TrainConfig settings of a conv run on CIFAR-10 at ``width`` x the paper's widths, Adam 3e-4 (the paper's conv
+    optimiser), a stratified ``limit_train``-image subset: what the budget curve and the conv DLGN share."""
+    ch, hid = conv_widths(width)
+    return dict(
+        arch=arch,
+        dataset="cifar10",
+        optimizer="adam",
+        lr=3e-4,
+        epochs=epochs,
+        channels=ch,
+        hidden=hid,
+        limit_train=limit_train,
+        **rest,
+    )
+
+
 def _name(w, n):
     return f"w{w:g}-n{n}"
 
@@ -59,21 +76,7 @@ def run(
     out = Path(out)
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:
-        ch, hid = conv_widths(w)
-        base: dict[str, Any] = dict(
-            arch=arch,
-            dataset="cifar10",
-            optimizer="adam",
-            lr=3e-4,
-            epochs=epochs,
-            seed=seed,
-            channels=ch,
-            hidden=hid,
-            limit_train=n,
-            limit_test=limit_test,
-            data_root=data_root,
-            device=device,
-        )
+        base = cifar_adam(arch, w, n, epochs, seed=seed, limit_test=limit_test, data_root=data_root, device=device)
         d = out / "runs" / _name(w, n)
         log(f"budget curve {_name(w, n)}: ReLU and FRNPF-II, {epochs} epochs on {n} images")
         # a curve may be extended: more epochs continue the runs (allow_change), the records say so

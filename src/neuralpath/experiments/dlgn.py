@@ -363,23 +363,11 @@ def run_cifar(
     gating='linear') beside the ReLU network of the same shape, at the CPU conv budget of the table, on CIFAR-10;
     one stack of 2 x seeds runs. Reported as the DLGN's fraction of the ReLU network's accuracy."""
     from ..train import TrainConfig, train_many
-    from .budget import conv_widths
+    from .budget import cifar_adam
 
     out = Path(out)
     t0 = time.time()
-    ch, hid = conv_widths(width)
-    base: dict[str, Any] = dict(
-        arch=arch,
-        dataset="cifar10",
-        optimizer="adam",
-        lr=3e-4,
-        epochs=epochs,
-        limit_train=limit_train,
-        channels=ch,
-        hidden=hid,
-        data_root=data_root,
-        device=device,
-    )
+    base = cifar_adam(arch, width, limit_train, epochs, data_root=data_root, device=device)
     runs = [("dlgn", s) for s in range(seeds)] + [("relu", s) for s in range(seeds)]
     cfgs = [
         TrainConfig(regime="dlnpf", gating="linear", seed=s, **base)
