@@ -23,6 +23,7 @@ Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import sys
@@ -31,6 +32,9 @@ import time
 import torch
 
 import neuralpath as npx
+
+# As the CLI does (neuralpath.cli.main): large tensors on transparent huge pages; THP_MEM_ALLOC_ENABLE=0 to compare.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from neuralpath.regimes import build_regime
 from neuralpath.train import make_optimizer
 
@@ -235,6 +239,7 @@ def bench_resnetnpk(args):
         overlap_gemm_bound_s=bound,
         over_bound=t / bound,
         peak_rss_gib=peak_rss_gib(),
+        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
     )
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The evidence in docs/RESULTS.md on the 2-core CPU machine, in the order it was run (each step resumes where it
 # stopped; re-running skips finished runs). Many hours of compute: run it under nohup. Two lanes can run side by
-# side on the 2 cores: lane a (the conv networks, 2 threads) and lane b (the small networks, 1 thread), e.g.
+# side on the 2 cores: lane a (the conv networks) and lane b (the small networks, 1 thread), e.g.
 #   nohup bash scripts/cpu-evidence.sh a >> runs/evidence-a.log 2>&1 &
 #   nohup bash scripts/cpu-evidence.sh b >> runs/evidence-b.log 2>&1 &
 # With no argument the lanes run one after the other.
@@ -9,26 +9,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=.venv/bin/neuralpath
 lane_a() {
-  $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II, GCONV x1/4, 10k, 120 ep
   $NP reproduce table --rows gconv-adam,vconv-adam --seeds 3 --budget cpu --out runs/table-cpu
   $NP reproduce kernels --relu-run runs/table-cpu/runs/gconv-adam/relu-s0 --out runs/kernels-gconv
   $NP reproduce continuous --budget cpu --out runs/continuous-cpu
-  $NP reproduce resnet --budget cpu --out runs/resnet
+  $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II (then FLNPF), GCONV x1/4, 10k, 120 ep
   $NP reproduce budget --grid cpu --out runs/budget                    # the rest of the budget grid
 }
 lane_b() {
   export OMP_NUM_THREADS=1
-  $NP reproduce dlgn --budget cpu --out runs/dlgn                      # the oblique-tree benchmark, 300 epochs
-  $NP reproduce nu --out runs/nu                                       # the quick experiments (minutes each)
-  $NP reproduce ntk-split --out runs/ntk-split
-  $NP reproduce theorem --out runs/theorem
-  $NP reproduce kernels --out runs/kernels
-  $NP reproduce gates --out runs/gates
-  $NP reproduce dlgn --cifar --out runs/dlgn-cifar                     # conv DLGN vs ReLU, CPU conv budget, 3 seeds
+  # done in sessions 4-5 (records in docs/results); each resumes or skips when re-run:
+  if [ "${NEURALPATH_EVIDENCE_ALL:-0}" = 1 ]; then
+    $NP reproduce dlgn --budget cpu --out runs/dlgn                    # the oblique-tree benchmark, 300 epochs
+    $NP reproduce nu --out runs/nu                                     # the quick experiments (minutes each)
+    $NP reproduce ntk-split --out runs/ntk-split
+    $NP reproduce theorem --out runs/theorem
+    $NP reproduce kernels --out runs/kernels
+    $NP reproduce gates --out runs/gates
+    $NP reproduce dlgn --cifar --out runs/dlgn-cifar                   # conv DLGN vs ReLU, CPU conv budget, 3 seeds
+  fi
   # FLNPF with its independent value initialisation (and the ReLU runs it takes its gates from), 5 seeds
   $NP reproduce table --rows fc-adam --regimes relu,flnpf --seeds 5 --budget paper --out runs/paper-fc-adam
+  $NP reproduce resnet --budget cpu --out runs/resnet                  # any-network: a small ResNet on CIFAR-10
   $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd
 }
+
 case "${1:-}" in
   a) lane_a ;;
   b) lane_b ;;

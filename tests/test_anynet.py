@@ -124,6 +124,7 @@ def _check_exact(model, x, dgn=None):
     assert rel(H, phi @ phi.T) <= 1e-10
     Hx = npx.npk(d, x[:3], x[3:])
     assert rel(Hx, phi[:3] @ phi[3:].T) <= 1e-10
+    assert rel(npx.npk(d, x, diag=True), (phi * phi).sum(1)) <= 1e-10  # the paired (diagonal) propagation
     return d
 
 
@@ -153,12 +154,17 @@ def test_untied_dgn_of_a_model_is_exact(name, gate):
 def _random_module(draw):
     """A small random composition of the supported layers, with a residual block and pooling choices."""
     c = draw(st.integers(1, 3))
-    layers = [nn.Conv2d(2, c, draw(st.sampled_from([1, 3])), padding="same", bias=draw(st.booleans()))]
+    k = draw(st.sampled_from([1, 2, 3]))
+    stride, dil = draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2]))
+    pad = draw(st.integers(0, (k - 1) * dil))
+    layers = [nn.Conv2d(2, c, k, stride=stride, padding=pad, dilation=dil, bias=draw(st.booleans()))]
     act = draw(st.sampled_from(["relu", "leaky"]))
     layers.append(nn.ReLU() if act == "relu" else nn.LeakyReLU(0.3))
-    pool = draw(st.sampled_from(["max", "avg", "avg-nopad", "none"]))
+    pool = draw(st.sampled_from(["max", "avg", "avg-nopad", "avg-ceil", "none"]))
     if pool == "max":
         layers.append(nn.MaxPool2d(2, stride=draw(st.sampled_from([1, 2]))))
+    elif pool == "avg-ceil":
+        layers.append(nn.AvgPool2d(2, stride=2, ceil_mode=True))
     elif pool == "avg":
         layers.append(nn.AvgPool2d(3, stride=2, padding=1))
     elif pool == "avg-nopad":
@@ -179,10 +185,10 @@ def _random_module(draw):
 @given(st.data())
 def test_random_modules_are_exact(data):
     seq, c = _random_module(data.draw)
-    probe = seq.double().eval()(torch.zeros(1, 2, 5, 5, dtype=F64))
+    probe = seq.double().eval()(torch.zeros(1, 2, 7, 7, dtype=F64))
     model = nn.Sequential(*seq, nn.Linear(probe.shape[1], 2)).double().eval()
     _randomize_bn(model, seed=data.draw(st.integers(0, 100)))
-    x = torch.randn(4, 2, 5, 5, dtype=F64, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 100))))
+    x = torch.randn(4, 2, 7, 7, dtype=F64, generator=torch.Generator().manual_seed(data.draw(st.integers(0, 100))))
     _check_exact(model, x)
 
 

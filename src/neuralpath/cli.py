@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -846,6 +847,10 @@ def _terminate(signum, frame):
 
 
 def main(argv=None):
+    # PyTorch's CPU allocator backs large tensors with transparent huge pages: a fresh pair-sized tensor of the
+    # any-network NPK then costs a few page faults instead of one per 4 KiB (1.7x on its tiles here,
+    # docs/PERFORMANCE.md). Read at the first large allocation; THP_MEM_ALLOC_ENABLE=0 turns it off.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     signal.signal(signal.SIGTERM, _terminate)
     try:

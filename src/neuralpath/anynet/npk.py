@@ -20,12 +20,18 @@ coefficient of an edge (1 on weight edges). H(x, x') = T(first output unit). Per
 | add | T_a + T_b (the two branches' paths are disjoint) |
 | cat | the inputs' T side by side |
 
-T stays channel-independent after a conv (groups = 1) or a linear layer until a gate makes it per-channel; a gate
-followed by a channel sum is kept factored, so the sum over channels is one GEMM per position
-(sum_c G_x(c, p) G_x'(c, p), the per-position overlap) instead of an a x b x C x H x W tensor. Each signal carries
-its own exactly tracked log-scale (every linear/conv divides by its fan-in), so deep nets do not overflow.
-Cost for a tile of a x b pairs: the overlap GEMMs O(a b sum_gates C H W), plus O(a b C H W) for each op that needs
-T per channel (max pooling, batch norm right after a gate, residual sums, concatenation).
+Layout: every pair tensor is units first, pairs last, (*unit_shape, A, B), so the per-position overlap GEMMs
+(P, a, C) @ (P, C, b) write it directly and every elementwise pass runs over contiguous memory. T stays
+channel-independent after a conv (groups = 1) or a linear layer until a gate makes it per-channel; a gate followed
+by a channel sum is kept factored, so the sum over channels is one GEMM per position (sum_c G_x(c, p) G_x'(c, p),
+the per-position overlap) instead of a C x H x W x a x b tensor. Average pooling is linear and acts per channel, so
+it commutes with the channel sum: after a gate it waits, pending, until the next channel sum (the global pool of a
+ResNet costs nothing per channel). Window sums (convolutions, pooling) are separable shifted strided adds. A
+residual sum adds terms; the signal a convolution and its projection shortcut both read is summed over channels
+once. Each signal carries its own exactly tracked log-scale (every linear/conv divides by its fan-in), so deep
+nets do not overflow. Cost for a tile of a x b pairs: the overlap GEMMs O(a b sum_gates C H W) (one per factored
+term: a residual stage sums a few), O(a b H W) per op otherwise, plus O(a b C H W) for each op that needs T per
+channel (max pooling after a gate, batch norm right after a gate, concatenation).
 """
 
 from __future__ import annotations
@@ -38,97 +44,201 @@ import torch.nn.functional as F
 from ..errors import NeuralpathError
 
 
-class Term:
-    """t * G1 G2: t is (a, b, *unit_shape) with a size-1 channel dim when the term is channel-independent; g is None
-    or the per-input products of every gate met since the term became channel-independent: (G1 (a, C, ...),
-    G2 (b, C, ...), and their position-major copies (P, a, C), (P, b, C) for the overlap GEMMs)."""
-
-    __slots__ = ("t", "g")
-
-    def __init__(self, t, g=None):
-        self.t, self.g = t, g
-
-
-class Sig:
-    """T = exp(ls) * sum of terms (the identity paths of a residual network add terms instead of materialising a
-    per-channel tensor: each term's channel sum is one GEMM per position)."""
-
-    def __init__(self, terms, ls, shape):
-        self.terms, self.ls, self.shape = list(terms), float(ls), tuple(shape)
-
-
-def _outer(u, v, paired):
-    """(a, *s), (b, *s) -> (a, b, *s); paired (a == b, row i with row i): (a, 1, *s)."""
-    return (u * v).unsqueeze(1) if paired else u.unsqueeze(1) * v.unsqueeze(0)
-
-
 def _pm(g):
-    """Position-major contiguous copy (P, n, C) of per-input gates (n, C, ...); (1, n, F) for flat units."""
+    """Position-major contiguous copy (P, n, C) of per-input tensors (n, C, ...); (1, n, F) for flat units. Cheap
+    from channels-last activations (contiguous runs of C)."""
     return g.unsqueeze(0) if g.dim() == 2 else g.flatten(2).permute(2, 0, 1).contiguous()
 
 
-def _term_full(term, shape, paired):
-    t = term.t
-    if term.g is not None:
-        t = t * _outer(term.g[0], term.g[1], paired)
-    return t.expand(*t.shape[:2], *shape) if tuple(t.shape[2:]) != tuple(shape) else t
+class Feat:
+    """Per-input features of a block of n inputs: the input and every gate position-major, the max pools' arg-max
+    indices, and a cache of the per-input gate products the factored terms need (computed once per block, reused
+    by every tile the block meets)."""
+
+    __slots__ = ("n", "x", "gates", "pools", "cache")
+
+    def __init__(self, x, gates, pools):
+        self.n, self.x, self.gates, self.pools, self.cache = len(x), _pm(x), [_pm(g) for g in gates], pools, {}
+
+    def fac(self, key):
+        """The product of the input (key ('x', ...)) or gates named by ``key`` (gate-op indices), (P, n, C)."""
+        if len(key) == 1:
+            return self.x if key[0] == "x" else self.gates[key[0]]
+        v = self.cache.get(key)
+        if v is None:
+            v = self.cache[key] = self.fac(key[:-1]) * self.gates[key[-1]]
+        return v
 
 
-def _full(s: Sig, paired):
-    """The signal as one dense (a, b, *shape) tensor (scaled by exp(-ls))."""
+class Ctx:
+    """The two feature blocks of a tile, its pair shape (A, B) (B = 1 for paired rows) and whether it is paired."""
+
+    __slots__ = ("f1", "f2", "A", "B", "paired", "bufs")
+
+    def __init__(self, f1, f2, paired):
+        self.f1, self.f2, self.paired = f1, f2, paired
+        self.A, self.B = f1.n, 1 if paired else f2.n
+        self.bufs = {}
+
+    def scratch(self, name, shape, like):
+        """A reusable buffer for a value consumed at once: fresh pair-sized tensors cost more here than the
+        arithmetic on them (page faults on every new allocation)."""
+        b = self.bufs.get(name)
+        if b is None or tuple(b.shape) != tuple(shape):
+            b = self.bufs[name] = like.new_empty(shape)
+        return b
+
+
+class Term:
+    """One summand of a pair signal, laid out units first: (*unit_shape, A, B) for A x B pairs (B = 1 paired).
+
+    Plain (``g is None``): ``t`` has one dim per unit dim plus (A, B), each unit dim full or 1 (broadcast).
+    Factored: T(c, p) = t(p) G1(c, p) G2(c, p), with ``t`` (P or 1, A or 1, B or 1) over the positions p and
+    ``g`` the key of the per-input factor G (:meth:`Feat.fac`: the input or a product of gates met since the term
+    became channel-independent; per input, never per pair); ``post`` (or None) a channel-wise linear map on the
+    positions applied afterwards (pending average pooling): (X, *src, A, B) -> (X, *unit_shape[1:], A, B); ``src``
+    the spatial shape of p; ``coef`` a scalar factor (residual sums align scales without a pass over t)."""
+
+    __slots__ = ("t", "g", "post", "src", "coef")
+
+    def __init__(self, t, g=None, post=None, src=(), coef=1.0):
+        self.t, self.g, self.post, self.src, self.coef = t, g, post, tuple(src), coef
+
+
+class Sig:
+    """T = exp(ls) * sum of terms, for units of shape ``shape`` (a residual sum adds terms instead of
+    materialising a per-channel tensor; each factored term's channel sum is one GEMM per position)."""
+
+    def __init__(self, terms, ls, shape):
+        self.terms, self.ls, self.shape = list(terms), float(ls), tuple(shape)
+        self.memo = {}
+
+
+def _outer_pm(g1, g2, paired):
+    """(P, a, C), (P, b, C) -> (C, P, a, b); paired (C, P, a, 1)."""
+    u, v = g1.permute(2, 0, 1), g2.permute(2, 0, 1)
+    return (u * v).unsqueeze(-1) if paired else u.unsqueeze(-1) * v.unsqueeze(-2)
+
+
+def _term_full(term, shape, cx):
+    """A term as a tensor broadcastable to (*shape, A, B); factored terms are materialised per channel."""
+    if term.g is None:
+        return term.t if term.coef == 1.0 else term.t * term.coef
+    o = _outer_pm(cx.f1.fac(term.g), cx.f2.fac(term.g), cx.paired).mul_(term.t)  # (C, P, A, B)
+    if term.coef != 1.0:
+        o.mul_(term.coef)
+    o = o.reshape(o.shape[0], *term.src, *o.shape[-2:])
+    return term.post(o) if term.post is not None else o.reshape(*shape, *o.shape[-2:])
+
+
+def _full(s: Sig, cx):
+    """The signal as one dense (*shape, A, B) tensor (scaled by exp(-ls))."""
     out = None
     for term in s.terms:
-        v = _term_full(term, s.shape, paired)
-        out = v.clone() if out is None else out + v
+        v = _term_full(term, s.shape, cx)
+        out = v.expand(*s.shape, cx.A, cx.B).clone() if out is None else out.add_(v)
     return out
 
 
-def _dense(s: Sig, paired):
-    return Sig([Term(_full(s, paired))], s.ls, s.shape)
-
-
-def _gate(s: Sig, g1, g2, paired):
-    """Multiply by the gates of both inputs: channel-independent terms keep them factored (per-input products)."""
+def _gate(s: Sig, gi, cx):
+    """Multiply by the gates of both inputs (gate op ``gi``): channel-independent terms keep them factored."""
     terms = []
+    spatial = s.shape[1:]
     for term in s.terms:
-        if term.t.dim() > 2 and term.t.shape[2] == 1 or term.t.dim() == 2:
-            if term.g is None:
-                terms.append(Term(term.t, (g1, g2, _pm(g1), _pm(g2))))
-            else:
-                G1, G2 = term.g[0] * g1, term.g[1] * g2
-                terms.append(Term(term.t, (G1, G2, _pm(G1), _pm(G2))))
-        else:  # a per-channel term: fold the gates in
-            terms.append(Term(_term_full(term, s.shape, paired) * _outer(g1, g2, paired)))
+        if term.g is None and term.t.shape[0] == 1:
+            t = term.t
+            if any(d != 1 for d in t.shape[1:-2]):
+                t = t.expand(1, *spatial, *t.shape[-2:])
+            terms.append(Term(t.reshape(-1, *t.shape[-2:]), (gi,), src=spatial, coef=term.coef))
+        elif term.g is not None and term.post is None:
+            terms.append(Term(term.t, term.g + (gi,), src=term.src, coef=term.coef))
+        else:  # a per-channel or pooled term: fold the gates in
+            v = _term_full(term, s.shape, cx)
+            o = _outer_pm(cx.f1.gates[gi], cx.f2.gates[gi], cx.paired).reshape(*s.shape, cx.A, cx.B)
+            terms.append(Term(o.mul_(v)))
     return Sig(terms, s.ls, s.shape)
 
 
-def _chsum(s: Sig, groups, paired):
-    """Sum over the channel dim (dim 0 of the unit shape) within ``groups``: (a, b, groups, *rest)."""
-    c = s.shape[0]
-    rest = s.shape[1:]
+def _chsum(s: Sig, groups, cx):
+    """Sum over the channel dim (dim 0 of the units) within ``groups``: (groups, *shape[1:], A, B); memoised per
+    signal (a residual stage's convolution and its projection shortcut read the same signal)."""
+    if groups in s.memo:
+        return s.memo[groups]
+    c, rest = s.shape[0], s.shape[1:]
+    full = (groups, *rest, cx.A, cx.B)
     out = None
-    for term in s.terms:
+    for term in sorted(s.terms, key=lambda r: r.g is None):  # factored terms first: out is full-size at once
         t = term.t
-        if term.g is not None and groups == 1:
-            p1, p2 = term.g[2], term.g[3]  # (P, a, C), (P, b, C)
-            if paired:
-                ov = (p1 * p2).sum(-1).permute(1, 0).reshape(p1.shape[1], 1, 1, *rest)
-            else:  # sum_c G1(c, p) G2(c, p): one GEMM per position on contiguous operands
-                ov = torch.bmm(p1, p2.transpose(1, 2)).permute(1, 2, 0).reshape(p1.shape[1], p2.shape[1], 1, *rest)
-            v = t.reshape(*t.shape[:2], 1, *t.shape[3:]) * ov
-        elif term.g is not None:  # grouped channels: the same sum per group (einsum)
-            g1, g2 = term.g[0], term.g[1]
-            a, b = g1.shape[0], g2.shape[0]
-            g1 = g1.reshape(a, groups, c // groups, -1)
-            g2 = g2.reshape(b, groups, c // groups, -1)
-            ov = (g1 * g2).sum(2)[:, None] if paired else torch.einsum("agcp,bgcp->abgp", g1, g2)
-            v = t.reshape(*t.shape[:2], 1, *t.shape[3:]) * ov.reshape(a, 1 if paired else b, groups, *rest)
-        elif t.shape[2] == 1:  # channel-independent: the sum is C/groups times the value
-            v = t.expand(*t.shape[:2], groups, *t.shape[3:]) * (c // groups)
+        if term.g is not None:
+            g1, g2 = cx.f1.fac(term.g), cx.f2.fac(term.g)
+            P = g1.shape[0]
+            if groups == 1 and not cx.paired:  # sum_c G1(c, p) G2(c, p): one GEMM per position
+                if out is not None and term.post is None:  # fused: out += coef * t * overlap, no new tensor
+                    ov = torch.bmm(g1, g2.transpose(1, 2), out=cx.scratch("ov", (P, cx.A, cx.B), g1))
+                    out.view(P, cx.A, cx.B).addcmul_(ov, t, value=term.coef)
+                    continue
+                ov = torch.bmm(g1, g2.transpose(1, 2)).unsqueeze(0)  # (1, P, A, B)
+            elif groups == 1:
+                ov = (g1 * g2).sum(-1, keepdim=True).unsqueeze(0)
+            else:
+                a, b = g1.shape[1], g2.shape[1]
+                u = g1.reshape(P, a, groups, c // groups)
+                w = g2.reshape(P, b, groups, c // groups)
+                if cx.paired:
+                    ov = (u * w).sum(-1).permute(2, 0, 1).unsqueeze(-1)
+                else:
+                    ov = torch.einsum("pagc,pbgc->gpab", u, w)
+            v = ov.mul_(t)
+            if term.coef != 1.0:
+                v.mul_(term.coef)
+            v = v.reshape(v.shape[0], *term.src, *v.shape[-2:])
+            if term.post is not None:
+                v = term.post(v)
+            v = v.reshape(v.shape[0], *rest, *v.shape[-2:])
+        elif t.shape[0] == 1:  # channel-independent: the sum is C/groups times the value
+            v = t * (term.coef * (c // groups))
         else:
-            v = t.reshape(*t.shape[:2], groups, c // groups, *t.shape[3:]).sum(3)
-        out = v if out is None else out + v
+            v = t.reshape(groups, c // groups, *t.shape[1:]).sum(1)
+            if term.coef != 1.0:
+                v.mul_(term.coef)
+        if out is None:
+            out = v if tuple(v.shape) == full else v.expand(full).clone()
+        else:
+            out.add_(v)  # out is a fresh full-size tensor
+    s.memo[groups] = out
     return out
+
+
+def _box(v, k, stride, pad, dil, out_hw, cx=None):
+    """Window sums with zero padding over the two spatial dims of v (X, H, W, A, B): for every output position,
+    the sum of the inputs its (dilated, strided) window reads. Separable: one shifted strided add per tap and axis,
+    a tap that covers every output first (a copy instead of zeros and an add)."""
+    for ax in (1, 2):
+        n_in, n_out = v.shape[ax], out_hw[ax - 1]
+        s, p, d = stride[ax - 1], pad[ax - 1], dil[ax - 1]
+        taps = []
+        for j in range(k[ax - 1]):
+            off = j * d - p  # output i reads input i*s + off
+            lo = -(off // s) if off < 0 else 0
+            hi = min(n_out - 1, (n_in - 1 - off) // s)
+            if lo <= hi:
+                taps.append((lo, hi, off))
+        taps.sort(key=lambda r: (r[0] != 0 or r[1] != n_out - 1))
+        shp = list(v.shape)
+        shp[ax] = n_out
+        # the first axis's sums are consumed at once by the second: a reused buffer when the caller has one
+        out = cx.scratch("box", shp, v) if (ax == 1 and cx is not None) else v.new_empty(shp)
+        if not taps or taps[0][:2] != (0, n_out - 1):
+            out.zero_()
+        for i, (lo, hi, off) in enumerate(taps):
+            idx = [slice(None)] * v.dim()
+            idx[ax] = slice(lo * s + off, hi * s + off + 1, s)
+            if i == 0 and (lo, hi) == (0, n_out - 1):
+                out.copy_(v[tuple(idx)])
+            else:
+                out.narrow(ax, lo, hi - lo + 1).add_(v[tuple(idx)])
+        v = out
+    return v
 
 
 def _align(sigs):
@@ -137,7 +247,7 @@ def _align(sigs):
     out = []
     for s in sigs:
         f = math.exp(s.ls - ls)
-        out.append([Term(t.t * f if f != 1.0 else t.t, t.g) for t in s.terms])
+        out.append([Term(t.t, t.g, t.post, t.src, t.coef * f) for t in s.terms])
     return out, ls
 
 
@@ -162,95 +272,113 @@ def _adaptive_matrix(n_in, n_out, dtype, device):
     return A
 
 
+def _pool_post(op, h, w, dtype, device):
+    """Average pooling as a channel-wise map on (X, H, W, A, B): the window sums of T divided by the squared
+    divisor of each window (each path through the pool carries 1/divisor), PyTorch's divisors."""
+    ho, wo = op.shape[-2:]
+    if "adaptive" in op.opts:
+        Ah = _adaptive_matrix(h, ho, dtype, device) ** 2
+        Aw = _adaptive_matrix(w, wo, dtype, device) ** 2
+        return lambda v: torch.einsum("hH,xHWab,wW->xhwab", Ah, v, Aw)
+    o = op.opts
+    div_map, div = _window_divisors(op, h, w, dtype, device)
+    scale = 1.0 / div**2 if div else (1.0 / div_map**2)[None, :, :, None, None]
+
+    def post(v):
+        return _box(v, o["kernel_size"], o["stride"], o["padding"], (1, 1), (ho, wo)).mul_(scale)
+
+    return post
+
+
 def propagate(dgn, f1, f2, paired: bool = False):
     """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale)."""
-    (x1, g1s, p1s), (x2, g2s, p2s) = f1, f2
-    ops = dgn.ops
+    cx = Ctx(f1, f2, paired)
+    A, B = cx.A, cx.B
+    dt, dev = f1.x.dtype, f1.x.device
     mods = dict(dgn.value.named_modules())
-    sigs = []
+    sigs: list = []
+    last = {j: i for i, op in enumerate(dgn.ops) for j in op.args}  # the last op reading each signal
     gi = pi = 0
-    for op in ops:
+    for i, op in enumerate(dgn.ops):
         k = op.kind
         ins = [sigs[j] for j in op.args]
-        if k == "input":
-            s = Sig([Term(_outer(x1, x2, paired))], 0.0, op.shape)
+        for j in op.args:  # free what no later op reads (a tile's pair tensors are the memory of the NPK)
+            if last[j] == i:
+                sigs[j] = None
+        if k == "input":  # x(i) x'(i): a factored term with t = 1
+            src = op.shape[1:] if len(op.shape) > 1 else ()
+            s = Sig([Term(torch.ones(1, 1, 1, dtype=dt, device=dev), ("x",), src=src)], 0.0, op.shape)
         elif k == "gate":
-            s = _gate(ins[0], g1s[gi], g2s[gi], paired)
+            s = _gate(ins[0], gi, cx)
             gi += 1
         elif k in ("conv", "linear"):
             m = mods[op.module]
             a = ins[0]
             if k == "conv":
                 groups = m.groups
-                S = _chsum(a, groups, paired)  # (a, b, g, H, W)
-                A, B = S.shape[:2]
-                h, w = S.shape[-2:]
-                kh, kw = m.kernel_size
-                ones = torch.ones(1, 1, kh, kw, dtype=S.dtype, device=S.device)
-                box = F.conv2d(
-                    S.reshape(A * B * groups, 1, h, w),
-                    ones,
-                    stride=m.stride,
-                    padding=op.opts["padding"],
-                    dilation=m.dilation,
-                )
-                fan = (m.in_channels // groups) * kh * kw
-                t = box.reshape(A, B, groups, *box.shape[-2:]) / fan
-                cout = m.out_channels
+                S = _chsum(a, groups, cx)  # (groups, H, W, A, B)
+                t = _box(S, m.kernel_size, m.stride, op.opts["padding"], m.dilation, op.shape[1:], cx)
+                fan = (m.in_channels // groups) * m.kernel_size[0] * m.kernel_size[1]
                 if groups > 1:
-                    t = t.repeat_interleave(cout // groups, dim=2)
-            else:  # a dense layer acts on the last dim
-                S = _chsum(a, 1, paired) if len(a.shape) == 1 else _full(a, paired).sum(-1, keepdim=True)
+                    t = t.repeat_interleave(m.out_channels // groups, dim=0)
+            else:  # a dense layer acts on the last unit dim
+                if len(a.shape) == 1:
+                    t = _chsum(a, 1, cx).clone()
+                else:
+                    t = _full(a, cx).sum(len(a.shape) - 1, keepdim=True)
                 fan = m.in_features
-                t = S / fan
+            t.div_(fan)
             ls = a.ls + math.log(fan)
             if m.bias is not None:
-                t = t + math.exp(-ls)
+                t.add_(math.exp(-ls))
             s = Sig([Term(t)], ls, op.shape)
         elif k == "bn":  # T + 1 per unit: a constant term beside the others (the scale is a weight edge)
             a = ins[0]
-            const = torch.full((1, 1, 1, *a.shape[1:]), math.exp(-a.ls), dtype=x1.dtype, device=x1.device)
+            const = torch.full((1,) * (len(a.shape) + 2), math.exp(-a.ls), dtype=dt, device=dev)
             s = Sig(a.terms + [Term(const)], a.ls, op.shape)
         elif k == "maxpool":
             a = ins[0]
-            T = _full(a, paired)
-            i1, i2 = p1s[pi], p2s[pi]
+            C, h, w = a.shape
+            T = _full(a, cx).reshape(C, h * w, A, B)
+            i1 = f1.pools[pi].flatten(2).permute(1, 2, 0)  # (C, Po, a)
+            i2 = f2.pools[pi].flatten(2).permute(1, 2, 0)
             pi += 1
-            A, B, C = T.shape[:3]
-            idx = i1.flatten(2).unsqueeze(1).expand(A, B, C, -1)
-            same = (
-                (i1 == i2).flatten(2).unsqueeze(1) if paired else (i1.unsqueeze(1) == i2.unsqueeze(0)).flatten(3)
-            )  # the two inputs route alike
-            t = T.flatten(3).gather(3, idx) * same.to(T.dtype)
-            s = Sig([Term(t.reshape(A, B, *op.shape))], a.ls, op.shape)
+            same = (i1 == i2).unsqueeze(-1) if paired else i1.unsqueeze(-1) == i2.unsqueeze(-2)  # route alike
+            t = T.gather(1, i1.unsqueeze(-1).expand(*i1.shape, B)).mul_(same.to(dt))
+            s = Sig([Term(t.reshape(*op.shape, A, B))], a.ls, op.shape)
         elif k == "avgpool":
             a = ins[0]
-            T = _full(a, paired)
-            A, B = T.shape[:2]
-            c, h, w = T.shape[2:]
-            if "adaptive" in op.opts:
-                ho, wo = op.shape[-2:]
-                Ah = _adaptive_matrix(h, ho, T.dtype, T.device) ** 2
-                Aw = _adaptive_matrix(w, wo, T.dtype, T.device) ** 2
-                t = torch.einsum("hH,abcHW,wW->abchw", Ah, T, Aw)
-            else:
-                o = op.opts
-                summed = F.avg_pool2d(
-                    T.reshape(A * B * c, 1, h, w), o["kernel_size"], o["stride"], o["padding"], o["ceil_mode"], True, 1
-                )
-                div_map, div = _window_divisors(op, h, w, T.dtype, T.device)
-                t = summed.reshape(A, B, c, *summed.shape[-2:]) / (div**2 if div else div_map**2)
-            s = Sig([Term(t)], a.ls, op.shape)
+            post = _pool_post(op, *a.shape[1:], dt, dev)
+            terms = []
+            for term in a.terms:
+                if term.g is None:
+                    t = term.t.expand(term.t.shape[0], *a.shape[1:], A, B)
+                    terms.append(Term(post(t), coef=term.coef))
+                elif term.post is None:  # stays factored: the pooling waits for the channel sum
+                    terms.append(Term(term.t, term.g, post, term.src, term.coef))
+                else:
+                    terms.append(Term(term.t, term.g, lambda v, f=term.post: post(f(v)), term.src, term.coef))
+            s = Sig(terms, a.ls, op.shape)
         elif k == "flatten":
             a = ins[0]
-            if (
-                all(term.g is None and term.t.dim() > 2 and term.t.shape[2] == 1 for term in a.terms)
-                and len(a.shape) > 1
-                and all(d == 1 for d in a.shape[1:])
-            ):
-                s = Sig([Term(term.t.reshape(*term.t.shape[:2], 1)) for term in a.terms], a.ls, op.shape)
+            if len(a.shape) == 1:
+                s = a
+            elif all(d == 1 for d in a.shape[1:]):  # (C, 1, 1) -> (C,): reshape each term
+                terms = []
+                for term in a.terms:
+                    if term.g is None:
+                        terms.append(Term(term.t.reshape(term.t.shape[0], *term.t.shape[-2:]), coef=term.coef))
+                    else:
+                        f = term.post
+
+                        def post(v, f=f):
+                            v = f(v) if f is not None else v
+                            return v.reshape(v.shape[0], *v.shape[-2:])
+
+                        terms.append(Term(term.t, term.g, post, term.src, term.coef))
+                s = Sig(terms, a.ls, op.shape)
             else:
-                s = Sig([Term(_full(a, paired).flatten(2))], a.ls, op.shape)
+                s = Sig([Term(_full(a, cx).reshape(*op.shape, A, B))], a.ls, op.shape)
         elif k == "identity":
             s = ins[0]
         elif k == "add":  # the two branches' paths are disjoint: their terms add
@@ -258,22 +386,31 @@ def propagate(dgn, f1, f2, paired: bool = False):
             s = Sig(u + v, ls, op.shape)
         elif k == "cat":
             aligned, ls = _align(ins)
-            parts = [_full(Sig(ts, ls, x.shape), paired) for ts, x in zip(aligned, ins)]
-            s = Sig([Term(torch.cat(parts, 2))], ls, op.shape)
+            parts = [_full(Sig(ts, ls, x.shape), cx) for ts, x in zip(aligned, ins)]
+            s = Sig([Term(torch.cat(parts, 0))], ls, op.shape)
         else:  # pragma: no cover
             raise NeuralpathError(f"unknown op {k}")
         sigs.append(s)
-    T = _full(sigs[-1], paired)
-    return T.reshape(*T.shape[:2], -1)[:, :, 0], sigs[-1].ls
+    out = sigs[-1]
+    T = None
+    for term in out.terms:  # the first output unit
+        v = _term_full(term, out.shape, cx)
+        v = v.expand(*out.shape, A, B)[(0,) * len(out.shape)]
+        T = v.clone() if T is None else T.add_(v)
+    return T, out.ls
 
 
 def featurize(dgn, x):
-    """(inputs, gates, max-pool indices) of a block, on the network's device and dtype, without gradients."""
+    """:class:`Feat` of a block: inputs, gates (position-major) and max-pool indices, on the network's device and
+    dtype, without gradients. Images go through the model channels-last (their gates then turn position-major
+    with contiguous runs of channels; the convolutions are faster here too)."""
     p = next(dgn.parameters())
     x = x.to(p.device, p.dtype)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         g, pools = dgn.feature_state(x)
-    return x, [t.detach() for t in g], pools
+        return Feat(x, [t.detach() for t in g], pools)
 
 
 def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False, scaled=False):
@@ -300,9 +437,23 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
                 t, ls = propagate(dgn, f, f, paired=True)
                 outs.append((t[:, 0] if scaled else _finish(t[:, 0], ls, dt)).cpu())
             return torch.cat(outs)
-    with torch.no_grad():
+    from ..kernels.gram import _avail_memory
+
+    with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
+        units = sum(g[0].numel() for g in dgn.feature_state(x1[:1].to(next(dgn.parameters())))[0])
+        per_input = 2 * (units + x1[0].numel()) * torch.empty((), dtype=dt).element_size()
         return gram(
-            lambda x: featurize(dgn, x), pair, x1, x2, block=block, out=out, dtype=dt, progress=progress, desc="NPK"
+            lambda x: featurize(dgn, x),
+            pair,
+            x1,
+            x2,
+            block=block,
+            out=out,
+            dtype=dt,
+            progress=progress,
+            desc="NPK",
+            feature_bytes_per_input=per_input,
+            feature_budget=max(1 << 30, _avail_memory() // 4),
         )
 
 

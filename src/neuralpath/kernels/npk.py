@@ -315,8 +315,11 @@ def npk(
             return K
         if normalize == "trace":
             return K / K.diagonal().sum()
-        d1 = npk_module(net, x1, diag=True, dtype=dtype, scaled=True)
-        d2 = d1 if x2 is None else npk_module(net, x2, diag=True, dtype=dtype, scaled=True)
+        if x2 is None:  # the symmetric kernel holds its own diagonal: no second pass through the model
+            d1 = d2 = K.diagonal().clone()
+        else:
+            d1 = npk_module(net, x1, diag=True, dtype=dtype, scaled=True)
+            d2 = npk_module(net, x2, diag=True, dtype=dtype, scaled=True)
         return K / torch.sqrt(d1[:, None] * d2[None, :])
     if normalize == "trace" and x2 is not None:
         raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
