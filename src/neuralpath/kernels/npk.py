@@ -136,11 +136,12 @@ def _overlap_diag(g1, g2):
     return (g1 * g2).sum(1, keepdim=True)
 
 
-def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
+def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False, bufs=None):
     """Scaled NPK block: returns (H_tilde (a, b), log_scale) with H = H_tilde * exp(log_scale).
 
     With per_layer=True also returns the list of total per-layer overlaps (a, b). With diag=True, f1 and f2
-    hold paired inputs and the result is the (a, 1) column H(x1_i, x2_i).
+    hold paired inputs and the result is the (a, 1) column H(x1_i, x2_i). ``bufs``: a dict the conv tile loop
+    keeps its pair-sized work buffers in between calls (one per Gram computation).
     """
     (x1, g1, e1), (x2, g2, e2) = f1, f2
     steps = _structure(net)
@@ -148,7 +149,7 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
         if all(k == "dense" and tr == "none" for tr, k, _, _ in steps):
             return _pair_fc(x1, e1["scaled"], x2, g2, steps)
         if "x_pm" in e1:
-            return _pair_conv(x1.shape[-2:], e1, e2, steps)
+            return _pair_conv(x1.shape[-2:], e1, e2, steps, bufs)
     ov = _overlap_diag if diag else _overlap
     t = ov(x1, x2)  # <x, x'> (a, b) for dense input; sum_c x x' per position (a, b, H, W) for images
     log_s = 0.0
@@ -178,49 +179,77 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False):
     return (t, log_s, overlaps) if per_layer else (t, log_s)
 
 
-def _box_pm(t, h, w, k):
-    """Sum over a k x k neighbourhood with zero padding, t position-major (H*W, a, b): separable shifted adds."""
+def _box_pm_inplace(t, spare, h, w, k, bias=0.0):
+    """t <- (k x k window sums of t, zero padding) + bias, t position-major (H*W, a, b): separable shifted adds
+    through one spare buffer of t's size (no new pair-sized tensor: fresh ones cost page faults)."""
     r = k // 2
-    u = t.view(h, w, -1)
-    v = u.clone()
+    u, v = t.view(h, w, -1), spare.view(h, w, -1)
+    v.copy_(u)
     for d in range(1, r + 1):
         v[d:] += u[:-d]
         v[:-d] += u[d:]
-    out = v.clone()
+    if bias:
+        torch.add(v, bias, out=u)
+    else:
+        u.copy_(v)
     for d in range(1, r + 1):
-        out[:, d:] += v[:, :-d]
-        out[:, :-d] += v[:, d:]
-    return out.view_as(t)
+        u[:, d:] += v[:, :-d]
+        u[:, :-d] += v[:, d:]
 
 
-def _pair_conv(hw, e1, e2, steps):
-    """The conv tile loop, position-major: T (H*W, a, b); per conv layer one batched GEMM over positions for the
-    channel-summed gate overlap (1/C folded into one operand), a separable box filter, in-place products."""
+def _pair_conv(hw, e1, e2, steps, bufs=None):
+    """The conv tile loop, position-major: T (H*W, a, b) and one spare buffer of its size, both kept in ``bufs``
+    from tile to tile (a fresh 256 MB tensor costs page faults worth several passes over it); per conv layer a
+    separable box sum (the bias fused into its middle copy), one batched GEMM over positions for the channel-summed
+    gate overlap (1/C folded into one operand, 1/k^2 into the GEMM's alpha), one in-place product."""
     h, w = hw
-    t = torch.bmm(e1["x_pm"], e2["x_pm"].transpose(1, 2))  # sum_c x x' per position
+    x1, x2 = e1["x_pm"], e2["x_pm"]
+    shape = (x1.shape[0], x1.shape[1], x2.shape[1])
+    bufs = {} if bufs is None else bufs
+    if "t" not in bufs or tuple(bufs["t"].shape) != shape:
+        bufs["t"], bufs["spare"] = x1.new_empty(shape), x1.new_empty(shape)
+    t, spare = bufs["t"], bufs["spare"]
+    if x1.shape[2] <= 4:  # sum_c x x' per position; a GEMM with K = 3 runs far below the BLAS rate here
+        torch.mul(x1[:, :, None, 0], x2[:, None, :, 0], out=t)
+        for c in range(1, x1.shape[2]):
+            t.addcmul_(x1[:, :, None, c], x2[:, None, :, c])
+    else:
+        torch.bmm(x1, x2.transpose(1, 2), out=t)
     log_s = 0.0
     d = len(steps)
+    unscaled = 1.0  # t holds T * unscaled (the last box sum's k^2, not yet divided out)
     for l, (trans, kind, k, beta) in enumerate(steps):
         if trans in ("flatten", "gap"):
             n_pos = t.shape[0]
-            t = t.sum(0).div_(n_pos)
+            t = t.sum(0).div_(n_pos * unscaled)
+            unscaled = 1.0
             log_s += math.log(n_pos)
             if trans == "gap":  # each path through the pool carries 1/(HW): 1/(HW)^2 per pair
                 t.div_(n_pos**2)
         if kind == "conv":
-            t = _box_pm(t, h, w, k).div_(k * k)
             log_s += math.log(k * k)
-        if beta:
+            unscaled = float(k * k)
+            bias = beta * math.exp(-log_s) * unscaled if beta else 0.0
+            _box_pm_inplace(t, spare, h, w, k, bias)
+        elif beta:
             t.add_(beta * math.exp(-log_s))
         if l == d - 1:
+            if unscaled != 1.0:
+                t.div_(unscaled)
             break
         if kind == "conv":
-            t.mul_(torch.bmm(e1["s_pm"][l], e2["g_pm"][l].transpose(1, 2)))
+            ov = torch.baddbmm(
+                spare, e1["s_pm"][l], e2["g_pm"][l].transpose(1, 2), beta=0.0, alpha=1.0 / unscaled, out=spare
+            )
+            unscaled = 1.0
+            t.mul_(ov)
             log_s += math.log(e2["g_pm"][l].shape[2])
         else:
             g2 = e2["scaled"][l] * e2["scaled"][l].shape[1]  # the unscaled gates
             t.mul_(e1["scaled"][l] @ g2.T)
             log_s += math.log(g2.shape[1])
+    if t is bufs.get("t"):  # the tile buffers never leave the loop
+        t = t.clone()
     return t, log_s
 
 
@@ -326,9 +355,10 @@ def npk(
     net = _as_dtype(net, dtype)
     dt = next(net.parameters()).dtype
     scale = {}
+    bufs: dict = {}
 
     def pair(a, b):
-        t, ls = npk_pair(net, a, b)
+        t, ls = npk_pair(net, a, b, bufs=bufs)
         scale["log"] = ls
         if normalize is None:
             return _finish(t, ls, dt)
