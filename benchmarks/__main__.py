@@ -18,6 +18,7 @@
     python -m benchmarks npkload  FC NPK vs GEMM with the second core quiet, then busy with elementwise work
     python -m benchmarks convnpk_scale  GCONV NPK pairs/s at n = 1,000 vs its overlap GEMMs at the GEMM rate
     python -m benchmarks resnetnpk NPK of 1,000 inputs through a ResNet-18-sized CIFAR ResNet, vs its overlaps
+    python -m benchmarks thpstep  GCONV optimiser steps under the process's THP_MEM_ALLOC_ENABLE (run it with 0 and 1)
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 
@@ -744,6 +745,38 @@ def bench_convntk(args):
     return rec
 
 
+def bench_thpstep(args):
+    """Per-run optimiser step (Adam, batch 32) of GCONV per regime kind, x1/4 as a stack of 4 and full width single,
+    median of ``--repeat`` x 3 steps, under this process's THP_MEM_ALLOC_ENABLE (set it to 0 or 1 around the call)."""
+    import torch.nn.functional as F
+
+    from neuralpath.experiments.budget import conv_widths
+    from neuralpath.stacks import make_stack
+
+    torch.manual_seed(0)
+    x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
+    rows_all = torch.arange(512)
+    res = {}
+    for mult, r in ((0.25, 4), (1.0, 1)):
+        ch, hid = conv_widths(mult)
+        for regime in ("relu", "frnpf-ii", "dlnpf"):
+            kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
+            st = make_stack([build_regime(regime, "gconv", s, None, **kw)[0] for s in range(r)])
+            st.cache_frozen_gates(x, [rows_all] * r)
+            opt = make_optimizer("adam", st.parameters(), 1e-4)
+
+            def step(st=st, opt=opt, r=r):
+                idx = torch.randint(0, 512, (r, 32))
+                o = st.forward(x[idx], idx)
+                loss = F.cross_entropy(o.reshape(-1, 10), y[idx].reshape(-1), reduction="sum") / 32
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+
+            res[f"x{mult:g}-{regime}-R{r}"] = timeit(lambda: [step() for _ in range(3)], args.repeat, 2) / 3 / r
+    return dict(bench="thpstep", thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), per_run_step_s=res)
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument(
@@ -765,6 +798,7 @@ def main():
             "npkload",
             "convnpk_scale",
             "resnetnpk",
+            "thpstep",
         ],
     )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")

@@ -20,7 +20,7 @@ from torch.func import jacrev, vmap
 
 from .errors import NeuralpathError
 from .gates import gate_fn
-from .nets.base import DGN
+from .nets.base import DGN, Layers
 
 
 def gate_hyperplanes(net: DGN, x: torch.Tensor | None = None):
@@ -32,7 +32,7 @@ def gate_hyperplanes(net: DGN, x: torch.Tensor | None = None):
     if not isinstance(net, DGN):
         raise NeuralpathError(f"gate_hyperplanes needs an FCDGN or ConvDGN, got {type(net).__name__}")
     p = next(net.parameters())
-    shape = (net.in_dim,) if hasattr(net, "in_dim") else (net.in_channels, net.image_size, net.image_size)
+    shape = net.input_shape
     d_in = math.prod(shape)
 
     def qs(v):  # one flat input -> concatenated flat pre-activations of every gated layer
@@ -86,13 +86,14 @@ class DLGNVT(nn.Module):
         self.gating, self.value_input, self.features_frozen = "linear", "ones", False
         self._gate = gate_fn(gate, beta, 0.0)
         dims = [in_dim] + [width] * (depth - 1)
-        self.feature_layers = nn.ModuleList([nn.Linear(dims[l], dims[l + 1], bias=bias) for l in range(depth - 1)])
+        self.feature_layers = Layers([nn.Linear(dims[l], dims[l + 1], bias=bias) for l in range(depth - 1)])
         g = generator or torch.Generator().manual_seed(0)
         self.V = nn.Parameter(
             torch.randn((out_dim,) + (width,) * (depth - 1), generator=g) / math.sqrt(width ** (depth - 1))
         )
         with torch.no_grad():
             for layer in self.feature_layers:
+                assert isinstance(layer, nn.Linear)
                 layer.weight.normal_(0, 1 / math.sqrt(layer.in_features), generator=g)
                 if layer.bias is not None:
                     layer.bias.zero_()

@@ -21,8 +21,8 @@ from .errors import NeuralpathError
 from .nets.base import DGN
 
 
-def _abs_q(t, q):
-    return None if t is None else t.detach().abs() ** q
+def _abs_q(t: torch.Tensor, q) -> torch.Tensor:
+    return t.detach().abs() ** q
 
 
 @torch.no_grad()
@@ -36,7 +36,7 @@ def path_norm(net, q: float = 2.0, dtype=torch.float64):
         return _module_path_norm(net, q, dtype)
     if not isinstance(net, DGN):
         raise NeuralpathError(f"path_norm needs an FCDGN, a ConvDGN or from_module(...), got {type(net).__name__}")
-    shape = (net.in_dim,) if hasattr(net, "in_dim") else (net.in_channels, net.image_size, net.image_size)
+    shape = net.input_shape
     z = torch.ones((1, *shape), dtype=dtype)
     for l, layer in enumerate(net.value_layers):
         kind = net.transitions[l]
@@ -44,8 +44,8 @@ def path_norm(net, q: float = 2.0, dtype=torch.float64):
             z = z.flatten(1)
         elif kind == "gap":
             z = z.sum((2, 3))  # the 1/(HW) of the pool is a fixed coefficient of the NPF, not part of v
-        w, b = _abs_q(layer.weight, q).to(dtype), _abs_q(layer.bias, q)
-        b = None if b is None else b.to(dtype)
+        w = _abs_q(layer.weight, q).to(dtype)
+        b = None if layer.bias is None else _abs_q(layer.bias, q).to(dtype)
         if isinstance(layer, torch.nn.Conv2d):
             z = F.conv2d(z, w, b, layer.stride, layer.padding)
         else:

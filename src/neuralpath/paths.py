@@ -60,10 +60,8 @@ def _layer_matrices(net: DGN):
     return mats
 
 
-def _input_shape(net):
-    if hasattr(net, "in_dim"):
-        return (net.in_dim,)
-    return (net.in_channels, net.image_size, net.image_size)
+def _input_shape(net: DGN) -> tuple[int, ...]:
+    return net.input_shape
 
 
 def path_count(net: DGN) -> int:
@@ -89,7 +87,7 @@ def _enumerate(net: DGN, x, max_entries: int):
         xin = net.value_in(net._prepare(x.to(p.device, p.dtype))).reshape(n, -1)
         gates = [g.reshape(n, -1) for g in net.gates(x.to(p.device, p.dtype))]
     else:
-        xin, gates = None, None
+        xin, gates = None, []
     n_in = mats[0][1].shape[1]
     end = torch.arange(n_in, device=p.device)
     val = torch.ones(n_in, dtype=p.dtype, device=p.device)
@@ -134,7 +132,7 @@ def _enumerate(net: DGN, x, max_entries: int):
 
 
 @torch.no_grad()
-def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES):
+def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES) -> torch.Tensor:
     """Explicit neural path features phi_x, (n, P); refuses, with the path count, when P is too large."""
     from .anynet import ModuleDGN, npf_module
 
@@ -142,11 +140,13 @@ def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES):
         return npf_module(_as_dtype(net, dtype), x)
     if not isinstance(net, DGN):
         raise TypeError(f"net must be an FCDGN, a ConvDGN or from_module(...), got {type(net).__name__}")
-    return _enumerate(_as_dtype(net, dtype), x, max_entries)[0]
+    phi = _enumerate(_as_dtype(net, dtype), x, max_entries)[0]
+    assert phi is not None
+    return phi
 
 
 @torch.no_grad()
-def npv(net: DGN, *, dtype=None, max_entries: int = MAX_ENTRIES):
+def npv(net: DGN, *, dtype=None, max_entries: int = MAX_ENTRIES) -> torch.Tensor:
     """Explicit neural path values v, (P, out_dim), in the same path order as :func:`npf`."""
     from .anynet import ModuleDGN, npv_module
 

@@ -88,7 +88,7 @@ def make_net(
         )
     if arch == "fc":
         return FCDGN(
-            in_dim=math.prod(in_shape),
+            in_dim=int(math.prod(in_shape)),
             width=width,
             depth=depth,
             out_dim=out_dim,

@@ -25,6 +25,8 @@ forward and backward only. :class:`LoopStack` keeps them bit-packed (8 gates a b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from .errors import NeuralpathError
@@ -78,7 +80,8 @@ class LoopStack:
         self.nets = list(nets)
         self.R = len(self.nets)
         self.kinds = [regime_kind(n) for n in self.nets]
-        self._gates = [None] * self.R  # per frozen run: (row map (N,), [(packed (n, bytes), shape)] per layer)
+        # per frozen run: (row map (N,), [(packed (n, bytes), shape)] per layer)
+        self._gates: list[Any] = [None] * self.R
 
     def parameters(self):
         """The trainable parameters of every run (frozen feature networks excluded), in a fixed order."""

@@ -32,7 +32,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -186,13 +186,13 @@ class RunData:
     def num_classes(self) -> int:
         if self.y_train.is_floating_point():
             return 1
-        top = self.y_train.max() if len(self.y_test) == 0 else max(self.y_train.max(), self.y_test.max())
+        top = self.y_train.max() if len(self.y_test) == 0 else torch.maximum(self.y_train.max(), self.y_test.max())
         return int(top.item()) + 1
 
     @classmethod
     def load(cls, cfg: TrainConfig) -> "RunData":
         """The data of a config: its data set's training split (whole) and test split (``limit_test`` subset)."""
-        kw = dict(root=cfg.data_root)
+        kw: dict[str, Any] = dict(root=cfg.data_root)
         if cfg.dataset == "synthetic":
             kw = dict(shape=tuple(cfg.extra.get("shape", (1, 8, 8))))
         datasets.check_limit("--limit-train", cfg.limit_train, cfg.dataset, "train", **kw)
@@ -225,7 +225,7 @@ def train_val_indices(cfg: TrainConfig, y_full: torch.Tensor):
 
 
 def net_kwargs(cfg: TrainConfig, in_shape, out_dim) -> dict:
-    kw = dict(in_shape=tuple(in_shape), out_dim=out_dim, bias=cfg.bias)
+    kw: dict[str, Any] = dict(in_shape=tuple(in_shape), out_dim=out_dim, bias=cfg.bias)
     if cfg.gating != "relu" or cfg.value_input != "x":
         kw.update(gating=cfg.gating, value_input=cfg.value_input)
     if cfg.arch == "fc":
@@ -431,7 +431,7 @@ def fit(
     stack = make_stack([r.net for r in runs], fast=opts.fast).to(device)
     eval_batch = opts.eval_batch or (1000 if all(isinstance(r.net, FCDGN) for r in runs) else 32)
     params = stack.parameters()
-    opt = make_optimizer(opts.optimizer, params, opts.lr)
+    opt: Any = make_optimizer(opts.optimizer, params, opts.lr)
     best = [dict(FRESH_BEST) for _ in range(R)]
     start = 1
     state_path = Path(state_path) if state_path is not None else None
@@ -460,7 +460,7 @@ def fit(
     xtr = data.x_train.to(device)
     ytr = data.y_train.to(device)
     tr_idx = torch.stack([r.train_idx for r in runs]).to(device)  # (R, n): rows of the full training split
-    va_idx = torch.stack([r.val_idx for r in runs]) if runs[0].val_idx is not None else None
+    va_idx = torch.stack([r.val_idx for r in runs if r.val_idx is not None]) if runs[0].val_idx is not None else None
     seeds = [r.seed for r in runs]
     if start <= opts.epochs:
         stack.cache_frozen_gates(xtr, [r.train_idx.to(device) for r in runs])
@@ -609,7 +609,8 @@ def fit(
 
 def _net_config(net) -> dict | None:
     cfg = getattr(net, "config", None)
-    return cfg() if callable(cfg) else None
+    out = cfg() if callable(cfg) else None
+    return out if isinstance(out, dict) else None
 
 
 def _copy_atomic(src: Path, dst: Path):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -234,7 +235,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
             elif t in ("size", getattr) or t is getattr:
                 continue  # shape queries feed view(); checked by the shape of the view's result
             elif t in (F.max_pool2d,):
-                kw = dict(zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:]))
+                kw: dict[str, Any] = dict(
+                    zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])
+                )
                 kw.update(node.kwargs)
                 if kw.pop("return_indices", False):
                     raise NeuralpathError(f"node {node.name!r}: max_pool2d(return_indices=True) is not supported")

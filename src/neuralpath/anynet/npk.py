@@ -131,12 +131,13 @@ def _term_full(term, shape, cx):
     return term.post(o) if term.post is not None else o.reshape(*shape, *o.shape[-2:])
 
 
-def _full(s: Sig, cx):
+def _full(s: Sig, cx) -> torch.Tensor:
     """The signal as one dense (*shape, A, B) tensor (scaled by exp(-ls))."""
-    out = None
+    out: torch.Tensor | None = None
     for term in s.terms:
         v = _term_full(term, s.shape, cx)
         out = v.expand(*s.shape, cx.A, cx.B).clone() if out is None else out.add_(v)
+    assert out is not None, "a signal has at least one term"
     return out
 
 
@@ -159,7 +160,7 @@ def _gate(s: Sig, gi, cx):
     return Sig(terms, s.ls, s.shape)
 
 
-def _chsum(s: Sig, groups, cx):
+def _chsum(s: Sig, groups, cx) -> torch.Tensor:
     """Sum over the channel dim (dim 0 of the units) within ``groups``: (groups, *shape[1:], A, B); memoised per
     signal (a residual stage's convolution and its projection shortcut read the same signal)."""
     if groups in s.memo:
@@ -205,6 +206,7 @@ def _chsum(s: Sig, groups, cx):
             out = v if tuple(v.shape) == full else v.expand(full).clone()
         else:
             out.add_(v)  # out is a fresh full-size tensor
+    assert out is not None, "a signal has at least one term"
     s.memo[groups] = out
     return out
 
@@ -282,7 +284,7 @@ def _pool_post(op, h, w, dtype, device):
         return lambda v: torch.einsum("hH,xHWab,wW->xhwab", Ah, v, Aw)
     o = op.opts
     div_map, div = _window_divisors(op, h, w, dtype, device)
-    scale = 1.0 / div**2 if div else (1.0 / div_map**2)[None, :, :, None, None]
+    scale = 1.0 / div**2 if div else (1.0 / torch.as_tensor(div_map) ** 2)[None, :, :, None, None]
 
     def post(v):
         return _box(v, o["kernel_size"], o["stride"], o["padding"], (1, 1), (ho, wo)).mul_(scale)
@@ -290,7 +292,7 @@ def _pool_post(op, h, w, dtype, device):
     return post
 
 
-def propagate(dgn, f1, f2, paired: bool = False):
+def propagate(dgn, f1, f2, paired: bool = False) -> tuple[torch.Tensor, float]:
     """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale)."""
     cx = Ctx(f1, f2, paired)
     A, B = cx.A, cx.B
@@ -348,7 +350,7 @@ def propagate(dgn, f1, f2, paired: bool = False):
             s = Sig([Term(t.reshape(*op.shape, A, B))], a.ls, op.shape)
         elif k == "avgpool":
             a = ins[0]
-            post = _pool_post(op, *a.shape[1:], dt, dev)
+            post = _pool_post(op, a.shape[1], a.shape[2], dt, dev)
             terms = []
             for term in a.terms:
                 if term.g is None:
@@ -357,7 +359,11 @@ def propagate(dgn, f1, f2, paired: bool = False):
                 elif term.post is None:  # stays factored: the pooling waits for the channel sum
                     terms.append(Term(term.t, term.g, post, term.src, term.coef))
                 else:
-                    terms.append(Term(term.t, term.g, lambda v, f=term.post: post(f(v)), term.src, term.coef))
+
+                    def chained(v, f=term.post, p=post):
+                        return p(f(v))
+
+                    terms.append(Term(term.t, term.g, chained, term.src, term.coef))
             s = Sig(terms, a.ls, op.shape)
         elif k == "flatten":
             a = ins[0]
@@ -369,13 +375,12 @@ def propagate(dgn, f1, f2, paired: bool = False):
                     if term.g is None:
                         terms.append(Term(term.t.reshape(term.t.shape[0], *term.t.shape[-2:]), coef=term.coef))
                     else:
-                        f = term.post
 
-                        def post(v, f=f):
+                        def flat_post(v, f=term.post):
                             v = f(v) if f is not None else v
                             return v.reshape(v.shape[0], *v.shape[-2:])
 
-                        terms.append(Term(term.t, term.g, post, term.src, term.coef))
+                        terms.append(Term(term.t, term.g, flat_post, term.src, term.coef))
                 s = Sig(terms, a.ls, op.shape)
             else:
                 s = Sig([Term(_full(a, cx).reshape(*op.shape, A, B))], a.ls, op.shape)
@@ -397,6 +402,7 @@ def propagate(dgn, f1, f2, paired: bool = False):
         v = _term_full(term, out.shape, cx)
         v = v.expand(*out.shape, A, B)[(0,) * len(out.shape)]
         T = v.clone() if T is None else T.add_(v)
+    assert T is not None, "the output signal has at least one term"
     return T, out.ls
 
 

@@ -126,12 +126,19 @@ def enumerate_paths(dgn):
                 m = mods[op.module]
                 if k == "conv":
 
-                    def apply(b, w=m.weight):
+                    def conv_apply(b, w=m.weight):
                         return F.conv2d(b, w, None, m.stride, op.opts["padding"], m.dilation, m.groups)
+
+                    apply = conv_apply
 
                     apply_ones = lambda b: apply(b, torch.ones_like(m.weight))  # noqa: E731
                 else:
-                    apply = lambda b: F.linear(b, m.weight)  # noqa: E731
+
+                    def linear_apply(b, w=m.weight):
+                        return F.linear(b, w)
+
+                    apply = linear_apply
+
                     apply_ones = lambda b: F.linear(b, torch.ones_like(m.weight))  # noqa: E731
                 src, dst, w, c = _edges_from_op(apply, apply_ones, n_in, in_shape, dt)
                 # the value is trainable: it goes to v; the fixed coefficient of a weight edge is 1
@@ -182,9 +189,19 @@ def enumerate_paths(dgn):
                 sets[i] = _join(sets[src_op], src, dst, ones(len(src)), ones(len(src)), gid, n_in)
             elif k == "avgpool":
                 if "adaptive" in op.opts:
-                    apply = lambda b: F.adaptive_avg_pool2d(b, op.opts["adaptive"])  # noqa: E731
+
+                    def adaptive_apply(b, w=None):
+                        return F.adaptive_avg_pool2d(b, op.opts["adaptive"])
+
+                    apply = adaptive_apply
+
                 else:
-                    apply = lambda b: F.avg_pool2d(b, **op.opts)  # noqa: E731
+
+                    def pool_apply(b, w=None):
+                        return F.avg_pool2d(b, **op.opts)
+
+                    apply = pool_apply
+
                 src, dst, _, c = _edges_from_op(apply, apply, n_in, in_shape, dt)
                 sets[i] = _join(sets[src_op], src, dst, ones(len(src)), c, none(len(src)), n_in)
             elif k in ("flatten", "identity"):

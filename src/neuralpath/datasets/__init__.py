@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import Any, Literal, overload
 
 import numpy as np
 import torch
@@ -77,6 +78,7 @@ def _source_files(name, split, root):
     kind, where = sources.cifar_location(root)
     if kind is None:
         raise FileNotFoundError(f"cifar10: no copy in {root}; run `neuralpath data fetch cifar10 --root {root}`")
+    assert where is not None
     if kind == "official":
         return [
             where / (f"data_batch_{i}" if split == "train" else "test_batch")
@@ -210,6 +212,33 @@ def stratified_indices(y, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(idx)
 
 
+@overload
+def load(
+    name: str,
+    split: str = ...,
+    root: Any = ...,
+    limit: int | None = ...,
+    seed: int = ...,
+    download: bool = ...,
+    with_indices: Literal[False] = ...,
+    **synthetic_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+@overload
+def load(
+    name: str,
+    split: str = ...,
+    root: Any = ...,
+    limit: int | None = ...,
+    seed: int = ...,
+    download: bool = ...,
+    *,
+    with_indices: Literal[True],
+    **synthetic_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]: ...
+
+
 def load(
     name: str,
     split: str = "train",
@@ -219,7 +248,7 @@ def load(
     download: bool = False,
     with_indices: bool = False,
     **synthetic_kwargs,
-):
+) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(x float32 (n, C, H, W) in [0, 1], y int64 (n,)); with ``with_indices`` also the rows of the split taken.
 
     ``limit``: a class-stratified subset of that size drawn with ``seed`` (original order kept); a limit larger than
@@ -277,7 +306,7 @@ def info(name: str | None = None, root=None) -> list:
     out = []
     for nm in [name] if name else [n for n in NAMES if n != "synthetic"]:
         check_choice("dataset", nm, NAMES)
-        rec = {"name": nm, "root": str(root), "label": source_label(nm, root)}
+        rec: dict[str, Any] = {"name": nm, "root": str(root), "label": source_label(nm, root)}
         if nm == "synthetic" or nm in trees.SETS:
             rec["status"] = "generated on the fly"
         else:

@@ -19,6 +19,15 @@ import numpy as np
 
 from ..errors import NeuralpathError
 
+
+def member_bytes(tar: tarfile.TarFile, m: tarfile.TarInfo) -> bytes:
+    """The content of a regular-file member of an open tar archive."""
+    f = tar.extractfile(m)
+    if f is None:
+        raise NeuralpathError(f"{m.name} in the archive is not a regular file")
+    return f.read()
+
+
 IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -173,7 +182,7 @@ def read_image_folder(path, split: str, channels: int = 3, progress: bool = Fals
                         continue
                     parts = PurePosixPath(m.name).parts
                     if len(parts) >= 3 and parts[-3] == split and PurePosixPath(m.name).suffix.lower() in IMAGE_EXTS:
-                        items.append((parts[-2], parts[-1], tar.extractfile(m).read()))
+                        items.append((parts[-2], parts[-1], member_bytes(tar, m)))
         except (tarfile.TarError, EOFError, OSError) as e:
             raise NeuralpathError(f"{path}: unreadable archive ({e})") from None
     else:
@@ -217,6 +226,6 @@ def safe_extract(tar_path, dest, members_filter=None):
                     continue
                 from ..io import write_bytes
 
-                write_bytes(target, tar.extractfile(m).read())
+                write_bytes(target, member_bytes(tar, m))
     except (tarfile.TarError, EOFError) as e:
         raise NeuralpathError(f"{tar_path}: corrupt archive ({e})") from None

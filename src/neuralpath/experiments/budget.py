@@ -112,6 +112,8 @@ def collect(out) -> list:
     for res in sorted((Path(out) / "runs").glob("*/*/config.json")):
         f = RunFolder(res.parent)
         c = f.config()
+        if c is None:  # a folder whose run has not started
+            continue
         best = -1.0
         for m in f.records():
             best = max(best, m["test_acc"])

@@ -201,7 +201,9 @@ def plot(recs, budget, relu_best, path):
     ax.plot(range(len(PAPER_CURVE)), PAPER_CURVE, "s--", color="gray", label="paper (GCONV, full budget)")
     ax.axhline(CNTK, color="tab:green", ls=":", label=f"CNTK {CNTK}%")
     ax.axhline(RELU, color="tab:red", ls=":", label=f"ReLU (paper) {RELU}%")
-    ax.axhline(100 * mean_std(relu_best)[0], color="tab:red", ls="-", alpha=0.4, label="ReLU (ours, this budget)")
+    ours = mean_std(relu_best)[0]
+    if ours is not None:
+        ax.axhline(100 * ours, color="tab:red", ls="-", alpha=0.4, label="ReLU (ours, this budget)")
     ax.set_xlabel("stage k (gates of the ReLU net after k·step epochs)")
     ax.set_ylabel("test accuracy %")
     ax.legend(fontsize=7)

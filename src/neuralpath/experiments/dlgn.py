@@ -205,8 +205,8 @@ def _kernels(out, s, data, b, log):
 def collect(out) -> list:
     recs = []
     for res in sorted(Path(out).glob("runs/*/*/result.json")):
-        c = RunFolder(res.parent).config()
-        recs.append(run_record(res, set=c["set"], model=c["model"], seed=c["seed"]))
+        c = RunFolder(res.parent).config() or {}
+        recs.append(run_record(res, set=c.get("set"), model=c.get("model"), seed=c.get("seed")))
     recs += [
         dict(r, model=f"krr-npk-{r['model']}-{r['gates']}", best_test_acc=r["test_acc"])
         for r in read_jsonl(Path(out) / "kernels.jsonl")
@@ -393,6 +393,7 @@ def run_cifar(
     r_ = mean_std([100 * r["best_test_acc"] for r in recs if r["model"] == "relu"])
     fr = [a["best_test_acc"] / b["best_test_acc"] for a, b in zip(recs[:seeds], recs[seeds:])]
     fm, fs = mean_std(fr)
+    assert fm is not None and fs is not None, "the conv DLGN report needs both rows"
     md = (
         "\n".join(
             [

@@ -153,9 +153,11 @@ def run(
     return md
 
 
-def initial_net(rc, in_shape, num_classes=10):
+def initial_net(rc, in_shape, num_classes=10) -> FCDGN:
     """The run's initial network (epoch 0), rebuilt exactly as the engine draws it from the run's seed."""
-    return build_regime("relu", "fc", rc.seed, None, **net_kwargs(rc, in_shape, num_classes))[0]
+    net = build_regime("relu", "fc", rc.seed, None, **net_kwargs(rc, in_shape, num_classes))[0]
+    assert isinstance(net, FCDGN)
+    return net
 
 
 def _existing_run(run_dir, epochs=None):

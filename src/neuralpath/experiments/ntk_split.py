@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -76,7 +77,7 @@ def run(
             net.load_state_dict(checkpoints.load(out / "run" / f"epoch_{ep}.pt")["model"])
         net = net.double()
         xd = x.double()
-        rec = {"epoch": ep, "n": len(y)}
+        rec: dict[str, Any] = {"epoch": ep, "n": len(y)}
         for suffix, biases in (("", True), ("_w", False)):  # weights and biases; weights only (the authors')
             kv = ntk(net, xd, params="value", biases=biases)
             kf = ntk(net, xd, params="feature", biases=biases)

@@ -161,7 +161,7 @@ def plot(recs, path):
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     ms = [mean_std([100 * x["best_test_acc"] for x in recs if x["regime"] == r]) for r in rows]
-    ax.bar(range(len(rows)), [m for m, _ in ms], yerr=[s for _, s in ms], color="#1f77b4")
+    ax.bar(range(len(rows)), [m or 0.0 for m, _ in ms], yerr=[s or 0.0 for _, s in ms], color="#1f77b4")
     for i, g in enumerate(("initial", "trained")):
         k = [x for x in recs if x["regime"] == f"krr-npk-{g}"]
         if k:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -103,7 +104,7 @@ def rel_err(a, b):
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def run(out, quick: bool = True, data_root=None, progress: bool = True, log=print, device="cpu") -> dict:
+def run(out, quick: bool = True, data_root=None, progress: bool | None = True, log=print, device: Any = "cpu") -> dict:
     """Run parts a, b, c; append records to out/theorem.jsonl, write out/theorem.png and out/theorem.md."""
     from pathlib import Path
 

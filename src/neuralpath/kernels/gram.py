@@ -21,6 +21,7 @@ import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -99,7 +100,7 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
     return need
 
 
-def gram(featurize, pair, x1, x2=None, **kw):
+def gram(featurize, pair, x1, x2=None, **kw) -> Any:
     """Blocked Gram matrix; see the module docstring. Returns a tensor, or the out path when ``out`` is given.
     Computed without TF32 on GPUs (:func:`neuralpath.precision.exact`)."""
     with exact():
@@ -247,7 +248,7 @@ def _fill(
     f1_idx, f1 = None, None
     for bi, bj in mine:
         i0, j0 = bi * block, bj * block
-        if cache1 is not None:
+        if cache1 is not None and cache2 is not None:
             a, b = cache1[bi], cache2[bj]
         else:
             if f1_idx != bi:

@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import copy
 import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, overload
 
 import torch
 import torch.nn.functional as F
@@ -39,6 +41,9 @@ import torch.nn.functional as F
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from .gram import gram
+
+if TYPE_CHECKING:
+    from ..anynet.dgn import ModuleDGN
 
 NORMALIZE = (None, "trace", "cosine")
 
@@ -80,7 +85,7 @@ def _structure(net: DGN):
     steps = []
     for l, layer in enumerate(net.value_layers):
         kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "dense"
-        k = layer.kernel_size[0] if kind == "conv" else 1
+        k = layer.kernel_size[0] if isinstance(layer, torch.nn.Conv2d) else 1
         if kind == "conv" and (layer.stride != (1, 1) or layer.padding != (k // 2, k // 2)):
             raise NeuralpathError("the closed-form NPK supports stride-1 'same' convolutions only")
         steps.append((net.transitions[l], kind, k, 1.0 if layer.bias is not None else 0.0))
@@ -99,7 +104,7 @@ def featurize(net: DGN, x):
         x = x.contiguous(memory_format=torch.channels_last)
     gates = net.gates(x)
     z = net.value_in(net._prepare(x))
-    extra = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates]}
+    extra: dict[str, Any] = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates]}
     if z.dim() == 4:  # conv nets: position-major copies (positions, inputs, channels) for per-position GEMMs
         extra["x_pm"] = _pm(z)
         extra["g_pm"] = [_pm(g) if g.dim() == 4 else None for g in gates]
@@ -136,7 +141,7 @@ def _overlap_diag(g1, g2):
     return (g1 * g2).sum(1, keepdim=True)
 
 
-def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False, bufs=None):
+def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False, bufs=None) -> tuple:
     """Scaled NPK block: returns (H_tilde (a, b), log_scale) with H = H_tilde * exp(log_scale).
 
     With per_layer=True also returns the list of total per-layer overlaps (a, b). With diag=True, f1 and f2
@@ -283,8 +288,40 @@ def _finish(t, log_s, dtype):
 METHODS = ("closed_form", "paths")
 
 
+@overload
 def npk(
-    net: DGN,
+    net: DGN | ModuleDGN,
+    x1,
+    x2=None,
+    *,
+    diag: bool = False,
+    method: str = "closed_form",
+    normalize=None,
+    dtype=None,
+    block: int = 1024,
+    out: None = None,
+    progress: bool = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def npk(
+    net: DGN | ModuleDGN,
+    x1,
+    x2=None,
+    *,
+    diag: bool = False,
+    method: str = "closed_form",
+    normalize=None,
+    dtype=None,
+    block: int = 1024,
+    out: str | Path,
+    progress: bool = False,
+) -> Path: ...
+
+
+def npk(
+    net: Any,
     x1,
     x2=None,
     *,
@@ -295,7 +332,7 @@ def npk(
     block: int = 1024,
     out=None,
     progress: bool = False,
-):
+) -> Any:
     """Neural path kernel H(x1, x2) = <phi_x1, phi_x2>.
 
     method 'closed_form' (default): never enumerates paths; cost the overlap GEMMs (docs/THEORY.md §2, §7).

@@ -28,6 +28,9 @@ pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Usefu
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast, overload
+
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
@@ -38,6 +41,9 @@ from ..precision import exact
 from .gram import gram
 from .npk import _as_dtype, _check_inputs
 
+if TYPE_CHECKING:
+    from ..anynet.dgn import ModuleDGN
+
 PARAMS = ("value", "feature", "all")
 METHODS = ("structured", "jacobian", "vp")
 
@@ -46,7 +52,7 @@ METHODS = ("structured", "jacobian", "vp")
 def _transpose_op(layer, delta, in_shape):
     """Apply W^T (the adjoint of the layer's linear map, bias-free) to delta (B, *out)."""
     if isinstance(layer, torch.nn.Conv2d):
-        return F.conv_transpose2d(delta, layer.weight, None, layer.stride, layer.padding)
+        return F.conv_transpose2d(delta, layer.weight, None, layer.stride, cast(Any, layer.padding))
     return delta @ layer.weight
 
 
@@ -65,7 +71,9 @@ def _weight_grads(layer, a, delta):
     Returns (weight part (n, k, P_w) for conv, or None for dense, and bias part (n, k, out_channels))."""
     n, k = delta.shape[:2]
     if isinstance(layer, torch.nn.Conv2d):
-        patches = F.unfold(a, layer.kernel_size, padding=layer.padding, stride=layer.stride)  # (n, Ci*kh*kw, HW)
+        patches = F.unfold(
+            a, layer.kernel_size, padding=cast(Any, layer.padding), stride=layer.stride
+        )  # (n, Ci*kh*kw, HW)
         d = delta.flatten(3)  # (n, k, Co, HW)
         gw = torch.einsum("nkoh,nph->nkop", d, patches).reshape(n, k, -1)
         gb = d.sum(-1)
@@ -93,8 +101,8 @@ def _signals(net: DGN, x, want_feature: bool):
         k = u_v[-1].shape[1]
         # delta_d = e_k: (n, k, k)
         delta = torch.eye(k, dtype=z.dtype, device=z.device).expand(n, k, k)
-        deltas = [None] * d
-        rhos = [None] * (d - 1)  # rho_l = d yhat / d z^v_l
+        deltas: list[Any] = [None] * d
+        rhos: list[Any] = [None] * (d - 1)  # rho_l = d yhat / d z^v_l
         deltas[d - 1] = delta
         for l in range(d - 1, 0, -1):
             layer = net.value_layers[l]
@@ -113,7 +121,7 @@ def _signals(net: DGN, x, want_feature: bool):
             for l in range(d - 1):
                 a_f.append(net.transition(l, x0 if net.gating == "shallow" else zf))
                 zf = torch.relu(qf[l]) if net.gating == "relu" else qf[l]
-            gam = [None] * (d - 1)
+            gam: list[Any] = [None] * (d - 1)
             for l in range(d - 2, -1, -1):
                 s = torch.sigmoid(net.beta * qf[l])
                 dsig = (1 + net.eps) * net.beta * s * (1 - s)
@@ -147,7 +155,7 @@ def _featurize(net, x, params, biases=True):
     return out
 
 
-def _pair_structured(f1, f2, trace: bool, diag: bool = False):
+def _pair_structured(f1, f2, trace: bool, diag: bool = False) -> Any:
     K = None
     for e1, e2 in zip(f1, f2):
         if diag:  # paired rows: (n,) diagonal
@@ -207,7 +215,7 @@ def _fn(net):
     return f
 
 
-def _ntk_jacobian(net, x1, x2, params, trace, biases=True):
+def _ntk_jacobian(net, x1, x2, params, trace, biases=True) -> Any:
     p = _param_dict(net, params, biases)
     f = _fn(net)
     j1 = vmap(jacrev(f), (None, 0))(p, x1)
@@ -225,7 +233,8 @@ def _ntk_vp(net, x1, x2, params, trace, biases=True):
     f = _fn(net)
     x2_ = x1 if x2 is None else x2
     fb = lambda q: vmap(f, (None, 0))(q, x2_)  # noqa: E731  (n2, k)
-    out2, pullback = vjp(fb, p)
+    res = vjp(fb, p)
+    out2, pullback = res[0], res[1]
     n2, k = out2.shape
     cot = torch.eye(n2 * k, dtype=out2.dtype, device=out2.device).reshape(n2 * k, n2, k)
     jt = vmap(pullback)(cot)[0]  # per output direction: a tangent in parameter space
@@ -234,8 +243,44 @@ def _ntk_vp(net, x1, x2, params, trace, biases=True):
     return cols.reshape(n2, k, x1.shape[0], k).permute(2, 0, 3, 1)  # (n1, n2, k1, k2)
 
 
+@overload
 def ntk(
-    net: DGN,
+    net: DGN | ModuleDGN,
+    x1,
+    x2=None,
+    *,
+    diag: bool = False,
+    params: str = "value",
+    method: str = "structured",
+    trace: bool = True,
+    biases: bool = True,
+    dtype=None,
+    block: int = 256,
+    out: None = None,
+    progress: bool = False,
+) -> torch.Tensor: ...
+
+
+@overload
+def ntk(
+    net: DGN | ModuleDGN,
+    x1,
+    x2=None,
+    *,
+    diag: bool = False,
+    params: str = "value",
+    method: str = "structured",
+    trace: bool = True,
+    biases: bool = True,
+    dtype=None,
+    block: int = 256,
+    out: str | Path,
+    progress: bool = False,
+) -> Path: ...
+
+
+def ntk(
+    net: Any,
     x1,
     x2=None,
     *,
@@ -248,7 +293,7 @@ def ntk(
     block: int = 256,
     out=None,
     progress: bool = False,
-):
+) -> Any:
     """Empirical NTK of a DGN, (n1, n2) traced over outputs (trace=False: (n1, n2, k, k)).
 
     params: 'value' | 'feature' | 'all';  method: 'structured' | 'jacobian' | 'vp' (see the module docstring).

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import TYPE_CHECKING, Any, Iterator
 
 import torch
 from torch import nn
@@ -53,11 +54,21 @@ def init_layers(layers, init: str = "glorot", c: float = math.sqrt(2.0), generat
                 layer.bias.zero_()
 
 
+class Layers(nn.ModuleList):
+    """A ModuleList of the network's nn.Linear / nn.Conv2d layers (the type tells the checker what it holds)."""
+
+    if TYPE_CHECKING:
+
+        def __iter__(self) -> Iterator[nn.Linear | nn.Conv2d]: ...
+
+        def __getitem__(self, idx: Any) -> Any: ...
+
+
 class DGN(nn.Module):
     """Base class: subclasses fill ``value_layers``, ``feature_layers`` and ``transitions``."""
 
-    value_layers: nn.ModuleList
-    feature_layers: nn.ModuleList
+    value_layers: Layers
+    feature_layers: Layers
     transitions: list  # transitions[l] in {"none", "flatten", "gap"}, applied to the input of layer l (0-based)
 
     def _setup_gating(
@@ -83,6 +94,19 @@ class DGN(nn.Module):
         return len(self.value_layers)
 
     # -- input handling ---------------------------------------------------------------------------
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input, without the batch dim: (in_dim,) or (channels, size, size)."""
+        attrs = vars(self)  # plain ints set by the subclass constructors
+        if "in_dim" in attrs:
+            return (int(attrs["in_dim"]),)
+        size = int(attrs["image_size"])
+        return (int(attrs["in_channels"]), size, size)
+
+    def config(self) -> dict:  # pragma: no cover - overridden
+        """The constructor arguments that rebuild this network."""
+        raise NotImplementedError
+
     def _prepare(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import NeuralpathError, check_choice, check_positive_int
-from .base import DGN
+from .base import DGN, Layers
 
 ARCHS = ("vconv", "gconv")
 
@@ -74,8 +74,8 @@ class ConvDGN(DGN):
             return layers, d_in
 
         layers, d_last = build()
-        self.value_layers = nn.ModuleList(layers + [nn.Linear(d_last, out_dim, bias=bias)])
-        self.feature_layers = nn.ModuleList(layers if tied else build(shallow=gating == "shallow")[0])
+        self.value_layers = Layers(layers + [nn.Linear(d_last, out_dim, bias=bias)])
+        self.feature_layers = Layers(layers if tied else build(shallow=gating == "shallow")[0])
         n_conv = len(channels)
         self.transitions = ["none"] * (n_conv + len(hidden) + 1)
         self.transitions[n_conv] = "flatten" if arch == "vconv" else "gap"

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..errors import NeuralpathError, check_positive_int
-from .base import DGN
+from .base import DGN, Layers
 
 
 class FCDGN(DGN):
@@ -45,15 +45,15 @@ class FCDGN(DGN):
         self._setup_gating(gate, beta, eps, tied, gating, value_input)
         self.in_dim, self.width, self.out_dim = in_dim, width, out_dim
         dims = [in_dim] + [width] * (depth - 1)
-        self.value_layers = nn.ModuleList(
+        self.value_layers = Layers(
             [nn.Linear(dims[l], dims[l + 1], bias=bias) for l in range(depth - 1)]
             + [nn.Linear(width, out_dim, bias=bias)]
         )
         if tied:
-            self.feature_layers = nn.ModuleList(list(self.value_layers[:-1]))  # the same modules
+            self.feature_layers = Layers(list(self.value_layers[:-1]))  # the same modules
         else:
             fin = [in_dim] * (depth - 1) if gating == "shallow" else dims[:-1]  # DLGN-SF: every layer reads x
-            self.feature_layers = nn.ModuleList([nn.Linear(fin[l], dims[l + 1], bias=bias) for l in range(depth - 1)])
+            self.feature_layers = Layers([nn.Linear(fin[l], dims[l + 1], bias=bias) for l in range(depth - 1)])
         self.transitions = ["none"] * depth
         self.reset_parameters(init, init_scale, generator)
 
