@@ -746,8 +746,10 @@ def bench_convntk(args):
 
 
 def bench_thpstep(args):
-    """Per-run optimiser step (Adam, batch 32) of GCONV per regime kind, x1/4 as a stack of 4 and full width single,
-    median of ``--repeat`` x 3 steps, under this process's THP_MEM_ALLOC_ENABLE (set it to 0 or 1 around the call)."""
+    """Per-run optimiser step (Adam, batch 32) of GCONV (``--arch vconv``: VCONV) per regime kind, x1/4 as a stack of
+    4 and full width single, median of ``--repeat`` x 3 steps, under this process's THP_MEM_ALLOC_ENABLE (set it to 0
+    or 1 around the call)."""
+    arch = args.arch or "gconv"
     import torch.nn.functional as F
 
     from neuralpath.experiments.budget import conv_widths
@@ -761,7 +763,7 @@ def bench_thpstep(args):
         ch, hid = conv_widths(mult)
         for regime in ("relu", "frnpf-ii", "dlnpf"):
             kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
-            st = make_stack([build_regime(regime, "gconv", s, None, **kw)[0] for s in range(r)])
+            st = make_stack([build_regime(regime, arch, s, None, **kw)[0] for s in range(r)])
             st.cache_frozen_gates(x, [rows_all] * r)
             opt = make_optimizer("adam", st.parameters(), 1e-4)
 
@@ -774,7 +776,22 @@ def bench_thpstep(args):
                 opt.step()
 
             res[f"x{mult:g}-{regime}-R{r}"] = timeit(lambda: [step() for _ in range(3)], args.repeat, 2) / 3 / r
-    return dict(bench="thpstep", thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"), per_run_step_s=res)
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    gemm = 2 * 2048**3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
+    of_gemm = {}
+    for key, t in res.items():
+        mult = float(key.split("-")[0][1:])
+        ch, hid = conv_widths(mult)
+        regime = key.split("-", 1)[1].rsplit("-R", 1)[0]
+        of_gemm[key] = _conv_step_flops(arch, ch, hid, regime) / t / 1e9 / gemm
+    return dict(
+        bench="thpstep",
+        arch=arch,
+        thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
+        large_gemm_gflops=gemm,
+        per_run_step_s=res,
+        of_gemm=of_gemm,
+    )
 
 
 def main():
