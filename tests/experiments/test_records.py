@@ -70,3 +70,15 @@ def test_conv_dlgn_from_records(tmp_path):
     assert [round(100 * x, 1) for x in ratios] == [110.4, 114.4, 123.6]
     dlgn.plot_cifar(d, tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_fc_adam_rerun_from_records(tmp_path):
+    from neuralpath.experiments import table
+
+    recs = table.collect(_copy(tmp_path, "paper-fc-adam"))
+    s = table.summarise(recs, ["fc-adam"])["fc-adam"]
+    cells = {reg: (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"]) for reg in ("relu", "flnpf")}
+    assert cells == {"relu": ("98.14±0.04", "97.93±0.08", 5), "flnpf": ("97.77±0.07", "97.55±0.15", 5)}, cells
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    assert "| FLNPF | 97.82±0.02 | **97.77±0.07** | -0.05 | 97.55±0.15 | 97.70±0.09 |" in doc
+    assert "| RELU | 98.14±0.07 | **98.14±0.04** | +0.00 | 97.93±0.08 | 97.85±0.17 |" in doc
