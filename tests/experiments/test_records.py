@@ -82,3 +82,16 @@ def test_fc_adam_rerun_from_records(tmp_path):
     doc = (REPO / "docs" / "RESULTS.md").read_text()
     assert "| FLNPF | 97.82±0.02 | **97.77±0.07** | -0.05 | 97.55±0.15 | 97.70±0.09 |" in doc
     assert "| RELU | 98.14±0.07 | **98.14±0.04** | +0.00 | 97.93±0.08 | 97.85±0.17 |" in doc
+
+
+def test_ntk_split_report_and_plot_from_records(tmp_path):
+    from neuralpath.experiments import ntk_split
+    from neuralpath.io import read_jsonl
+
+    d = _copy(tmp_path, "ntk-split")
+    recs = sorted(read_jsonl(d / "ntk_split.jsonl"), key=lambda r: r["epoch"])
+    md = ntk_split.report(recs, "quick", 10, 6000, 0, 0.9208)
+    committed = (d / "ntk_split.md").read_text()
+    assert md.splitlines() == committed.splitlines()[: len(md.splitlines())]  # all but the wall-time line
+    ntk_split.plot(recs, tmp_path / "n.png")
+    assert (tmp_path / "n.png").read_bytes()[:4] == b"\x89PNG"

@@ -30,7 +30,7 @@ from ..runfolder import RunFolder
 from ..train import FitOptions, RunData, RunSpec, fit
 from .common import mean_std, pyplot, run_record, savefig, write_jsonl
 
-# set -> model -> (beta, lr, gated layers, width): the authors' settings (SPEC-DLGN table); ReLU uses DLGN's size/lr
+# set -> model -> (beta, lr, gated layers, width): the authors' settings (docs/THEORY.md §11); ReLU uses DLGN's size/lr
 SETTINGS = {
     "sd-i": {"dlgn": (3.0, 0.02, 5, 20), "dlgn-sf": (30.0, 0.02, 4, 10)},
     "sd-ii": {"dlgn": (10.0, 0.01, 4, 20), "dlgn-sf": (3.0, 0.02, 4, 10)},

@@ -91,41 +91,50 @@ def run(
             f"K^v {rec['align_value']:.3f}, K^f {rec['align_feature']:.3f}"
         )
     recs = sorted((r for r in read_jsonl(rec_path) if r["epoch"] in stages), key=lambda r: r["epoch"])
+    md = report(recs, budget, epochs, b["limit_train"], seed, res["best_test_acc"])
+    png = out / "ntk_split.png"
+    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {png}\n"
+    write_text(out / "ntk_split.md", md)
+    plot(recs, png)
+    return md
+
+
+_HEADER = [
+    "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
+    "|---|---|---|---|---|---|---|---|",
+]
+
+
+def _rows(recs, sfx=""):
+    return [
+        f"| {r['epoch']} | {r['trace_value' + sfx]:.4g} | {r['trace_feature' + sfx]:.4g} | "
+        f"{r['fro_value' + sfx]:.4g} | {r['fro_feature' + sfx]:.4g} | {r['align_value' + sfx]:.3f} | "
+        f"{r['align_feature' + sfx]:.3f} | {r['align_all' + sfx]:.3f} |"
+        for r in recs
+    ]
+
+
+def report(recs, budget, epochs, limit_train, seed, best_test_acc) -> str:
+    """The markdown tables from the per-epoch records (weights and biases; weights only where measured)."""
     lines = [
         f"# NTK split during DLNPF training (budget `{budget}`: {epochs} epochs, "
-        f"{'full MNIST' if not b['limit_train'] else str(b['limit_train']) + ' training images'}, seed {seed}; "
-        f"best test accuracy {100 * res['best_test_acc']:.2f}%)",
+        f"{'full MNIST' if not limit_train else str(limit_train) + ' training images'}, seed {seed}; "
+        f"best test accuracy {100 * best_test_acc:.2f}%)",
         "",
         "K^v: NTK w.r.t. the value network; K^f: w.r.t. the (soft-gated) feature network; 200 MNIST training images, "
         "logits, traced over the 10 outputs. align = kernel-target alignment with one-hot labels.",
         "",
-        "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
-        "|---|---|---|---|---|---|---|---|",
+        *_HEADER,
+        *_rows(recs),
     ]
-    for r in recs:
-        lines.append(
-            f"| {r['epoch']} | {r['trace_value']:.4g} | {r['trace_feature']:.4g} | {r['fro_value']:.4g} | "
-            f"{r['fro_feature']:.4g} | {r['align_value']:.3f} | {r['align_feature']:.3f} | {r['align_all']:.3f} |"
-        )
     if recs and "trace_value_w" in recs[0]:
-        lines += [
-            "",
-            "Weights only (the authors' setting: no derivatives w.r.t. the biases):",
-            "",
-            "| epoch | tr K^v | tr K^f | ‖K^v‖_F | ‖K^f‖_F | align K^v | align K^f | align K |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for r in recs:
-            lines.append(
-                f"| {r['epoch']} | {r['trace_value_w']:.4g} | {r['trace_feature_w']:.4g} | "
-                f"{r['fro_value_w']:.4g} | {r['fro_feature_w']:.4g} | {r['align_value_w']:.3f} | "
-                f"{r['align_feature_w']:.3f} | {r['align_all_w']:.3f} |"
-            )
-    lines.append(
-        f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'ntk_split.png'}"
-    )
-    md = "\n".join(lines) + "\n"
-    write_text(out / "ntk_split.md", md)
+        lines += ["", "Weights only (the authors' setting: no derivatives w.r.t. the biases):", "", *_HEADER]
+        lines += _rows(recs, "_w")
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs, path):
+    """Trace, Frobenius norm and label alignment of K^v and K^f against the epoch (PNG)."""
     plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     e = [r["epoch"] for r in recs]
@@ -144,5 +153,4 @@ def run(
         ax.legend()
     fig.suptitle("DLNPF FC 6x128, MNIST, SGD 1e-2: value and feature parts of the NTK")
     fig.tight_layout()
-    savefig(fig, out / "ntk_split.png")
-    return md
+    savefig(fig, path)

@@ -130,25 +130,24 @@ def _gram(
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = check_size(n1, n2, itemsize, out, memory_limit)
     rank, world = _dist()
+    job = dict(
+        featurize=featurize,
+        pair=pair,
+        x1=x1,
+        x2_=x2_,
+        sym=sym,
+        block=block,
+        dtype=dtype,
+        progress=progress,
+        feature_budget=feature_budget,
+        feature_bytes_per_input=feature_bytes_per_input,
+        desc=desc,
+        rank=rank,
+        world=world,
+    )
     if out is None:  # several ranks, in memory: each fills its tiles, then one all-reduce sums them
         K = (torch.zeros if world > 1 else torch.empty)((n1, n2), dtype=dtype)
-        return _fill(
-            featurize,
-            pair,
-            x1,
-            x2_,
-            sym,
-            K.numpy(),
-            block,
-            dtype,
-            progress,
-            feature_budget,
-            feature_bytes_per_input,
-            desc,
-            rank,
-            world,
-            K=K,
-        )
+        return _fill(K.numpy(), K, **job)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial.npy")
     lock = None
@@ -176,22 +175,7 @@ def _gram(
             torch.distributed.barrier()
         target = _TileWriter(tmp, n2, itemsize)
         try:
-            _fill(
-                featurize,
-                pair,
-                x1,
-                x2_,
-                sym,
-                target,
-                block,
-                dtype,
-                progress,
-                feature_budget,
-                feature_bytes_per_input,
-                desc,
-                rank,
-                world,
-            )
+            _fill(target, None, **job)
         finally:
             target.close()
         if world > 1:
@@ -213,12 +197,14 @@ def _gram(
 
 
 def _fill(
+    target,
+    K,
+    *,
     featurize,
     pair,
     x1,
     x2_,
     sym,
-    target,
     block,
     dtype,
     progress,
@@ -227,7 +213,6 @@ def _fill(
     desc,
     rank,
     world,
-    K=None,
 ):
     from tqdm import tqdm
 
