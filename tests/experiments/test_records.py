@@ -95,3 +95,19 @@ def test_ntk_split_report_and_plot_from_records(tmp_path):
     assert md.splitlines() == committed.splitlines()[: len(md.splitlines())]  # all but the wall-time line
     ntk_split.plot(recs, tmp_path / "n.png")
     assert (tmp_path / "n.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernels_report_and_plot_from_records(tmp_path):
+    from neuralpath.experiments import kernel_machines as km
+    from neuralpath.io import read_jsonl
+
+    d = _copy(tmp_path, "kernels")
+    recs = read_jsonl(d / "kernels.jsonl")
+    net_acc = {r["epoch"]: r["test_acc"] for r in read_jsonl(d / "relu" / "metrics.jsonl")}
+    stages = [("npk-inf", 0), ("npk", 0), ("npk", 1), ("npk", 2), ("npk", 3), ("ntk", 3)]
+    committed = (d / "kernels.md").read_text().splitlines()
+    md = km.report(recs, stages, net_acc, committed[0]).splitlines()
+    assert md == committed[: len(md)]  # the table; the committed file adds the wall-time line
+    assert any(x.startswith("| NPK-INF | ∞ width | 97.15 |") for x in md)  # RESULTS.md: KRR 97.15% at infinite width
+    km.plot(recs, net_acc, tmp_path / "k.png")
+    assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"

@@ -124,12 +124,27 @@ def run(
             add(rec_path, rec)
             log(f"{kind.upper()} gates@epoch {ep} {m}: test accuracy {100 * rec['test_acc']:.2f}%")
         del K, Kt
-    recs = [r for r in read_jsonl(rec_path)]
-    metrics = read_jsonl(out / "relu" / "metrics.jsonl")
-    net_acc = {r["epoch"]: r["test_acc"] for r in metrics}
-    lines = [
+    recs = list(read_jsonl(rec_path))
+    net_acc = {r["epoch"]: r["test_acc"] for r in read_jsonl(out / "relu" / "metrics.jsonl")}
+    title = (
         f"# Kernel machines on the NPK as the gates evolve ({arch}, budget `{budget}`: {n_train} training / "
-        f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})",
+        f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})"
+    )
+    md = report(recs, stages, net_acc, title)
+    md += (
+        f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
+        f"{time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'kernels.png'}\n"
+    )
+    write_text(out / "kernels.md", md)
+    plot(recs, net_acc, out / "kernels.png")
+    return md
+
+
+def report(recs, stages, net_acc, title) -> str:
+    """The markdown table from the kernel records (one row per kernel and gate epoch of ``stages``) and the ReLU
+    net's test accuracy per epoch ``net_acc``."""
+    lines = [
+        title,
         "",
         "Test accuracy %. NPK@e = neural path kernel of the ReLU net's gates after e epochs (e = 0: random "
         "gates); NPK-INF = the infinite-width NPK of random gates (docs/THEORY.md §8); NTK = empirical NTK of "
@@ -149,12 +164,11 @@ def run(
             + " | ".join(f"{100 * row[m]['test_acc']:.2f}" if m in row else "—" for m in ("krr", "svm"))
             + f" | {'—' if na is None else f'{100 * na:.2f}'} | {any_r['alignment_2000']:.3f} |"
         )
-    lines.append(
-        f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
-        f"{time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'kernels.png'}"
-    )
-    md = "\n".join(lines) + "\n"
-    write_text(out / "kernels.md", md)
+    return "\n".join(lines) + "\n"
+
+
+def plot(recs, net_acc, path):
+    """Test accuracy of the NPK machines against the epoch of the gates, beside the net itself (PNG)."""
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.9))
     for m, style in (("krr", "o-"), ("svm", "s-")):
@@ -172,14 +186,14 @@ def run(
                 nt[0], ls=":", color="tab:green" if m == "krr" else "tab:olive", label=f"final NTK + {m.upper()}"
             )
     pts = sorted((e, 100 * a) for e, a in net_acc.items())
-    ax.plot(*zip(*pts), "k^--", label="the ReLU net itself")
+    if pts:
+        ax.plot(*zip(*pts), "k^--", label="the ReLU net itself")
     ax.set_xlabel("epoch of the ReLU net whose gates define the NPK")
     ax.set_ylabel("test accuracy %")
     ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    savefig(fig, out / "kernels.png")
-    return md
+    savefig(fig, path)
 
 
 CNTK_CIFAR10 = 77.43  # Arora et al. 2019, the convolutional NTK on CIFAR-10, as the paper quotes it
