@@ -33,7 +33,7 @@ from __future__ import annotations
 import copy
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, overload
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, overload
 
 import torch
 import torch.nn.functional as F
@@ -288,36 +288,23 @@ def _finish(t, log_s, dtype):
 METHODS = ("closed_form", "paths")
 
 
-@overload
-def npk(
-    net: DGN | ModuleDGN,
-    x1,
-    x2=None,
-    *,
-    diag: bool = False,
-    method: str = "closed_form",
-    normalize=None,
-    dtype=None,
-    block: int = 1024,
-    out: None = None,
-    progress: bool = False,
-) -> torch.Tensor: ...
+class NpkOptions(TypedDict, total=False):
+    """The keyword options of :func:`npk` other than ``out`` (for its typed overloads)."""
+
+    diag: bool
+    method: str
+    normalize: str | None
+    dtype: torch.dtype | None
+    block: int
+    progress: bool
 
 
 @overload
-def npk(
-    net: DGN | ModuleDGN,
-    x1,
-    x2=None,
-    *,
-    diag: bool = False,
-    method: str = "closed_form",
-    normalize=None,
-    dtype=None,
-    block: int = 1024,
-    out: str | Path,
-    progress: bool = False,
-) -> Path: ...
+def npk(net: DGN | ModuleDGN, x1, x2=None, *, out: None = None, **options: Unpack[NpkOptions]) -> torch.Tensor: ...
+
+
+@overload
+def npk(net: DGN | ModuleDGN, x1, x2=None, *, out: str | Path, **options: Unpack[NpkOptions]) -> Path: ...
 
 
 def npk(

@@ -29,7 +29,7 @@ pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Usefu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -243,40 +243,25 @@ def _ntk_vp(net, x1, x2, params, trace, biases=True):
     return cols.reshape(n2, k, x1.shape[0], k).permute(2, 0, 3, 1)  # (n1, n2, k1, k2)
 
 
-@overload
-def ntk(
-    net: DGN | ModuleDGN,
-    x1,
-    x2=None,
-    *,
-    diag: bool = False,
-    params: str = "value",
-    method: str = "structured",
-    trace: bool = True,
-    biases: bool = True,
-    dtype=None,
-    block: int = 256,
-    out: None = None,
-    progress: bool = False,
-) -> torch.Tensor: ...
+class NtkOptions(TypedDict, total=False):
+    """The keyword options of :func:`ntk` other than ``out`` (for its typed overloads)."""
+
+    diag: bool
+    params: str
+    method: str
+    trace: bool
+    biases: bool
+    dtype: torch.dtype | None
+    block: int
+    progress: bool
 
 
 @overload
-def ntk(
-    net: DGN | ModuleDGN,
-    x1,
-    x2=None,
-    *,
-    diag: bool = False,
-    params: str = "value",
-    method: str = "structured",
-    trace: bool = True,
-    biases: bool = True,
-    dtype=None,
-    block: int = 256,
-    out: str | Path,
-    progress: bool = False,
-) -> Path: ...
+def ntk(net: DGN | ModuleDGN, x1, x2=None, *, out: None = None, **options: Unpack[NtkOptions]) -> torch.Tensor: ...
+
+
+@overload
+def ntk(net: DGN | ModuleDGN, x1, x2=None, *, out: str | Path, **options: Unpack[NtkOptions]) -> Path: ...
 
 
 def ntk(
