@@ -178,7 +178,15 @@ def _chsum(s: Sig, groups, cx) -> torch.Tensor:
                     ov = torch.bmm(g1, g2.transpose(1, 2), out=cx.scratch("ov", (P, cx.A, cx.B), g1))
                     out.view(P, cx.A, cx.B).addcmul_(ov, t, value=term.coef)
                     continue
-                ov = torch.bmm(g1, g2.transpose(1, 2)).unsqueeze(0)  # (1, P, A, B)
+                one = g1.new_zeros((1, 1, 1))  # ignored (beta = 0): the coefficient rides in the GEMM's alpha
+                ov = torch.baddbmm(one, g1, g2.transpose(1, 2), beta=0.0, alpha=term.coef).unsqueeze(0)
+                v = ov.mul_(t)
+                v = v.reshape(v.shape[0], *term.src, *v.shape[-2:])
+                if term.post is not None:
+                    v = term.post(v)
+                v = v.reshape(v.shape[0], *rest, *v.shape[-2:])
+                out = _acc(out, v, full)
+                continue
             elif groups == 1:
                 ov = (g1 * g2).sum(-1, keepdim=True).unsqueeze(0)
             else:
@@ -202,19 +210,24 @@ def _chsum(s: Sig, groups, cx) -> torch.Tensor:
             v = t.reshape(groups, c // groups, *t.shape[1:]).sum(1)
             if term.coef != 1.0:
                 v.mul_(term.coef)
-        if out is None:
-            out = v if tuple(v.shape) == full else v.expand(full).clone()
-        else:
-            out.add_(v)  # out is a fresh full-size tensor
+        out = _acc(out, v, full)
     assert out is not None, "a signal has at least one term"
     s.memo[groups] = out
     return out
 
 
-def _box(v, k, stride, pad, dil, out_hw, cx=None):
-    """Window sums with zero padding over the two spatial dims of v (X, H, W, A, B): for every output position,
-    the sum of the inputs its (dilated, strided) window reads. Separable: one shifted strided add per tap and axis,
-    a tap that covers every output first (a copy instead of zeros and an add)."""
+def _acc(out, v, full):
+    """out + v into a fresh full-size tensor (v is fresh: taken as out when it is full-size)."""
+    if out is None:
+        return v if tuple(v.shape) == full else v.expand(full).clone()
+    return out.add_(v)
+
+
+def _box(v, k, stride, pad, dil, out_hw, cx=None, bias=0.0):
+    """Window sums with zero padding over the two spatial dims of v (X, H, W, A, B), plus ``bias``: for every output
+    position, the sum of the inputs its (dilated, strided) window reads. Separable: one shifted strided add per tap
+    and axis, a tap that covers every output first (a copy instead of zeros and an add; the bias rides in the second
+    axis's first pass)."""
     for ax in (1, 2):
         n_in, n_out = v.shape[ax], out_hw[ax - 1]
         s, p, d = stride[ax - 1], pad[ax - 1], dil[ax - 1]
@@ -230,13 +243,17 @@ def _box(v, k, stride, pad, dil, out_hw, cx=None):
         shp[ax] = n_out
         # the first axis's sums are consumed at once by the second: a reused buffer when the caller has one
         out = cx.scratch("box", shp, v) if (ax == 1 and cx is not None) else v.new_empty(shp)
+        b = bias if ax == 2 else 0.0
         if not taps or taps[0][:2] != (0, n_out - 1):
-            out.zero_()
+            out.fill_(b)
         for i, (lo, hi, off) in enumerate(taps):
             idx = [slice(None)] * v.dim()
             idx[ax] = slice(lo * s + off, hi * s + off + 1, s)
             if i == 0 and (lo, hi) == (0, n_out - 1):
-                out.copy_(v[tuple(idx)])
+                if b:
+                    torch.add(v[tuple(idx)], b, out=out)
+                else:
+                    out.copy_(v[tuple(idx)])
             else:
                 out.narrow(ax, lo, hi - lo + 1).add_(v[tuple(idx)])
         v = out
@@ -316,13 +333,17 @@ def propagate(dgn, f1, f2, paired: bool = False) -> tuple[torch.Tensor, float]:
         elif k in ("conv", "linear"):
             m = mods[op.module]
             a = ins[0]
-            if k == "conv":
+            if k == "conv":  # T = box(S) / fan (+ e^-ls): the 1/fan stays a term coefficient, the bias rides in the box
                 groups = m.groups
                 S = _chsum(a, groups, cx)  # (groups, H, W, A, B)
-                t = _box(S, m.kernel_size, m.stride, op.opts["padding"], m.dilation, op.shape[1:], cx)
                 fan = (m.in_channels // groups) * m.kernel_size[0] * m.kernel_size[1]
+                ls = a.ls + math.log(fan)
+                bias = fan * math.exp(-ls) if m.bias is not None else 0.0
+                t = _box(S, m.kernel_size, m.stride, op.opts["padding"], m.dilation, op.shape[1:], cx, bias)
                 if groups > 1:
                     t = t.repeat_interleave(m.out_channels // groups, dim=0)
+                sigs.append(Sig([Term(t, coef=1.0 / fan)], ls, op.shape))
+                continue
             else:  # a dense layer acts on the last unit dim
                 if len(a.shape) == 1:
                     t = _chsum(a, 1, cx).clone()
