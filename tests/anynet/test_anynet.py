@@ -343,3 +343,12 @@ def test_resnet_arch_trains_and_loads(tmp_path):
     with torch.no_grad():
         assert (run.net(x).argmax(1) == y).double().mean().item() == pytest.approx(res["best_test_acc"], abs=1e-12)
     assert run.net.features_frozen and run.net.config()["arch"] == "resnet"
+
+
+def test_npk_of_no_inputs_is_empty():
+    """Zero inputs give a (0, 0) kernel, as for the FC and conv DGNs (the module path sizes its feature cache from
+    the traced shapes, not from a first input)."""
+    m = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 8 * 8, 2)).eval()
+    d = from_module(m, torch.zeros(1, 3, 8, 8))
+    for normalize in (None, "cosine"):
+        assert npx.npk(d, torch.zeros(0, 3, 8, 8), normalize=normalize).shape == (0, 0)

@@ -467,8 +467,8 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
     from ..kernels.gram import _avail_memory
 
     with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
-        units = sum(g[0].numel() for g in dgn.feature_state(x1[:1].to(next(dgn.parameters())))[0])
-        per_input = 2 * (units + x1[0].numel()) * torch.empty((), dtype=dt).element_size()
+        units = sum(math.prod(op.shape) for op in dgn.ops if op.kind == "gate")
+        per_input = 2 * (units + math.prod(x1.shape[1:])) * torch.empty((), dtype=dt).element_size()
         return gram(
             lambda x: featurize(dgn, x),
             pair,
