@@ -502,17 +502,14 @@ def bench_convstep(args):
     frozen gates looked up from the bit-packed cache), at the paper's widths and x1/2, x1/4: single runs and stacks
     of R = 3 (the engine's loop), and the grouped-convolution stacking design; each against its matrix-product
     FLOPs at the large-GEMM rate measured in the same run."""
-    import torch.nn.functional as F
 
     from neuralpath.experiments.budget import conv_widths
-    from neuralpath.stacks import make_stack
 
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     gemm = 2 * 2048**3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
     steps, R = args.n or 4, 3
     x = torch.rand(512, 3, 32, 32)
     y = torch.randint(0, 10, (512,))
-    rows_all = torch.arange(512)
     out = []
     archs = [args.arch] if args.arch else ["gconv", "vconv"]
     for arch in archs:
@@ -522,19 +519,7 @@ def bench_convstep(args):
             rec = dict(arch=arch, width=mult, channels=ch, hidden=hid)
             for regime in ("relu", "frnpf-ii", "dlnpf"):
                 for r in (1, R):
-                    nets = [build_regime(regime, arch, s, None, **kw)[0] for s in range(r)]
-                    st = make_stack(nets)
-                    st.cache_frozen_gates(x, [rows_all] * r)
-                    opt = make_optimizer("adam", st.parameters(), 1e-4)  # the engine's optimiser
-
-                    def step():
-                        idx = torch.randint(0, 512, (r, 32))
-                        o = st.forward(x[idx], idx)
-                        loss = F.cross_entropy(o.reshape(-1, 10), y[idx].reshape(-1), reduction="sum") / 32
-                        opt.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt.step()
-
+                    step = _stack_step(regime, arch, r, kw, x, y)
                     t = timeit(lambda: [step() for _ in range(steps)], args.repeat) / steps / r
                     fl = _conv_step_flops(arch, ch, hid, regime)
                     rec[f"{regime}_R{r}_step_s"] = t
@@ -745,45 +730,46 @@ def bench_convntk(args):
     return rec
 
 
+def _stack_step(regime, arch, r, kw, x, y):
+    """One engine optimiser step (Adam 1e-4, batch 32 per run) of a stack of ``r`` runs of ``regime`` on the
+    CIFAR-shaped batch pool (x, y), frozen gates taken from the bit-packed cache."""
+    import torch.nn.functional as F
+
+    from neuralpath.stacks import make_stack
+
+    st = make_stack([build_regime(regime, arch, s, None, **kw)[0] for s in range(r)])
+    st.cache_frozen_gates(x, [torch.arange(len(x))] * r)
+    opt = make_optimizer("adam", st.parameters(), 1e-4)  # the engine's optimiser
+
+    def step():
+        idx = torch.randint(0, len(x), (r, 32))
+        o = st.forward(x[idx], idx)
+        loss = F.cross_entropy(o.reshape(-1, 10), y[idx].reshape(-1), reduction="sum") / 32
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
 def bench_thpstep(args):
     """Per-run optimiser step (Adam, batch 32) of GCONV (``--arch vconv``: VCONV) per regime kind, x1/4 as a stack of
     4 and full width single, median of ``--repeat`` x 3 steps, under this process's THP_MEM_ALLOC_ENABLE (set it to 0
     or 1 around the call)."""
-    arch = args.arch or "gconv"
-    import torch.nn.functional as F
-
     from neuralpath.experiments.budget import conv_widths
-    from neuralpath.stacks import make_stack
 
+    arch = args.arch or "gconv"
     torch.manual_seed(0)
     x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
-    rows_all = torch.arange(512)
-    res = {}
+    gemm = _gemm_rate()
+    res, of_gemm = {}, {}
     for mult, r in ((0.25, 4), (1.0, 1)):
         ch, hid = conv_widths(mult)
         for regime in ("relu", "frnpf-ii", "dlnpf"):
-            kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
-            st = make_stack([build_regime(regime, arch, s, None, **kw)[0] for s in range(r)])
-            st.cache_frozen_gates(x, [rows_all] * r)
-            opt = make_optimizer("adam", st.parameters(), 1e-4)
-
-            def step(st=st, opt=opt, r=r):
-                idx = torch.randint(0, 512, (r, 32))
-                o = st.forward(x[idx], idx)
-                loss = F.cross_entropy(o.reshape(-1, 10), y[idx].reshape(-1), reduction="sum") / 32
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
-            res[f"x{mult:g}-{regime}-R{r}"] = timeit(lambda: [step() for _ in range(3)], args.repeat, 2) / 3 / r
-    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
-    gemm = 2 * 2048**3 / min(timeit(lambda: a @ b, 1, warmup=1) for _ in range(5)) / 1e9
-    of_gemm = {}
-    for key, t in res.items():
-        mult = float(key.split("-")[0][1:])
-        ch, hid = conv_widths(mult)
-        regime = key.split("-", 1)[1].rsplit("-R", 1)[0]
-        of_gemm[key] = _conv_step_flops(arch, ch, hid, regime) / t / 1e9 / gemm
+            step = _stack_step(regime, arch, r, dict(in_shape=(3, 32, 32), channels=ch, hidden=hid), x, y)
+            key = f"x{mult:g}-{regime}-R{r}"
+            res[key] = timeit(lambda: [step() for _ in range(3)], args.repeat, 2) / 3 / r
+            of_gemm[key] = _conv_step_flops(arch, ch, hid, regime) / res[key] / 1e9 / gemm
     return dict(
         bench="thpstep",
         arch=arch,

@@ -464,8 +464,6 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
                 t, ls = propagate(dgn, f, f, paired=True)
                 outs.append((t[:, 0] if scaled else _finish(t[:, 0], ls, dt)).cpu())
             return torch.cat(outs)
-    from ..kernels.gram import _avail_memory
-
     with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
         units = sum(math.prod(op.shape) for op in dgn.ops if op.kind == "gate")
         per_input = 2 * (units + math.prod(x1.shape[1:])) * torch.empty((), dtype=dt).element_size()
@@ -480,7 +478,6 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
             progress=progress,
             desc="NPK",
             feature_bytes_per_input=per_input,
-            feature_budget=max(1 << 30, _avail_memory() // 4),
         )
 
 

@@ -3,7 +3,8 @@
 ``gram(featurize, pair, x1, x2)`` computes K[i, j] = pair(featurize(x1[I]), featurize(x2[J]))[i, j] tile by tile:
 - tiles of ``block`` rows x ``block`` columns; in the symmetric case (x2 is None) only tiles with J >= I are
   computed and mirrored (diagonal tiles too), so each pair is computed once and K equals K.T exactly;
-- per-input features are computed once and kept when they fit in ``feature_budget`` bytes, else per tile;
+- per-input features are computed once and kept when they fit in ``feature_budget`` bytes (default: a quarter of
+  the available memory, at least 1 GiB), else per tile;
 - the result is a tensor in memory, or streamed into a ``.npy`` memmap (``out=``) written under a temporary
   name and renamed when complete;
 - before any work it refuses, with a size estimate, a result that fits neither in memory (no ``out``) nor on the
@@ -117,7 +118,7 @@ def _gram(
     out=None,
     dtype=torch.float32,
     progress: bool = False,
-    feature_budget: int = 1 << 30,
+    feature_budget: int | None = None,
     feature_bytes_per_input: int | None = None,
     desc: str = "kernel",
     memory_limit: int | None = None,
@@ -130,6 +131,8 @@ def _gram(
     itemsize = torch.empty((), dtype=dtype).element_size()
     need = check_size(n1, n2, itemsize, out, memory_limit)
     rank, world = _dist()
+    if feature_budget is None:
+        feature_budget = max(1 << 30, _avail_memory() // 4)
     job = dict(
         featurize=featurize,
         pair=pair,

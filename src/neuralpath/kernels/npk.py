@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
-from .gram import _avail_memory, gram
+from .gram import gram
 
 if TYPE_CHECKING:
     from ..anynet.dgn import ModuleDGN
@@ -404,7 +404,6 @@ def npk(
         dtype=dt,
         progress=progress,
         feature_bytes_per_input=n_units * torch.empty((), dtype=dt).element_size(),
-        feature_budget=max(1 << 30, _avail_memory() // 4),  # features once per input while they fit
         desc="NPK",
     )
     if normalize is None:
