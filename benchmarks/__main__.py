@@ -12,6 +12,7 @@
     python -m benchmarks data     share of a training epoch spent getting batches (indexing the in-memory tensors)
     python -m benchmarks npkscale NPK vs GEMM while n (1k-8k), width (64-512), depth (2-8) and hard/soft gates vary
     python -m benchmarks convntk  structured NTK of a small GCONV vs torch.func Jacobian contraction
+    python -m benchmarks convntkfull  structured NTK of the full-width GCONV on 1,000 CIFAR-10 images
     python -m benchmarks roofline lower bound on the fc-adam row from this machine's measured GEMM rate and memory
                                   bandwidth, beside the measured ensemble steps
     python -m benchmarks convstep conv optimiser steps per regime kind and width, single and stacked, vs the GEMM rate
@@ -701,7 +702,17 @@ def bench_convntk(args):
     tj = timeit(lambda: npx.ntk(net, x, params="all", method="jacobian"), 1)
     ours = npx.ntk(make(), x, params="all")
     diff = (ours - npx.ntk(make(), x, params="all", method="jacobian")).abs().max().item()
-    rec = dict(bench="convntk", n=n, structured_s=ts, jacobian_s=tj, speedup=tj / ts, max_abs_diff=diff)
+    fl = _conv_ntk_flops(net, n)
+    rec = dict(
+        bench="convntk",
+        n=n,
+        structured_s=ts,
+        jacobian_s=tj,
+        speedup=tj / ts,
+        max_abs_diff=diff,
+        flops=fl,
+        structured_gflops=sum(v for k, v in fl.items() if k in ("signals", "formation", "contraction")) / ts / 1e9,
+    )
     py = _peer_python()
     if not py:
         rec["neural_tangents"] = {"skipped": "neural-tangents environment absent (bash scripts/peer-env.sh)"}
@@ -728,6 +739,83 @@ def bench_convntk(args):
         )
         rec["neural_tangents"] = peer
     return rec
+
+
+def _conv_ntk_flops(net, n, pairs=None):
+    """Multiply-adds x 2 of the structured conv NTK on n inputs (traced, params = value): k backward signals through
+    every layer's adjoint but the first, each conv layer's per-example weight gradient G^k = D^k P^T, and the
+    pairwise contraction; and, per conv layer, what one pair would cost by the patch-Gram route
+    sum_{p,p'} <patch(p), patch'(p')> <delta(p), delta'(p')> instead of <G, G'> (the route neural-tangents'
+    structured derivatives can take): HW^2 (Ci kh kw + k Co) against k Co Ci kh kw."""
+    k = net.out_dim
+    pairs = n * n if pairs is None else pairs
+    hw = net.image_size**2
+    out = dict(signals=0.0, formation=0.0, contraction=0.0)
+    per_layer = []
+    for i, layer in enumerate(net.value_layers):
+        if isinstance(layer, torch.nn.Conv2d):
+            w = layer.weight.numel()
+            if i > 0:
+                out["signals"] += 2.0 * n * k * w * hw
+            out["formation"] += 2.0 * n * k * w * hw
+            out["contraction"] += 2.0 * pairs * k * (w + layer.out_channels)
+            ci_kk = w // layer.out_channels
+            per_layer.append(
+                dict(
+                    layer=i,
+                    jacobian_pair_flops=2.0 * k * w,
+                    patch_gram_pair_flops=2.0 * hw * hw * (ci_kk + k * layer.out_channels),
+                )
+            )
+        else:
+            fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
+            if i > 0:
+                out["signals"] += 2.0 * n * k * fan_in * fan_out
+            out["contraction"] += 2.0 * pairs * (fan_in + k * fan_out)
+    return dict(out, per_conv_layer=per_layer)
+
+
+def bench_convntkfull(args):
+    """The structured NTK (params = all = value for the tied net, float32, traced) of the paper's full-width GCONV
+    (channels 64, 64, 128, 128; dense 256, 256) on n = 1,000 CIFAR-10 training images (``--n``; the JPEG copy when
+    no official copy is installed, random CIFAR-shaped inputs when neither is), seed-0 weights: wall time, peak
+    memory, the FLOP count and the rate it implies, and what the Jacobian the peers contract would occupy."""
+    from neuralpath import datasets
+    from neuralpath.errors import NeuralpathError
+    from neuralpath.experiments.budget import conv_widths
+
+    n = args.n or 1000
+    try:
+        x, _ = datasets.load("cifar10", "train", limit=n, seed=0)
+        source = datasets.source_label("cifar10")
+    except (FileNotFoundError, NeuralpathError):
+        x, source = torch.rand(n, 3, 32, 32, generator=torch.Generator().manual_seed(1)), "random"
+    ch, hid = conv_widths(1.0)
+    net = npx.ConvDGN("gconv", channels=ch, hidden=hid, tied=True, generator=torch.Generator().manual_seed(0))
+    params = sum(p.numel() for p in net.parameters())
+    t0 = time.perf_counter()
+    K = npx.ntk(net, x, params="all", block=args.block or 250, progress=True)
+    t = time.perf_counter() - t0
+    nb = -(-n // (args.block or 250))
+    featurised = n + (args.block or 250) * nb * (nb - 1) // 2  # inputs featurised: every row block, every column
+    fl = _conv_ntk_flops(net, featurised, pairs=n * (n + 1) / 2)  # block above the diagonal
+    total = fl["signals"] + fl["formation"] + fl["contraction"]
+    return dict(
+        bench="convntkfull",
+        n=n,
+        inputs=source,
+        block=args.block or 250,
+        params=params,
+        seconds=t,
+        gflop=total / 1e9,
+        gflops=total / t / 1e9,
+        inputs_featurised=featurised,
+        peak_rss_gib=peak_rss_gib(),
+        finite=bool(torch.isfinite(K).all()),
+        min_eig=float(torch.linalg.eigvalsh(K.double()).min()),
+        max_diag=float(K.diagonal().max()),
+        jacobian_gib_float32=n * net.out_dim * params * 4 / 2**30,  # what vmap(jacrev) / neural-tangents hold
+    )
 
 
 def _stack_step(regime, arch, r, kw, x, y):
@@ -796,6 +884,7 @@ def main():
             "data",
             "npkscale",
             "convntk",
+            "convntkfull",
             "roofline",
             "convstep",
             "npkload",
@@ -808,6 +897,7 @@ def main():
     p.add_argument("--optimizer", default="adam", choices=["adam", "sgd"], help="ensemble: the row's optimiser")
     p.add_argument("--n", type=int, default=None)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--block", type=int, default=None, help="convntkfull: inputs per Gram tile")
     p.add_argument("--out", default=None)
     args = p.parse_args()
     rec = globals()[f"bench_{args.which}"](args)

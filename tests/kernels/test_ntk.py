@@ -105,3 +105,17 @@ class TestNTKBattery(KernelTestBase):
 
     def cases(self):
         return [(n, xs(n, 6, 0), xs(n, 4, 1)) for n in nets()[1:2] + nets()[5:6]]
+
+
+@pytest.mark.parametrize("net", nets()[1:2] + nets()[4:6], ids=["fc-soft", "vconv-soft", "gconv-soft"])
+def test_featurising_in_chunks_changes_nothing(net, monkeypatch):
+    """Large blocks are featurised in memory-bounded chunks (at least 8 inputs each); the kernel must not depend on
+    the chunking, in any of its forms (traced, per output, diagonal)."""
+    from neuralpath.kernels import ntk as ntk_module
+
+    x1, x2 = xs(net, 19, 2), xs(net, 11, 3)
+    whole = npx.ntk(net, x1, x2, params="all", trace=False), npx.ntk(net, x1, diag=True, params="all", block=64)
+    monkeypatch.setattr(ntk_module, "_CHUNK_BYTES", 1)
+    chunked = npx.ntk(net, x1, x2, params="all", trace=False), npx.ntk(net, x1, diag=True, params="all", block=64)
+    for a, b in zip(whole, chunked):
+        assert (a - b).abs().max().item() <= 1e-12 * a.abs().max().item()

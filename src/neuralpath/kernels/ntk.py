@@ -50,8 +50,18 @@ METHODS = ("structured", "jacobian", "vp")
 
 # -- structured -------------------------------------------------------------------------------------------
 def _transpose_op(layer, delta, in_shape):
-    """Apply W^T (the adjoint of the layer's linear map, bias-free) to delta (B, *out)."""
+    """Apply W^T (the adjoint of the layer's linear map, bias-free) to delta (B, *out).
+
+    A stride-1 convolution's adjoint is itself a convolution (kernel flipped, channels swapped, padding k - 1 - p);
+    run as a forward convolution on channels-last signals it is ~1.7x faster on this CPU than conv_transpose2d
+    (docs/PERFORMANCE.md, conv NTK)."""
     if isinstance(layer, torch.nn.Conv2d):
+        pad = cast(tuple[int, int], layer.padding)
+        if layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1 and not isinstance(pad, str):
+            kh, kw = layer.kernel_size
+            w = layer.weight.flip(-1, -2).transpose(0, 1)
+            d = delta.contiguous(memory_format=torch.channels_last)
+            return F.conv2d(d, w, None, 1, (kh - 1 - pad[0], kw - 1 - pad[1]))
         return F.conv_transpose2d(delta, layer.weight, None, layer.stride, cast(Any, layer.padding))
     return delta @ layer.weight
 
@@ -60,24 +70,28 @@ def _transition_adjoint(kind, g, shape):
     """Adjoint of the transition T_l applied to a gradient g w.r.t. T_l's output; shape is T_l's input shape."""
     if kind == "flatten":
         return g.reshape(g.shape[0], *shape)
-    if kind == "gap":
+    if kind == "gap":  # written channels-last, the layout the conv adjoints below run fastest in
         h, w = shape[-2], shape[-1]
-        return (g / (h * w))[:, :, None, None].expand(g.shape[0], *shape)
+        out = torch.empty((g.shape[0], *shape), dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
+        return out.copy_((g / (h * w))[:, :, None, None].expand(g.shape[0], *shape))
     return g
 
 
 def _weight_grads(layer, a, delta):
     """Per-example, per-output gradient of one layer: a (n, *in) its input, delta (n, k, *out) the signals.
-    Returns (weight part (n, k, P_w) for conv, or None for dense, and bias part (n, k, out_channels))."""
+    Returns (weight part (k, n, P_w) for conv, or None for dense, and bias part (n, k, out_channels)).
+
+    Conv: G^k_x = D^k_x P_x^T, the signal map (Co x HW) times the input's patches (HW x Ci kh kw), one batched
+    product per output k, written k-major so that neither the signals (kept channels-last) nor the patches are
+    copied."""
     n, k = delta.shape[:2]
     if isinstance(layer, torch.nn.Conv2d):
         patches = F.unfold(
             a, layer.kernel_size, padding=cast(Any, layer.padding), stride=layer.stride
         )  # (n, Ci*kh*kw, HW)
-        d = delta.flatten(3)  # (n, k, Co, HW)
-        gw = torch.einsum("nkoh,nph->nkop", d, patches).reshape(n, k, -1)
-        gb = d.sum(-1)
-        return gw, gb
+        d = delta.contiguous().flatten(3)  # (n, k, Co, HW): rows (k, Co) of one product per example
+        gw = torch.bmm(d.flatten(1, 2), patches.transpose(1, 2))  # (n, k Co, Ci kh kw)
+        return gw.reshape(n, k, -1).transpose(0, 1), d.sum(-1)
     return None, delta
 
 
@@ -104,14 +118,21 @@ def _signals(net: DGN, x, want_feature: bool):
         deltas: list[Any] = [None] * d
         rhos: list[Any] = [None] * (d - 1)  # rho_l = d yhat / d z^v_l
         deltas[d - 1] = delta
+        keep_rho = want_feature and net.gate_kind == "soft" and not net.tied  # the feature part needs rho_l
         for l in range(d - 1, 0, -1):
             layer = net.value_layers[l]
             flat = deltas[l].reshape(n * k, *deltas[l].shape[2:])
             g = _transpose_op(layer, flat, a_v[l].shape[1:])
             g = _transition_adjoint(net.transitions[l], g, u_v[l - 1].shape[1:])
-            rho = g.reshape(n, k, *u_v[l - 1].shape[1:])
-            rhos[l - 1] = rho
-            deltas[l - 1] = gates[l - 1][:, None] * rho
+            rho = g.reshape(n, k, *u_v[l - 1].shape[1:])  # a fresh tensor: may be overwritten
+            gl = gates[l - 1]
+            if gl.dim() == 4:  # match the channels-last signals (a mixed-layout product is ~3x slower)
+                gl = gl.contiguous(memory_format=torch.channels_last)
+            if keep_rho:
+                rhos[l - 1] = rho
+                deltas[l - 1] = gl[:, None] * rho
+            else:
+                deltas[l - 1] = rho.mul_(gl[:, None])
         value = [(net.value_layers[l], a_v[l], deltas[l]) for l in range(d)]
         feature = []
         if want_feature and net.gate_kind == "soft" and not net.tied:
@@ -138,7 +159,29 @@ def _signals(net: DGN, x, want_feature: bool):
     return value, feature
 
 
+_CHUNK_BYTES = 1 << 30  # transient signal memory per featurisation chunk
+
+
 def _featurize(net, x, params, biases=True):
+    """Per-input NTK features of x, in chunks whose k backward signals take about _CHUNK_BYTES (a block of
+    full-width conv inputs would otherwise hold k x units x block floats of signals at once)."""
+    with torch.no_grad():
+        units = sum(g[0].numel() for g in net.feature_forward(x[:1])[1]) + net.out_dim
+    chunk = max(8, _CHUNK_BYTES // (3 * net.out_dim * units * x.element_size()))
+    if len(x) <= chunk:
+        return _featurize_chunk(net, x, params, biases)
+    parts = [_featurize_chunk(net, x[i : i + chunk], params, biases) for i in range(0, len(x), chunk)]
+    out = []
+    for entries in zip(*parts):
+        if entries[0][0] == "dense":
+            out.append(("dense", torch.cat([e[1] for e in entries]), torch.cat([e[2] for e in entries]), entries[0][3]))
+        else:  # conv weight parts are k-major (k, n, P)
+            b = None if entries[0][2] is None else torch.cat([e[2] for e in entries])
+            out.append(("conv", torch.cat([e[1] for e in entries], 1), b))
+    return out
+
+
+def _featurize_chunk(net, x, params, biases=True):
     value, feature = _signals(net, x, want_feature=params in ("feature", "all"))
     groups = []
     if params in ("value", "all"):
@@ -162,11 +205,9 @@ def _pair_structured(f1, f2, trace: bool, diag: bool = False) -> Any:
             if e1[0] == "dense":
                 _, a1, d1, has_b = e1
                 part = ((a1 * a1).sum(1) + (1.0 if has_b else 0.0)) * (d1 * d1).reshape(len(d1), -1).sum(1)
-            else:
+            else:  # conv: g (k, n, P), b (n, k, Co)
                 _, g1, b1 = e1
-                part = (g1 * g1).reshape(len(g1), -1).sum(1) + (
-                    0 if b1 is None else (b1 * b1).reshape(len(b1), -1).sum(1)
-                )
+                part = (g1 * g1).sum((0, 2)) + (0 if b1 is None else (b1 * b1).reshape(len(b1), -1).sum(1))
             K = part if K is None else K + part
             continue
         if e1[0] == "dense":
@@ -177,15 +218,17 @@ def _pair_structured(f1, f2, trace: bool, diag: bool = False) -> Any:
                 part = aa * (d1.reshape(d1.shape[0], -1) @ d2.reshape(d2.shape[0], -1).T)
             else:
                 part = aa[:, :, None, None] * torch.einsum("aki,bji->abkj", d1, d2)
-        else:
+        else:  # conv: weight part k-major (k, n, P), bias part (n, k, Co)
             _, g1, b1 = e1
             _, g2, b2 = e2
-            if b1 is not None:
-                g1, g2 = torch.cat([g1, b1], -1), torch.cat([g2, b2], -1)
             if trace:
-                part = g1.reshape(g1.shape[0], -1) @ g2.reshape(g2.shape[0], -1).T
+                part = torch.bmm(g1, g2.transpose(1, 2)).sum(0)
+                if b1 is not None:
+                    part = part + b1.reshape(len(b1), -1) @ b2.reshape(len(b2), -1).T
             else:
-                part = torch.einsum("akp,bjp->abkj", g1, g2)
+                part = torch.einsum("kap,jbp->abkj", g1, g2)
+                if b1 is not None:
+                    part = part + torch.einsum("aki,bji->abkj", b1, b2)
         K = part if K is None else K + part
     return K
 
