@@ -69,30 +69,34 @@ def _const(v, what, node):
     return v
 
 
+_POOL_FIELDS = {
+    "maxpool": ("kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    "avgpool": ("kernel_size", "stride", "padding", "ceil_mode", "count_include_pad", "divisor_override"),
+}
+
+
 def _pool_opts(kind, **kw):
+    """A pooling node's options, normalised (pairs, stride defaulting to the kernel size) from nn.MaxPool2d /
+    nn.AvgPool2d attributes or F.max_pool2d / F.avg_pool2d keywords."""
+
     def pair(v):
         return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
 
-    if kind == "maxpool":
-        k = pair(kw["kernel_size"])
-        s = pair(kw.get("stride") or k)
-        return dict(
-            kernel_size=k,
-            stride=s,
-            padding=pair(kw.get("padding", 0)),
-            dilation=pair(kw.get("dilation", 1)),
-            ceil_mode=bool(kw.get("ceil_mode", False)),
-        )
     k = pair(kw["kernel_size"])
-    s = pair(kw.get("stride") or k)
-    return dict(
+    opts = dict(
         kernel_size=k,
-        stride=s,
+        stride=pair(kw.get("stride") or k),
         padding=pair(kw.get("padding", 0)),
+        dilation=pair(kw.get("dilation", 1)),
         ceil_mode=bool(kw.get("ceil_mode", False)),
         count_include_pad=bool(kw.get("count_include_pad", True)),
         divisor_override=kw.get("divisor_override"),
     )
+    return {f: opts[f] for f in _POOL_FIELDS[kind]}
+
+
+def _module_pool_opts(kind, m):
+    return _pool_opts(kind, **{f: getattr(m, f) for f in _POOL_FIELDS[kind]})
 
 
 def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
@@ -151,34 +155,9 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
             elif isinstance(m, nn.MaxPool2d):
                 if m.return_indices:
                     raise NeuralpathError(f"node {node.name!r}: MaxPool2d(return_indices=True) is not supported")
-                add(
-                    "maxpool",
-                    node,
-                    a,
-                    opts=_pool_opts(
-                        "maxpool",
-                        kernel_size=m.kernel_size,
-                        stride=m.stride,
-                        padding=m.padding,
-                        dilation=m.dilation,
-                        ceil_mode=m.ceil_mode,
-                    ),
-                )
+                add("maxpool", node, a, opts=_module_pool_opts("maxpool", m))
             elif isinstance(m, nn.AvgPool2d):
-                add(
-                    "avgpool",
-                    node,
-                    a,
-                    opts=_pool_opts(
-                        "avgpool",
-                        kernel_size=m.kernel_size,
-                        stride=m.stride,
-                        padding=m.padding,
-                        ceil_mode=m.ceil_mode,
-                        count_include_pad=m.count_include_pad,
-                        divisor_override=m.divisor_override,
-                    ),
-                )
+                add("avgpool", node, a, opts=_module_pool_opts("avgpool", m))
             elif isinstance(m, nn.AdaptiveAvgPool2d):
                 add("avgpool", node, a, opts=dict(adaptive=m.output_size))
             elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):

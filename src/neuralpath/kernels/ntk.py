@@ -29,7 +29,7 @@ pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Usefu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict, Unpack, cast, overload
+from typing import TYPE_CHECKING, Any, Unpack, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +39,7 @@ from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from ..precision import exact
 from .gram import gram
-from .npk import _as_dtype, _check_inputs
+from .npk import KernelOptions, _as_dtype, _check_inputs
 
 if TYPE_CHECKING:
     from ..anynet.dgn import ModuleDGN
@@ -286,17 +286,12 @@ def _ntk_vp(net, x1, x2, params, trace, biases=True):
     return cols.reshape(n2, k, x1.shape[0], k).permute(2, 0, 3, 1)  # (n1, n2, k1, k2)
 
 
-class NtkOptions(TypedDict, total=False):
-    """The keyword options of :func:`ntk` other than ``out`` (for its typed overloads)."""
+class NtkOptions(KernelOptions, total=False):
+    """:func:`ntk`'s options: the contract's and which parameters, traced or per output, with or without biases."""
 
-    diag: bool
     params: str
-    method: str
     trace: bool
     biases: bool
-    dtype: torch.dtype | None
-    block: int
-    progress: bool
 
 
 @overload
