@@ -722,7 +722,12 @@ def bench_convntk(args):
         z = {f"W{i}": l.weight.detach().numpy() for i, l in enumerate(ref.value_layers)}
         z.update({f"b{i}": l.bias.detach().numpy() for i, l in enumerate(ref.value_layers)})
         n_conv = sum(isinstance(l, torch.nn.Conv2d) for l in ref.value_layers)
-        np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array([n]), n_conv=np.array(n_conv), **z)
+        impls = ["STRUCTURED_DERIVATIVES", "JACOBIAN_CONTRACTION"]
+        if n <= 64:  # NTK-vector products: 46 s at n = 32, growing as n^2 (one product per pair of inputs)
+            impls.append("NTK_VECTOR_PRODUCTS")
+        else:
+            rec["neural_tangents_left_out"] = "NTK_VECTOR_PRODUCTS (46 s at n = 32, n^2 growth)"
+        np.savez(f"{d}/in.npz", x=x.numpy(), ns=np.array([n]), n_conv=np.array(n_conv), impls=np.array(impls), **z)
         r = subprocess.run(
             [py, str(__import__("pathlib").Path(__file__).with_name("nt_peer.py")), f"{d}/in.npz", f"{d}/out.json"],
             stdout=subprocess.PIPE,
