@@ -216,3 +216,26 @@ def test_infinite_width_oracle_error_falls_with_width():
         errs.append(float(np.mean(e)))
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 0.02
+
+
+def test_bit_packed_conv_gates_give_the_same_kernel(monkeypatch):
+    """Hard conv gates are kept bit-packed and unpacked per tile (the row block's once per row); the kernel must equal
+    the one from float gates to rounding, with channel counts that are and are not multiples of 8, over several
+    row and column blocks (the smallest conv block is 16 inputs)."""
+    from neuralpath.kernels import npk as npk_module
+
+    net = randomize_biases(
+        npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(3, 9, 8), hidden=(5,), image_size=6, tied=True)
+    ).double()
+    x = torch.rand(40, 2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x2 = torch.rand(21, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    packed = npx.npk(net, x, block=16), npx.npk(net, x, x2, block=16)
+    real = npk_module.featurize
+    monkeypatch.setattr(npk_module, "featurize", lambda net, x, compact=False: real(net, x, compact=False))
+    floats = npx.npk(net, x, block=16), npx.npk(net, x, x2, block=16)
+    for a, b in zip(packed, floats):
+        assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item()
+    g = torch.rand(3, 11, 2, 3) > 0.5  # 11 channels: padded to 16 with closed gates
+    unpacked = npk_module._unpack_pm(npk_module._pack_pm(g), torch.float64)
+    assert unpacked.shape == (6, 3, 16) and unpacked[:, :, 11:].sum().item() == 0
+    assert torch.equal(unpacked[:, :, :11], npk_module._pm(g.double()))

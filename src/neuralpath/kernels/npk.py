@@ -93,9 +93,14 @@ def _structure(net: DGN):
 
 
 @torch.no_grad()
-def featurize(net: DGN, x):
-    """(prepared input, list of gates, gates divided by their width) for a block of inputs. The scaled copy lets
-    the FC tile loop fold the per-layer rescaling into the overlap GEMM (no extra pass over the tile)."""
+def featurize(net: DGN, x, compact: bool = False):
+    """(prepared input, list of gates, extras) for a block of inputs. Extras: the dense gates divided by their width
+    (the FC tile loop folds the per-layer rescaling into the overlap GEMM) and, for conv nets, position-major copies
+    (H*W, n, C) of the input and of each conv layer's gates.
+
+    compact=True (hard gates only): the conv gates are kept bit-packed, position-major (H*W, n, ceil(C/8)) uint8,
+    32x smaller than float32, and the NCHW gates are dropped; the tile loop unpacks a block's bits through a
+    256-entry table when it needs them. This is what lets the features of 10,000 CIFAR-10 inputs stay in memory."""
     x = x.to(next(net.parameters()).device, next(net.parameters()).dtype)
     if x.dim() == 4:
         # channels-last convolutions: ~1.3x faster here, and their (n, H, W, C) outputs turn position-major with
@@ -104,12 +109,56 @@ def featurize(net: DGN, x):
         x = x.contiguous(memory_format=torch.channels_last)
     gates = net.gates(x)
     z = net.value_in(net._prepare(x))
-    extra: dict[str, Any] = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates]}
+    extra: dict[str, Any] = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates], "token": object()}
     if z.dim() == 4:  # conv nets: position-major copies (positions, inputs, channels) for per-position GEMMs
         extra["x_pm"] = _pm(z)
-        extra["g_pm"] = [_pm(g) if g.dim() == 4 else None for g in gates]
-        extra["s_pm"] = [g / g.shape[2] if g is not None else None for g in extra["g_pm"]]
+        if compact:
+            extra["g_bits"] = [_pack_pm(g) if g.dim() == 4 else None for g in gates]
+            extra["chans"] = [g.shape[1] for g in gates]
+            gates = [g if g.dim() == 2 else None for g in gates]
+        else:
+            extra["g_pm"] = [_pm(g) if g.dim() == 4 else None for g in gates]
     return z, gates, extra
+
+
+def _pack_pm(g):
+    """(n, C, H, W) hard gates -> (H*W, n, ceil(C/8)) uint8, bit j of byte i the gate of channel 8i + j (a channel
+    count not a multiple of 8 is padded with closed gates, which add nothing to an overlap)."""
+    from ..stacks import pack_bits
+
+    n, c, h, w = g.shape
+    return pack_bits(g.permute(2, 3, 0, 1).reshape(h * w * n, c) != 0).view(h * w, n, -1)
+
+
+_BIT_TABLE = (torch.arange(256)[:, None] >> torch.arange(8)) & 1  # (256, 8): bit j of byte v
+
+
+def _unpack_pm(bits, dtype, out=None):
+    """Inverse of :func:`_pack_pm` (channels padded to a multiple of 8): one table lookup per byte."""
+    hw, n, nb = bits.shape
+    if out is None:
+        out = torch.empty((hw, n, 8 * nb), dtype=dtype, device=bits.device)
+    torch.index_select(_BIT_TABLE.to(bits.device, dtype), 0, bits.reshape(-1).int(), out=out.view(-1, 8))
+    return out
+
+
+def _conv_gates_pm(e, l, bufs, side):
+    """Layer l's position-major gates (H*W, n, C') of one side of a tile, C' = C or C padded to a multiple of 8:
+    the float copy, or the bit-packed one unpacked into a buffer kept in ``bufs`` (side 1, the tile row, is unpacked
+    once per row block)."""
+    if "g_pm" in e:
+        return e["g_pm"][l]
+    bits = e["g_bits"][l]
+    key = (side, l)
+    buf = bufs.get(key)
+    if side == 1 and buf is not None and bufs.get(("token", l)) is e["token"]:
+        return buf
+    shape = (bits.shape[0], bits.shape[1], 8 * bits.shape[2])
+    if buf is None or tuple(buf.shape) != shape:
+        buf = bufs[key] = torch.empty(shape, dtype=e["x_pm"].dtype, device=bits.device)
+    if side == 1:
+        bufs[("token", l)] = e["token"]
+    return _unpack_pm(bits, buf.dtype, out=buf)
 
 
 def _pm(t):
@@ -243,12 +292,12 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
                 t.div_(unscaled)
             break
         if kind == "conv":
-            ov = torch.baddbmm(
-                spare, e1["s_pm"][l], e2["g_pm"][l].transpose(1, 2), beta=0.0, alpha=1.0 / unscaled, out=spare
-            )
+            width = e1["chans"][l] if "chans" in e1 else e1["g_pm"][l].shape[2]
+            g1, g2 = _conv_gates_pm(e1, l, bufs, 1), _conv_gates_pm(e2, l, bufs, 2)
+            ov = torch.baddbmm(spare, g1, g2.transpose(1, 2), beta=0.0, alpha=1.0 / (unscaled * width), out=spare)
             unscaled = 1.0
             t.mul_(ov)
-            log_s += math.log(e2["g_pm"][l].shape[2])
+            log_s += math.log(width)
         else:
             g2 = e2["scaled"][l] * e2["scaled"][l].shape[1]  # the unscaled gates
             t.mul_(e1["scaled"][l] @ g2.T)
@@ -394,13 +443,18 @@ def npk(
         return t
 
     f0 = featurize(net, x1[:1])
+    item = torch.empty((), dtype=dt).element_size()
     n_units = sum(g.numel() for g in f0[1]) + x1[:1].numel()
+    per_input = n_units * item
+    compact = False
     if "x_pm" in f0[2]:  # conv: a tile holds H*W values per pair; keep it near 256 MB
-        per_pair = f0[2]["x_pm"].shape[0] * torch.empty((), dtype=dt).element_size()
+        per_pair = f0[2]["x_pm"].shape[0] * item
         block = max(16, min(block, int((256 * 2**20 / per_pair) ** 0.5)))
-        n_units *= 3  # the position-major copies
+        compact = net.tied or net.gate_kind == "hard"  # 0/1 gates: keep them as bits
+        gate_units = n_units - x1[:1].numel()
+        per_input = 2 * x1[:1].numel() * item + (gate_units // 8 + 1 if compact else 2 * gate_units * item)
     K = gram(
-        lambda x: featurize(net, x),
+        lambda x: featurize(net, x, compact=compact),
         pair,
         x1,
         x2,
@@ -408,7 +462,7 @@ def npk(
         out=out,
         dtype=dt,
         progress=progress,
-        feature_bytes_per_input=n_units * torch.empty((), dtype=dt).element_size(),
+        feature_bytes_per_input=per_input,
         desc="NPK",
     )
     if normalize is None:
