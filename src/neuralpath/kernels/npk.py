@@ -115,7 +115,7 @@ def featurize(net: DGN, x, compact: bool = False):
         if compact:
             extra["g_bits"] = [_pack_pm(g) if g.dim() == 4 else None for g in gates]
             extra["chans"] = [g.shape[1] for g in gates]
-            gates = [g if g.dim() == 2 else None for g in gates]
+            gates = [g if g.dim() == 2 else g.new_empty(0) for g in gates]  # the bits replace them
         else:
             extra["g_pm"] = [_pm(g) if g.dim() == 4 else None for g in gates]
     return z, gates, extra
