@@ -111,3 +111,17 @@ def test_kernels_report_and_plot_from_records(tmp_path):
     assert any(x.startswith("| NPK-INF | ∞ width | 97.15 |") for x in md)  # RESULTS.md: KRR 97.15% at infinite width
     km.plot(recs, net_acc, tmp_path / "k.png")
     assert (tmp_path / "k.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resnet_table_from_records(tmp_path):
+    from neuralpath.experiments import resnet
+
+    d = _copy(tmp_path, "resnet")
+    recs = resnet.collect(d)
+    md = resnet.report(recs, "cpu", dict(resnet.BUDGETS["cpu"]), "CIFAR-10 (JPEG copy)")
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    for cell in ("46.36 ± 0.97", "49.84 ± 0.62", "42.06 ± 0.69", "| 40.45 |", "| 48.55 |"):
+        assert cell in md, cell
+        assert cell.strip("| ") in doc, cell
+    resnet.plot(recs, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
