@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from .errors import NeuralpathError
 from .nets.base import DGN
+from .nets.rules import rule, transition
 
 
 def _abs_q(t: torch.Tensor, q) -> torch.Tensor:
@@ -39,17 +40,10 @@ def path_norm(net, q: float = 2.0, dtype=torch.float64):
     shape = net.input_shape
     z = torch.ones((1, *shape), dtype=dtype)
     for l, layer in enumerate(net.value_layers):
-        kind = net.transitions[l]
-        if kind == "flatten":
-            z = z.flatten(1)
-        elif kind == "gap":
-            z = z.sum((2, 3))  # the 1/(HW) of the pool is a fixed coefficient of the NPF, not part of v
+        z = transition(net.transitions[l]).path_sum(z)  # a pool's 1/(HW) is a fixed NPF coefficient, not in v
         w = _abs_q(layer.weight, q).to(dtype)
         b = None if layer.bias is None else _abs_q(layer.bias, q).to(dtype)
-        if isinstance(layer, torch.nn.Conv2d):
-            z = F.conv2d(z, w, b, layer.stride, layer.padding)
-        else:
-            z = F.linear(z, w, b)
+        z = rule(layer).apply(layer, z, w, b)
     return z[0]
 
 

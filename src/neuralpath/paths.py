@@ -16,11 +16,11 @@ Path order: input paths, then bias paths of layer 1, 2, ..., d (the output bias,
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .errors import NeuralpathError
 from .kernels.npk import _as_dtype
 from .nets.base import DGN
+from .nets.rules import rule
 
 MAX_ENTRIES = 50_000_000  # n * P (and P * k) entries refused above this; raise with npf(..., max_entries=...)
 
@@ -43,10 +43,8 @@ def _layer_matrices(net: DGN):
             basis = torch.eye(n_in, dtype=p.dtype, device=p.device).reshape(n_in, *shape)
             tb = net.transition(l, basis)
 
-            def op(w):
-                if isinstance(layer, torch.nn.Conv2d):
-                    return F.conv2d(tb, w, None, layer.stride, layer.padding)
-                return F.linear(tb, w)
+            def op(w, layer=layer, tb=tb):
+                return rule(layer).apply(layer, tb, w)
 
             J = op(layer.weight).reshape(n_in, -1).T  # C * E, (N_out, N_in)
             C = op(torch.ones_like(layer.weight)).reshape(n_in, -1).T

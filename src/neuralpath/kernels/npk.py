@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
+from ..nets.rules import rule, transition
 from .gram import gram
 
 if TYPE_CHECKING:
@@ -81,14 +82,12 @@ def _check_inputs(net, x1, x2):
 
 
 def _structure(net: DGN):
-    """Per layer: (transition, kind 'conv'|'dense', kernel size, beta)."""
+    """Per layer: (transition, kind 'conv'|'dense', aggregation window, beta), from the rule table (nets/rules.py)."""
     steps = []
     for l, layer in enumerate(net.value_layers):
-        kind = "conv" if isinstance(layer, torch.nn.Conv2d) else "dense"
-        k = layer.kernel_size[0] if isinstance(layer, torch.nn.Conv2d) else 1
-        if kind == "conv" and (layer.stride != (1, 1) or layer.padding != (k // 2, k // 2)):
-            raise NeuralpathError("the closed-form NPK supports stride-1 'same' convolutions only")
-        steps.append((net.transitions[l], kind, k, 1.0 if layer.bias is not None else 0.0))
+        r = rule(layer)
+        transition(net.transitions[l])  # an unknown transition raises here, naming it
+        steps.append((net.transitions[l], r.kind, r.window(layer), 1.0 if layer.bias is not None else 0.0))
     return steps
 
 

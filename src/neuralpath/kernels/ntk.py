@@ -29,14 +29,14 @@ pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Usefu
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Unpack, cast, overload
+from typing import TYPE_CHECKING, Any, Unpack, overload
 
 import torch
-import torch.nn.functional as F
 from torch.func import functional_call, jacrev, jvp, vjp, vmap
 
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
+from ..nets.rules import rule, transition
 from ..precision import exact
 from .gram import gram
 from .npk import KernelOptions, _as_dtype, _check_inputs
@@ -49,52 +49,6 @@ METHODS = ("structured", "jacobian", "vp")
 
 
 # -- structured -------------------------------------------------------------------------------------------
-def _transpose_op(layer, delta, in_shape):
-    """Apply W^T (the adjoint of the layer's linear map, bias-free) to delta (B, *out).
-
-    A stride-1 convolution's adjoint is itself a convolution (kernel flipped, channels swapped, padding k - 1 - p);
-    run as a forward convolution on channels-last signals it is ~1.7x faster on this CPU than conv_transpose2d
-    (docs/PERFORMANCE.md, conv NTK)."""
-    if isinstance(layer, torch.nn.Conv2d):
-        pad = cast(tuple[int, int], layer.padding)
-        if layer.stride == (1, 1) and layer.dilation == (1, 1) and layer.groups == 1 and not isinstance(pad, str):
-            kh, kw = layer.kernel_size
-            w = layer.weight.flip(-1, -2).transpose(0, 1)
-            d = delta.contiguous(memory_format=torch.channels_last)
-            return F.conv2d(d, w, None, 1, (kh - 1 - pad[0], kw - 1 - pad[1]))
-        return F.conv_transpose2d(delta, layer.weight, None, layer.stride, cast(Any, layer.padding))
-    return delta @ layer.weight
-
-
-def _transition_adjoint(kind, g, shape):
-    """Adjoint of the transition T_l applied to a gradient g w.r.t. T_l's output; shape is T_l's input shape."""
-    if kind == "flatten":
-        return g.reshape(g.shape[0], *shape)
-    if kind == "gap":  # written channels-last, the layout the conv adjoints below run fastest in
-        h, w = shape[-2], shape[-1]
-        out = torch.empty((g.shape[0], *shape), dtype=g.dtype, device=g.device, memory_format=torch.channels_last)
-        return out.copy_((g / (h * w))[:, :, None, None].expand(g.shape[0], *shape))
-    return g
-
-
-def _weight_grads(layer, a, delta):
-    """Per-example, per-output gradient of one layer: a (n, *in) its input, delta (n, k, *out) the signals.
-    Returns (weight part (k, n, P_w) for conv, or None for dense, and bias part (n, k, out_channels)).
-
-    Conv: G^k_x = D^k_x P_x^T, the signal map (Co x HW) times the input's patches (HW x Ci kh kw), one batched
-    product per output k, written k-major so that neither the signals (kept channels-last) nor the patches are
-    copied."""
-    n, k = delta.shape[:2]
-    if isinstance(layer, torch.nn.Conv2d):
-        patches = F.unfold(
-            a, layer.kernel_size, padding=cast(Any, layer.padding), stride=layer.stride
-        )  # (n, Ci*kh*kw, HW)
-        d = delta.contiguous().flatten(3)  # (n, k, Co, HW): rows (k, Co) of one product per example
-        gw = torch.bmm(d.flatten(1, 2), patches.transpose(1, 2))  # (n, k Co, Ci kh kw)
-        return gw.reshape(n, k, -1).transpose(0, 1), d.sum(-1)
-    return None, delta
-
-
 def _signals(net: DGN, x, want_feature: bool):
     """Forward + batched backward sweep. Returns per layer (layer, input a_l, signals delta_l (n, k, *out)) for
     the value network, and the same for the feature network when want_feature."""
@@ -122,8 +76,8 @@ def _signals(net: DGN, x, want_feature: bool):
         for l in range(d - 1, 0, -1):
             layer = net.value_layers[l]
             flat = deltas[l].reshape(n * k, *deltas[l].shape[2:])
-            g = _transpose_op(layer, flat, a_v[l].shape[1:])
-            g = _transition_adjoint(net.transitions[l], g, u_v[l - 1].shape[1:])
+            g = rule(layer).adjoint(layer, flat, a_v[l].shape[1:])
+            g = transition(net.transitions[l]).adjoint(g, u_v[l - 1].shape[1:])
             rho = g.reshape(n, k, *u_v[l - 1].shape[1:])  # a fresh tensor: may be overwritten
             gl = gates[l - 1]
             if gl.dim() == 4:  # match the channels-last signals (a mixed-layout product is ~3x slower)
@@ -150,8 +104,8 @@ def _signals(net: DGN, x, want_feature: bool):
                 if l < d - 2 and net.gating != "shallow":  # DLGN-SF: no gating layer feeds another
                     nxt = net.feature_layers[l + 1]
                     flat = gam[l + 1].reshape(n * k, *gam[l + 1].shape[2:])
-                    back = _transpose_op(nxt, flat, a_f[l + 1].shape[1:])
-                    back = _transition_adjoint(net.transitions[l + 1], back, qf[l].shape[1:])
+                    back = rule(nxt).adjoint(nxt, flat, a_f[l + 1].shape[1:])
+                    back = transition(net.transitions[l + 1]).adjoint(back, qf[l].shape[1:])
                     mask = (qf[l] > 0).to(g.dtype) if net.gating == "relu" else torch.ones_like(qf[l])
                     g = g + mask[:, None] * back.reshape(n, k, *qf[l].shape[1:])
                 gam[l] = g
@@ -190,7 +144,7 @@ def _featurize_chunk(net, x, params, biases=True):
         groups += feature
     out = []
     for layer, a, delta in groups:
-        gw, gb = _weight_grads(layer, a, delta)
+        gw, gb = rule(layer).weight_grads(layer, a, delta)
         if gw is None:  # dense: keep the factors, contract them pairwise
             out.append(("dense", a.reshape(a.shape[0], -1), delta, biases and layer.bias is not None))
         else:

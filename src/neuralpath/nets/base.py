@@ -23,6 +23,7 @@ from torch import nn
 
 from ..errors import NeuralpathError, check_choice
 from ..gates import GATES, gate_fn
+from . import rules
 
 INITS = ("glorot", "gaussian", "bernoulli")
 GATINGS = ("relu", "linear", "shallow")  # the feature network: a ReLU net (the paper), linear (DLGN), reads x (DLGN-SF)
@@ -124,12 +125,8 @@ class DGN(nn.Module):
             raise TypeError(f"x is on {x.device} but the network is on {p.device}; move one of them")
 
     def transition(self, l: int, z: torch.Tensor) -> torch.Tensor:
-        kind = self.transitions[l]
-        if kind == "flatten":
-            return z.flatten(1)  # (n, C, H, W) -> (n, C*H*W)
-        if kind == "gap":
-            return z.mean(dim=(2, 3))  # (n, C, H, W) -> (n, C)
-        return z
+        """T_l applied to z: identity, flatten or global average pooling (nets/rules.py)."""
+        return rules.transition(self.transitions[l]).forward(z)
 
     # -- the two networks -------------------------------------------------------------------------
     def feature_forward(self, x: torch.Tensor):
