@@ -125,3 +125,22 @@ def test_resnet_table_from_records(tmp_path):
         assert cell.strip("| ") in doc, cell
     resnet.plot(recs, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_conv_cpu_rows_from_records(tmp_path):
+    from neuralpath.experiments import table
+
+    recs = table.collect(_copy(tmp_path, "table-cpu"))
+    s = table.summarise(recs, ["gconv-adam"])["gconv-adam"]
+    got = {reg: (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"]) for reg in s}
+    want = {
+        "frnpf-ii": ("42.73±1.15", "43.39±1.24"),
+        "frnpf-di": ("41.61±0.62", "41.98±0.96"),
+        "dlnpf": ("39.31±0.23", "39.83±0.17"),
+        "flnpf": ("41.12±0.72", "41.37±0.86"),
+        "relu": ("34.31±0.45", "34.35±0.88"),
+    }
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    for reg, (best, clean) in want.items():
+        assert got[reg] == (best, clean, 3), (reg, got[reg])
+        assert best in doc and clean in doc

@@ -347,8 +347,9 @@ def plot(summary, rows, path):
         ax.set_title(row)
         ax.set_ylabel("test accuracy %")
         ax.grid(axis="y", alpha=0.3)
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()  # above the bars, where it hides none of them
+    fig.legend(handles, labels, loc="upper center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
