@@ -11,7 +11,6 @@ NP=.venv/bin/neuralpath
 lane_a() {
   $NP reproduce table --rows gconv-adam,vconv-adam --seeds 3 --budget cpu --out runs/table-cpu
   $NP reproduce kernels --relu-run runs/table-cpu/runs/gconv-adam/relu-s0 --out runs/kernels-gconv
-  $NP reproduce continuous --budget cpu --out runs/continuous-cpu
   $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II (then FLNPF), GCONV x1/4, 10k, 120 ep
   $NP reproduce budget --grid cpu --out runs/budget                    # the rest of the budget grid
 }
@@ -30,6 +29,8 @@ lane_b() {
   # FLNPF with its independent value initialisation (and the ReLU runs it takes its gates from), 5 seeds
   $NP reproduce table --rows fc-adam --regimes relu,flnpf --seeds 5 --budget paper --out runs/paper-fc-adam
   $NP reproduce resnet --budget cpu --out runs/resnet                  # any-network: a small ResNet on CIFAR-10
+  # continuous NPF learning on GCONV (the CIFAR-10 evidence comes before fc-sgd; moved here from lane a in session 7)
+  $NP reproduce continuous --budget cpu --out runs/continuous-cpu
   $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd
 }
 
