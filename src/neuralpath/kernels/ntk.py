@@ -7,7 +7,7 @@ per-output (n1, n2, k, k) kernel. ``params`` picks Theta: 'value' (Theta^v, K^v)
 hard gates, whose derivative vanishes) or 'all' (K = K^v + K^f). For the tied ReLU network there is one set of
 weights and the gates are hard, so 'value' and 'all' are its full NTK and 'feature' is zero.
 
-Implementations (every one agrees with every other in the tests, float64, 1e-8):
+Implementations (every one agrees with every other in the tests, float64, 1e-10 relative):
 
 ``structured`` (default). Given the gates, the value network is linear in each layer's weights, so
     K^v = sum_l (<a_l(x), a_l(x')> + beta) * sum_k <delta_l^k(x), delta_l^k(x')>          (dense layer l)
