@@ -12,6 +12,7 @@ import neuralpath as npx
 from neuralpath.gatestats import class_overlap, distinct_patterns, flip_fraction, hard_gates, regions_along_segment
 from neuralpath.kernels.infinite import npk_infinite
 from neuralpath.pathnorm import output_bound, path_norm
+from neuralpath.testing import KernelTestBase
 
 F64 = torch.float64
 
@@ -197,3 +198,18 @@ def test_gates_of_an_existing_run(cli, tmp_path, mnist_root):
     assert bad.returncode == 1 and "ReLU FC runs" in bad.stderr and "Traceback" not in bad.stderr
     bad = cli("reproduce", "gates", "--run", tmp_path / "nope", "--out", tmp_path / "g3")
     assert bad.returncode == 1 and "not a run folder" in bad.stderr
+
+
+class TestInfiniteNPKBattery(KernelTestBase):
+    """The infinite-width NPK of random ReLU gates through the shared kernel battery ("net" is its depth and bias
+    scale: the kernel has no finite network)."""
+
+    def kernel(self, net, x1, x2=None, **kw):
+        depth, bias_std = net
+        return npk_infinite(x1, x2, depth=depth, bias_std=bias_std, **kw)
+
+    def cases(self):
+        g = torch.Generator().manual_seed(7)
+        x1 = torch.randn(9, 5, generator=g, dtype=torch.float64)
+        x2 = torch.randn(6, 5, generator=g, dtype=torch.float64)
+        return [((3, 0.0), x1, x2), ((5, 0.3), x1, x2)]

@@ -16,7 +16,9 @@ so the NPK of the paper's bias-free value paths, H = <x, x'> prod_l overlap_l, s
 Without biases the first angle is that of x and x' and the recursion is the arc-cosine one of Cho & Saul (2009):
 cos t_{l+1} = (sin t_l + (pi - t_l) cos t_l) / pi. On the diagonal t_l = 0 for every l: H(x, x) / w^(d-1) =
 ||x||^2 2^-(d-1), with or without biases. Off the diagonal, arccos near 1 amplifies rounding (arccos(1 - e) ~
-sqrt(2e)): nearly parallel inputs carry a relative error up to ~1e-8 in float64. Cost: O(n1 n2 (d_in + depth)),
+sqrt(2e)): nearly parallel inputs carry a relative error up to ~1e-8 in float64. The diagonal of a symmetric
+kernel (x1 only) is exact: there the angle is set to 0 rather than computed (found by the shared kernel battery,
+which saw the computed diagonal off by ~1e-8 from the exact ``diag=True``). Cost: O(n1 n2 (d_in + depth)),
 one GEMM and elementwise work; computed through the Gram engine.
 """
 
@@ -38,6 +40,7 @@ def _features(x, sigma_b2):
 
 
 def _pair(a, b, depth, sigma_b2, diag=False):
+    same = a is b  # a diagonal tile of the symmetric kernel: row i and column i are the same input
     (xa, ka, d_in), (xb, kb, _) = a, b
     ip = (xa * xb).sum(1, keepdim=True) if diag else xa @ xb.T  # <x, x'>
     K = 2.0 * ip / d_in + sigma_b2
@@ -47,6 +50,8 @@ def _pair(a, b, depth, sigma_b2, diag=False):
     for _ in range(depth - 1):
         norm = torch.sqrt(kaa * kbb)
         c = torch.where(norm > 0, K / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.zeros_like(K))
+        if same and not diag:  # t = 0 exactly for x against itself (arccos of a rounded 1 is ~1e-8, not 0)
+            c.diagonal().fill_(1.0)
         t = torch.arccos(c.clamp(-1.0, 1.0))
         H = H * (math.pi - t) / (2 * math.pi)
         K = norm * (torch.sin(t) + (math.pi - t) * torch.cos(t)) / math.pi + sigma_b2
