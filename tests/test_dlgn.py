@@ -7,6 +7,8 @@ import torch
 import neuralpath as npx
 from neuralpath.datasets import trees
 from neuralpath.dlgn import DLGNVT, gate_hyperplanes
+from neuralpath.errors import NeuralpathError
+from neuralpath.testing import KernelTestBase
 
 F64 = torch.float64
 
@@ -155,3 +157,28 @@ def test_flnpf_freezes_a_trained_dlgns_gating_network(tmp_path):
     bad = TrainConfig(regime="flnpf", gating="linear", relu_checkpoint=str(relu / "best.pt"), **common)
     with pytest.raises(NeuralpathError, match="not a 'dlnpf' run"):
         train(bad, tmp_path / "bad", progress=False, log=lambda m: None)
+
+
+class TestDLGNVTKernelBattery(KernelTestBase):
+    """The DLGN-VT kernel through the shared battery: closed form (through the Gram engine) against its explicit
+    path features, the diagonal, blocking, symmetry and positive semi-definiteness."""
+
+    methods = ("closed_form", "paths")
+
+    def kernel(self, net, x1, x2=None, **kw):
+        return npx.npk(net, x1, x2, **kw)
+
+    def cases(self):
+        torch.manual_seed(3)
+        vt = DLGNVT(5, 3, 4, out_dim=2).double()
+        g = torch.Generator().manual_seed(4)
+        return [(vt, torch.randn(8, 5, generator=g, dtype=F64), torch.randn(5, 5, generator=g, dtype=F64))]
+
+
+def test_dlgn_vt_kernel_refusals():
+    vt = DLGNVT(5, 3, 3).double()
+    x = torch.randn(4, 5, dtype=F64)
+    with pytest.raises(NeuralpathError, match="unnormalised"):
+        npx.npk(vt, x, normalize="cosine")
+    with pytest.raises(NeuralpathError, match="diag=True takes x1 only"):
+        npx.npk(vt, x, x, diag=True)

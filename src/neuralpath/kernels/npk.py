@@ -384,6 +384,10 @@ def npk(
     """
     check_choice("normalize", normalize, NORMALIZE)
     check_choice("method", method, METHODS)
+    from ..dlgn import DLGNVT
+
+    if isinstance(net, DLGNVT):
+        return _npk_dlgnvt(net, x1, x2, diag, method, normalize, dtype, block, out, progress)
     if method == "paths" or diag:
         if normalize is not None or out is not None:
             raise NeuralpathError("diag=True and method='paths' return the kernel in memory, unnormalised")
@@ -400,12 +404,6 @@ def npk(
 
             return npk_module(net, x1, diag=True, dtype=dtype)
         return npk_diag(_as_dtype(net, dtype), x1)
-    from ..dlgn import DLGNVT
-
-    if isinstance(net, DLGNVT):
-        if normalize is not None or out is not None:
-            raise NeuralpathError("the DLGN-VT kernel is returned in memory, unnormalised")
-        return net.npk(x1, x2)
     _check_inputs(net, x1, x2)
     if _is_module_dgn(net):
         from ..anynet import npk_module
@@ -473,6 +471,36 @@ def npk(
     d1 = npk_diag(net, x1, scaled=True)
     d2 = d1 if x2 is None else npk_diag(net, x2, scaled=True)
     return K / torch.sqrt(d1[:, None] * d2[None, :])
+
+
+def _npk_dlgnvt(net, x1, x2, diag, method, normalize, dtype, block, out, progress):
+    """The DLGN-VT kernel (one path per choice of a unit in each gated layer, value input all ones):
+    H(x, x') = prod_l <g_l(x), g_l(x')>, through the Gram engine; method 'paths' is the Gram matrix of its explicit
+    NPF (the outer product of the layers' gates)."""
+    if normalize is not None:
+        raise NeuralpathError("the DLGN-VT kernel is unnormalised; normalise the result (H / sqrt(diag diag^T))")
+    if diag and x2 is not None:
+        raise NeuralpathError("diag=True takes x1 only: the diagonal H(x_i, x_i)")
+    vt: Any = _as_dtype(net, dtype)  # a DLGNVT (not a DGN)
+    dt = next(vt.parameters()).dtype
+
+    def gates(x):
+        with torch.no_grad():
+            return vt.gates(x.to(dt))
+
+    if method == "paths" or diag:
+        if out is not None:
+            raise NeuralpathError("diag=True and method='paths' return the kernel in memory")
+        if method == "paths":
+            with torch.no_grad():
+                p1 = vt.npf(x1.to(dt))
+                return (p1 * p1).sum(1) if diag else p1 @ (p1 if x2 is None else vt.npf(x2.to(dt))).T
+        return math.prod([(g * g).sum(1) for g in gates(x1)])
+
+    def pair(a, b):
+        return math.prod([ga @ gb.T for ga, gb in zip(a, b)])
+
+    return gram(gates, pair, x1, x2, block=block, out=out, dtype=dt, progress=progress, desc="NPK")
 
 
 def npk_diag(net: DGN, x, scaled: bool = False, block: int = 4096):
