@@ -314,6 +314,8 @@ def ntk(
             f1 = _featurize(net, x1, params, biases)
             f2 = f1 if x2 is None else _featurize(net, x2, params, biases)
             return _pair_structured(f1, f2, trace=False)
+        one = _featurize(net, x1[:1], params, biases)  # what one input's features occupy: the Gram engine keeps
+        per_input = sum(t.numel() * t.element_size() for e in one for t in e[1:3] if torch.is_tensor(t))  # all if fit
         return gram(
             lambda x: _featurize(net, x, params, biases),
             lambda a, b: _pair_structured(a, b, True),
@@ -324,6 +326,7 @@ def ntk(
             dtype=dt,
             progress=progress,
             desc="NTK",
+            feature_bytes_per_input=per_input,
         )
     if out is not None:
         raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
