@@ -3,6 +3,7 @@ errors, and the kernels of random small networks are symmetric, PSD and agree ac
 
 import gzip
 import io
+import os
 import pickle
 import tarfile
 
@@ -59,7 +60,11 @@ OPS = st.lists(
     min_size=1,
     max_size=6,
 )
-FUZZ = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = settings(
+    max_examples=int(os.environ.get("NEURALPATH_FUZZ_EXAMPLES", "150")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 @FUZZ
@@ -189,3 +194,16 @@ def test_fuzz_counts(capsys):
     with capsys.disabled():
         print(f"\nfuzz counts: {COUNTS}")
     assert sum(COUNTS.values()) > 0 or pytest.skip("run with the module")
+
+
+def test_cifar_reader_refuses_an_object_array_over_raw_bytes(tmp_path):
+    """Found by the fuzzer (a worker crashed): numpy rebuilds an object-dtype array from raw bytes as pointers, and
+    touching it segfaults (checked by hand: exit status 139). The reader now runs no numpy code on a file's state;
+    such a batch gets a one-line error."""
+    good = pickle.dumps({b"data": np.full(768, 7, np.uint8), b"labels": [3]}, protocol=2)
+    bad = good.replace(b"X\x02\x00\x00\x00u1", b"X\x02\x00\x00\x00O8").replace(b"M\x00\x03\x85", b"K\x60\x85")
+    assert bad != good
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(bad)
+    with pytest.raises(NeuralpathError, match="refused dtype 'O8'"):
+        formats.read_cifar_batch(p)

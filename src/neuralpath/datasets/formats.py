@@ -93,23 +93,94 @@ def check_labels(y, num_classes, where):
 
 
 # -- CIFAR-10 python batches ------------------------------------------------------------------------
-class RestrictedUnpickler(pickle.Unpickler):
-    """Admits only what the official CIFAR-10 batches contain: numpy arrays and dtypes, and builtins data."""
+_INT_DTYPES = {"u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8"}
 
-    ALLOWED = {
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "scalar"),
-        ("_codecs", "encode"),
-        ("builtins", "list"),
-        ("builtins", "dict"),
-        ("builtins", "bytes"),
+
+class _Dtype:
+    """Stand-in for numpy.dtype while unpickling: records the spec and byte order, runs no numpy code."""
+
+    def __init__(self, spec=None, align=False, copy=False):
+        self.spec, self.order = spec, "|"
+
+    def __setstate__(self, state):
+        if isinstance(state, tuple) and len(state) > 1 and state[1] in ("<", ">", "|", "="):
+            self.order = state[1]
+
+    def resolve(self) -> np.dtype:
+        spec = self.spec.decode("latin1") if isinstance(self.spec, bytes) else self.spec
+        if not isinstance(spec, str) or spec not in _INT_DTYPES:
+            raise pickle.UnpicklingError(f"refused dtype {spec!r}: a CIFAR-10 batch holds integer arrays only")
+        return np.dtype(spec).newbyteorder("=" if self.order == "|" else self.order)
+
+
+class _Array:
+    """Stand-in for numpy's array reconstruction: records (version, shape, dtype, fortran, raw bytes) and builds
+    the array afterwards from checked bytes (numpy's own __setstate__ on crafted state can crash the process)."""
+
+    def __init__(self, *args):
+        self.state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+    def build(self) -> np.ndarray:
+        st = self.state
+        if not (isinstance(st, tuple) and len(st) == 5 and isinstance(st[2], _Dtype) and isinstance(st[4], bytes)):
+            raise pickle.UnpicklingError("malformed array in a CIFAR-10 batch")
+        shape = st[1]
+        if not isinstance(shape, tuple) or not all(isinstance(v, int) and v >= 0 for v in shape):
+            raise pickle.UnpicklingError(f"malformed array shape {shape!r}")
+        dt = st[2].resolve()
+        count = 1
+        for v in shape:
+            count *= v
+        if count * dt.itemsize != len(st[4]):
+            raise pickle.UnpicklingError(f"array of shape {shape} needs {count * dt.itemsize} bytes, has {len(st[4])}")
+        return np.frombuffer(st[4], dtype=dt).reshape(shape, order="F" if st[3] else "C").copy()
+
+
+def _scalar(dtype, raw=b""):
+    if not isinstance(dtype, _Dtype) or not isinstance(raw, bytes):
+        raise pickle.UnpicklingError("malformed numpy scalar in a CIFAR-10 batch")
+    dt = dtype.resolve()
+    if len(raw) != dt.itemsize:
+        raise pickle.UnpicklingError(f"numpy scalar of {dt} needs {dt.itemsize} bytes, has {len(raw)}")
+    return int(np.frombuffer(raw, dtype=dt)[0])
+
+
+def _materialize(obj, depth=0):
+    """Replace the stand-ins by checked numpy arrays and ints (dicts and lists walked)."""
+    if depth > 20:
+        raise pickle.UnpicklingError("a CIFAR-10 batch is not nested this deep")
+    if isinstance(obj, _Array):
+        return obj.build()
+    if isinstance(obj, _Dtype):
+        raise pickle.UnpicklingError("a bare dtype in a CIFAR-10 batch")
+    if isinstance(obj, dict):
+        return {k: _materialize(v, depth + 1) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_materialize(v, depth + 1) for v in obj]
+    return obj
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Admits only what the official CIFAR-10 batches contain: numpy integer arrays and scalars, and builtins data.
+    numpy's globals are replaced by stand-ins (:class:`_Array`, :class:`_Dtype`, :func:`_scalar`) so that no numpy
+    code runs on the file's state: a crafted batch (an object dtype over raw bytes) once crashed the process."""
+
+    STANDINS = {
+        ("numpy.core.multiarray", "_reconstruct"): _Array,
+        ("numpy._core.multiarray", "_reconstruct"): _Array,
+        ("numpy", "ndarray"): _Array,
+        ("numpy", "dtype"): _Dtype,
+        ("numpy.core.multiarray", "scalar"): _scalar,
+        ("numpy._core.multiarray", "scalar"): _scalar,
     }
+    ALLOWED = {("_codecs", "encode"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes")}
 
     def find_class(self, module, name):
+        if (module, name) in self.STANDINS:
+            return self.STANDINS[(module, name)]
         if (module, name) in self.ALLOWED:
             return super().find_class(module, name)
         raise pickle.UnpicklingError(f"refused to load global {module}.{name}: not allowed in a CIFAR-10 batch")
@@ -120,7 +191,7 @@ def read_cifar_batch(path):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        d = RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load()
+        d = _materialize(RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load())
     except pickle.UnpicklingError as e:
         raise NeuralpathError(f"{path}: {e}") from None
     except Exception as e:  # truncated or garbage bytes
