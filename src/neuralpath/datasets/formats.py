@@ -110,7 +110,7 @@ class _Dtype:
         spec = self.spec.decode("latin1") if isinstance(self.spec, bytes) else self.spec
         if not isinstance(spec, str) or spec not in _INT_DTYPES:
             raise pickle.UnpicklingError(f"refused dtype {spec!r}: a CIFAR-10 batch holds integer arrays only")
-        return np.dtype(spec).newbyteorder("=" if self.order == "|" else self.order)
+        return np.dtype(spec).newbyteorder(">" if self.order == ">" else "<" if self.order == "<" else "=")
 
 
 class _Array:
