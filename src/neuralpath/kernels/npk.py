@@ -4,15 +4,15 @@
     overlap_l(x, x') = sum_i G_x(i, l) G_x'(i, l)
 
 With biases (a bias is a weight from a constant-1 unit, so paths may start at any layer) the sum over paths
-becomes the Horner-like recursion, beta = 1 when the network has biases and 0 otherwise:
+becomes the Horner-like recursion, b = 1 when the network has biases and 0 otherwise (not the soft gate's slope beta):
 
-    H_0 = <x, x'>,   H_l = (H_{l-1} + beta) * overlap_l,   H = H_{d-1} + beta
+    H_0 = <x, x'>,   H_l = (H_{l-1} + b) * overlap_l,   H = H_{d-1} + b
 
 Convolutions (3x3 'same', stride 1) never enumerate paths: the product of two inputs' signals is propagated
 through the all-ones connectivity of the network. With t_l(h, w) the channel-summed signal at layer l,
 
     t_0(h, w) = sum_c x(c,h,w) x'(c,h,w)
-    t_l(h, w) = (box_k(t_{l-1})(h, w) + beta) * Omega_l(h, w),   Omega_l(h, w) = sum_c G_x(c,h,w,l) G_x'(c,h,w,l)
+    t_l(h, w) = (box_k(t_{l-1})(h, w) + b) * Omega_l(h, w),   Omega_l(h, w) = sum_c G_x(c,h,w,l) G_x'(c,h,w,l)
 
 where box_k sums a k x k neighbourhood (zero padding). Flattening sums t over positions; global average pooling
 does the same with weight 1/(HW)^2 (each path through the pool carries the fixed coefficient 1/(HW)); dense
@@ -82,7 +82,8 @@ def _check_inputs(net, x1, x2):
 
 
 def _structure(net: DGN):
-    """Per layer: (transition, kind 'conv'|'dense', aggregation window, beta), from the rule table (nets/rules.py)."""
+    """Per layer: (transition, kind 'conv'|'dense', aggregation window, b = 1.0 with a bias else 0.0), from the
+    rule table (nets/rules.py)."""
     steps = []
     for l, layer in enumerate(net.value_layers):
         r = rule(layer)
@@ -208,7 +209,7 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False, bufs
     log_s = 0.0
     overlaps = []
     d = len(steps)
-    for l, (trans, kind, k, beta) in enumerate(steps):
+    for l, (trans, kind, k, b) in enumerate(steps):
         # aggregate the incoming signal over each unit's fan-in (all-ones connectivity)
         if trans in ("flatten", "gap"):
             hw = t.shape[-1] * t.shape[-2]
@@ -219,7 +220,7 @@ def npk_pair(net: DGN, f1, f2, per_layer: bool = False, diag: bool = False, bufs
         if kind == "conv":
             t = _box(t, k) / (k * k)
             log_s += math.log(k * k)
-        bias = beta * math.exp(-log_s) if beta else 0.0
+        bias = b * math.exp(-log_s) if b else 0.0
         if l == d - 1:
             t = t + bias
             break
@@ -271,7 +272,7 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
     log_s = 0.0
     d = len(steps)
     unscaled = 1.0  # t holds T * unscaled (the last box sum's k^2, not yet divided out)
-    for l, (trans, kind, k, beta) in enumerate(steps):
+    for l, (trans, kind, k, b) in enumerate(steps):
         if trans in ("flatten", "gap"):
             n_pos = t.shape[0]
             t = t.sum(0).div_(n_pos * unscaled)
@@ -282,10 +283,10 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
         if kind == "conv":
             log_s += math.log(k * k)
             unscaled = float(k * k)
-            bias = beta * math.exp(-log_s) * unscaled if beta else 0.0
+            bias = b * math.exp(-log_s) * unscaled if b else 0.0
             _box_pm_inplace(t, spare, h, w, k, bias)
-        elif beta:
-            t.add_(beta * math.exp(-log_s))
+        elif b:
+            t.add_(b * math.exp(-log_s))
         if l == d - 1:
             if unscaled != 1.0:
                 t.div_(unscaled)
@@ -307,14 +308,14 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
 
 
 def _pair_fc(x1, s1, x2, g2, steps):
-    """The FC tile loop with every elementwise pass in place: H_l = (H_{l-1} + beta) * overlap_l / width_l, the
+    """The FC tile loop with every elementwise pass in place: H_l = (H_{l-1} + b) * overlap_l / width_l, the
     1/width folded into the GEMM through the pre-scaled gates (one pass over the tile per layer, two with biases)."""
     t = x1 @ x2.T
     log_s = 0.0
     d = len(steps)
-    for l, (_, _, _, beta) in enumerate(steps):
-        if beta:
-            t.add_(beta * math.exp(-log_s))
+    for l, (_, _, _, b) in enumerate(steps):
+        if b:
+            t.add_(b * math.exp(-log_s))
         if l == d - 1:
             break
         t.mul_(s1[l] @ g2[l].T)
