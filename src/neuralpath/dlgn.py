@@ -113,15 +113,11 @@ class DLGNVT(nn.Module):
         return t  # (n, k)
 
     def npk(self, x1, x2=None):
-        """H(x, x') = prod_l <g_l(x), g_l(x')> (paths = one unit per gated layer; value input all ones)."""
-        with torch.no_grad():
-            g1 = self.gates(x1)
-            g2 = g1 if x2 is None else self.gates(x2)
-            H = None
-            for a, b in zip(g1, g2):
-                o = a @ b.T
-                H = o if H is None else H * o
-        return H
+        """H(x, x') = prod_l <g_l(x), g_l(x')> (paths = one unit per gated layer; value input all ones); the same as
+        ``neuralpath.npk(self, x1, x2)``, which computes it."""
+        from .kernels.npk import npk
+
+        return npk(self, x1, x2)
 
     def npf(self, x):
         """(n, w^(d-1)) explicit path features: the outer product of the layers' gates."""

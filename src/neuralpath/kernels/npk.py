@@ -45,6 +45,9 @@ from .gram import gram
 
 if TYPE_CHECKING:
     from ..anynet.dgn import ModuleDGN
+    from ..dlgn import DLGNVT
+
+    Net = DGN | ModuleDGN | DLGNVT  # what the kernel accepts
 
 NORMALIZE = (None, "trace", "cosine")
 
@@ -354,11 +357,11 @@ class NpkOptions(KernelOptions, total=False):
 
 
 @overload
-def npk(net: DGN | ModuleDGN, x1, x2=None, *, out: None = None, **options: Unpack[NpkOptions]) -> torch.Tensor: ...
+def npk(net: Net, x1, x2=None, *, out: None = None, **options: Unpack[NpkOptions]) -> torch.Tensor: ...
 
 
 @overload
-def npk(net: DGN | ModuleDGN, x1, x2=None, *, out: str | Path, **options: Unpack[NpkOptions]) -> Path: ...
+def npk(net: Net, x1, x2=None, *, out: str | Path, **options: Unpack[NpkOptions]) -> Path: ...
 
 
 def npk(

@@ -89,7 +89,7 @@ def _signals(net: DGN, x, want_feature: bool):
                 deltas[l - 1] = rho.mul_(gl[:, None])
         value = [(net.value_layers[l], a_v[l], deltas[l]) for l in range(d)]
         feature = []
-        if want_feature and net.gate_kind == "soft" and not net.tied:
+        if keep_rho:  # the feature network's part (soft, untied gates)
             x0 = net._prepare(x)
             zf = x0
             a_f = []
