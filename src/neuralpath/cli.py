@@ -404,10 +404,17 @@ def _where(out, device="auto", device_help="auto | cpu | cuda"):
     return deco
 
 
-def _echo_run(run, *args, **kw):
-    """Run an experiment's ``run(...)`` with the CLI's progress and log, and print the report it returns."""
-    _check_out_folder(args[0] if args else kw.get("out"))
-    click.echo(run(*args, progress=_progress(), log=lambda m: click.echo(m, err=True), **kw))
+def _env(data_root=None, device="auto"):
+    """The experiments' environment under the CLI: a progress bar on a terminal, the log on stderr."""
+    from .experiments.common import Env
+
+    return Env(data_root=data_root, device=device, progress=_progress(), log=lambda m: click.echo(m, err=True))
+
+
+def _echo_run(run, out, *args, data_root=None, device="auto", **kw):
+    """Run an experiment's ``run(out, ...)`` in the CLI's environment and print the report it returns."""
+    _check_out_folder(out)
+    click.echo(run(out, *args, env=_env(data_root, device), **kw))
 
 
 def _check_out_folder(out):
@@ -424,38 +431,26 @@ def _progress():
     return True if sys.stderr.isatty() else None
 
 
-def _table(
-    rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, stacked=True, width=None, regimes=None
-):
+def _commas(flag, value, example):
+    """A comma-separated option as a list (a list passes through); an empty one is refused."""
     from .errors import NeuralpathError
+
+    if not isinstance(value, str):
+        return value
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if not items:
+        raise NeuralpathError(f"{flag} is empty; give e.g. {flag} {example}")
+    return items
+
+
+def _table(rows, seeds, budget, out, overrides=None, stacked=True, regimes=None, data_root=None, device="auto"):
     from .experiments import table
 
-    if isinstance(rows, str):
-        rows = [r.strip() for r in rows.split(",") if r.strip()]
-        if not rows:
-            raise NeuralpathError("--rows is empty; give e.g. --rows fc-adam,fc-sgd")
-    if isinstance(regimes, str):
-        regimes = [r.strip() for r in regimes.split(",") if r.strip()]
-        if not regimes:
-            raise NeuralpathError("--regimes is empty; give e.g. --regimes relu,flnpf")
-    _check_out_folder(out)
-    md = table.run(
-        out,
-        rows=rows,
-        seeds=seeds,
-        budget=budget,
-        epochs=epochs,
-        limit_train=limit_train,
-        limit_test=limit_test,
-        width=width,
-        data_root=data_root,
-        device=device,
-        progress=_progress(),
-        log=lambda m: click.echo(m, err=True),
-        stacked=stacked,
-        regimes=regimes,
-    )
-    click.echo(md)
+    rows = _commas("--rows", rows, "fc-adam,fc-sgd")
+    regimes = None if regimes is None else _commas("--regimes", regimes, "relu,flnpf")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    kw = dict(rows=rows, seeds=seeds, budget=budget, overrides=overrides, stacked=stacked, regimes=regimes)
+    _echo_run(table.run, out, data_root=data_root, device=device, **kw)
 
 
 @cli.group(invoke_without_command=True)
@@ -473,7 +468,7 @@ def reproduce(ctx, out, data_root):
 
     With no sub-command: the quick budget of the FC rows of the table (5 regimes x 2 seeds, real MNIST)."""
     if ctx.invoked_subcommand is None:
-        _table("fc-sgd,fc-adam", 2, "quick", None, None, None, data_root, out, "auto")
+        _table("fc-sgd,fc-adam", 2, "quick", out, data_root=data_root)
 
 
 @reproduce.command("table")
@@ -507,9 +502,8 @@ def reproduce_table(
     rows, seeds, budget, epochs, limit_train, limit_test, width, data_root, device, one_at_a_time, regimes, out
 ):
     """The paper's table: 5 regimes per row, our mean ± std beside the paper's; records, table.md and a bar chart."""
-    _table(
-        rows, seeds, budget, epochs, limit_train, limit_test, data_root, out, device, not one_at_a_time, width, regimes
-    )
+    overrides = dict(epochs=epochs, limit_train=limit_train, limit_test=limit_test, width=width)
+    _table(rows, seeds, budget, out, overrides, not one_at_a_time, regimes, data_root, device)
 
 
 @reproduce.command("budget")
@@ -607,14 +601,8 @@ def reproduce_theorem(budget, data_root, device, out):
     check_choice("budget", budget, ("quick", "full"))
     from .train import resolve_device
 
-    theorem.run(
-        out,
-        quick=budget == "quick",
-        data_root=data_root,
-        progress=_progress(),
-        device=resolve_device(device),
-        log=lambda m: click.echo(m, err=True),
-    )
+    _check_out_folder(out)
+    theorem.run(out, quick=budget == "quick", env=_env(data_root, str(resolve_device(device))))
     from pathlib import Path
 
     click.echo((Path(out) / "theorem.md").read_text())
@@ -701,17 +689,8 @@ def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, 
     from .experiments import kernel_machines
 
     if relu_run:
-        click.echo(
-            kernel_machines.run_on_run(
-                out,
-                relu_run,
-                n_train=n_train or 3000,
-                n_test=n_test or 1000,
-                data_root=data_root,
-                device=device,
-                log=lambda m: click.echo(m, err=True),
-            )
-        )
+        n_train, n_test = n_train or 3000, n_test or 1000
+        _echo_run(kernel_machines.run_on_run, out, relu_run, n_train, n_test, data_root=data_root, device=device)
         return
     _echo_run(
         kernel_machines.run,

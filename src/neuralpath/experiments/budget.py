@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NeuralpathError
-from ..io import write_text
 from ..runfolder import RunFolder
 from ..train import TrainConfig, train_many
-from .common import pyplot, savefig, write_jsonl
+from .common import Env, publish, pyplot, savefig, write_jsonl
 
 PAPER = {"relu": 80.32, "frnpf-ii": 67.09, "flnpf": 79.68}  # GCONV, Adam, the paper's budget
 # (width multiplier, training images, epochs, with FLNPF): the measured grid (docs/RESULTS.md)
@@ -68,42 +67,40 @@ def _name(w, n):
     return f"w{w:g}-n{n}"
 
 
-def run(
-    out, grid="cpu", arch="gconv", seed=0, limit_test=None, data_root=None, device="auto", progress=None, log=print
-) -> str:
+def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, env: Env | None = None) -> str:
+    env = env or Env()
     if grid not in GRIDS:
         raise NeuralpathError(f"grid={grid!r} is not known; choose one of {', '.join(GRIDS)}")
     out = Path(out)
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:
-        base = cifar_adam(arch, w, n, epochs, seed=seed, limit_test=limit_test, data_root=data_root, device=device)
+        base = cifar_adam(
+            arch, w, n, epochs, seed=seed, limit_test=limit_test, data_root=env.data_root, device=env.device
+        )
         d = out / "runs" / _name(w, n)
-        log(f"budget curve {_name(w, n)}: ReLU and FRNPF-II, {epochs} epochs on {n} images")
+        env.log(f"budget curve {_name(w, n)}: ReLU and FRNPF-II, {epochs} epochs on {n} images")
         # a curve may be extended: more epochs continue the runs (allow_change), the records say so
         train_many(
             [TrainConfig(regime=r, **base) for r in ("relu", "frnpf-ii")],
             [d / "relu", d / "frnpf-ii"],
             d / "stack.pt",
             resume=True,
-            progress=progress,
-            log=log,
+            progress=env.progress,
+            log=env.log,
             allow_change=("epochs",),
         )
         if with_flnpf:
-            log(f"budget curve {_name(w, n)}: FLNPF on the ReLU net's best gates")
+            env.log(f"budget curve {_name(w, n)}: FLNPF on the ReLU net's best gates")
             train_many(
                 [TrainConfig(regime="flnpf", relu_checkpoint=str(d / "relu" / "best.pt"), **base)],
                 [d / "flnpf"],
                 d / "flnpf" / "last.pt",
                 resume=True,
-                progress=progress,
-                log=log,
+                progress=env.progress,
+                log=env.log,
             )
     recs = collect(out)
-    md = report(recs) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
-    write_text(out / "budget.md", md)
-    plot(recs, out / "budget.png")
-    return md
+    return publish(out, "budget", report(recs), t0, out / "curve.jsonl", lambda png: plot(recs, png))
 
 
 def collect(out) -> list:

@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 from .. import datasets
-from ..errors import NeuralpathError, check_choice
-from ..io import write_text
+from ..errors import check_choice
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
 from .budget import conv_widths
-from .common import mean_std, pyplot, run_record, savefig, write_jsonl
+from .common import Env, budget_settings, label_axes, mean_std, publish, run_record, savefig, subplots, write_jsonl
 
 PAPER_CURVE = [67.09, 72.29, 74.42, 77.0, 78.3, 78.6, 79.43]  # stages 0..6; stages 3-5 read off the plot
 CNTK, RELU = 77.43, 80.32
@@ -42,29 +41,16 @@ def run(
     step=None,
     stage_epochs=None,
     limit_train=None,
-    data_root=None,
-    device="auto",
-    progress=None,
-    log=print,
+    env: Env | None = None,
 ) -> str:
     """ReLU nets (one per seed, one stack) keep their best-so-far checkpoint every ``step`` epochs; then every stage
     of every seed trains as one stack: stage 0 FRNPF-II, stage k FLNPF on the gates of the ReLU net's best-so-far
     checkpoint at epoch k * step (the authors reload their best-so-far checkpoint at each stage)."""
-    check_choice("budget", budget, tuple(BUDGETS))
-    b: dict[str, Any] = dict(BUDGETS[budget])
+    env = env or Env()
+    counts = dict(seeds=seeds, stages=stages, step=step, stage_epochs=stage_epochs, limit_train=limit_train)
+    b = budget_settings(BUDGETS, budget, **counts)
     arch = arch or b["arch"]
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
-    for k, v in (
-        ("seeds", seeds),
-        ("stages", stages),
-        ("step", step),
-        ("stage_epochs", stage_epochs),
-        ("limit_train", limit_train),
-    ):
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise NeuralpathError(f"--{k.replace('_', '-')} {v!r} must be a positive integer")
-            b[k] = v
     out = Path(out)
     t0 = time.time()
     dataset = "mnist" if arch == "fc" else "cifar10"
@@ -77,18 +63,18 @@ def run(
         limit_train=b["limit_train"],
         channels=ch,
         hidden=hid,
-        data_root=data_root,
-        device=device,
+        data_root=env.data_root,
+        device=env.device,
     )
     seeds_ = list(range(b["seeds"]))
     relu_epochs = b["stages"] * b["step"]
-    log(f"ReLU {arch}: {relu_epochs} epochs, best-so-far kept every {b['step']}, seeds {seeds_}")
+    env.log(f"ReLU {arch}: {relu_epochs} epochs, best-so-far kept every {b['step']}, seeds {seeds_}")
     relu = train_many(
         [TrainConfig(regime="relu", epochs=relu_epochs, save_every=b["step"], seed=s, **common) for s in seeds_],
         [out / f"relu-s{s}" for s in seeds_],
         out / "relu-stack.pt",
-        progress=progress,
-        log=log,
+        progress=env.progress,
+        log=env.log,
     )
     cfgs, outs = [], []
     for k in range(b["stages"] + 1):
@@ -106,16 +92,11 @@ def run(
                     )
                 )
             outs.append(out / f"stage_{k}-s{s}")
-    log(f"stages 0..{b['stages']} x seeds {seeds_}: {len(cfgs)} runs of {b['stage_epochs']} epochs, one stack")
-    train_many(cfgs, outs, out / "stages-stack.pt", progress=progress, log=log)
-    recs = collect(out)
-    md = report(
-        recs, dict(b, arch=arch), budget, datasets.source_label(dataset, data_root), [r["best_test_acc"] for r in relu]
-    )
-    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Runs in {out}; plot: {out / 'continuous.png'}\n"
-    write_text(out / "continuous.md", md)
-    plot(recs, budget, [r["best_test_acc"] for r in relu], out / "continuous.png")
-    return md
+    env.log(f"stages 0..{b['stages']} x seeds {seeds_}: {len(cfgs)} runs of {b['stage_epochs']} epochs, one stack")
+    train_many(cfgs, outs, out / "stages-stack.pt", progress=env.progress, log=env.log)
+    recs, relu_best = collect(out), [r["best_test_acc"] for r in relu]
+    md = report(recs, dict(b, arch=arch), budget, datasets.source_label(dataset, env.data_root), relu_best)
+    return publish(out, "continuous", md, t0, out / "continuous.jsonl", lambda png: plot(recs, budget, relu_best, png))
 
 
 def collect(out) -> list:
@@ -187,8 +168,7 @@ def plot(recs, budget, relu_best, path):
     stats = stage_stats(recs)
     if not stats:
         return
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.8, 3.9))
+    fig, ax = subplots(figsize=(5.8, 3.9))
     ks = [s[0] for s in stats]
     ax.errorbar(
         ks,
@@ -204,9 +184,6 @@ def plot(recs, budget, relu_best, path):
     ours = mean_std(relu_best)[0]
     if ours is not None:
         ax.axhline(100 * ours, color="tab:red", ls="-", alpha=0.4, label="ReLU (ours, this budget)")
-    ax.set_xlabel("stage k (gates of the ReLU net after k·step epochs)")
-    ax.set_ylabel("test accuracy %")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    label_axes(ax, "stage k (gates of the ReLU net after k·step epochs)", "test accuracy %")
     fig.tight_layout()
     savefig(fig, path)

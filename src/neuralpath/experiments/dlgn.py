@@ -15,20 +15,28 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
 from .. import datasets
-from ..errors import NeuralpathError, check_choice
-from ..io import read_jsonl, write_text
-from ..kernels.machines import accuracy, fit_predict
-from ..kernels.npk import npk
+from ..errors import check_choice
+from ..io import append_jsonl, read_jsonl, write_text
 from ..nets import FCDGN
 from ..runfolder import RunFolder
 from ..train import FitOptions, RunData, RunSpec, fit
-from .common import mean_std, pyplot, run_record, savefig, write_jsonl
+from .common import (
+    Env,
+    budget_settings,
+    krr_on_npk,
+    mean_std,
+    present,
+    publish,
+    run_record,
+    savefig,
+    subplots,
+    write_jsonl,
+)
 
 # set -> model -> (beta, lr, gated layers, width): the authors' settings (docs/THEORY.md §11); ReLU uses DLGN's size/lr
 SETTINGS = {
@@ -74,17 +82,10 @@ def run(
     sets=("sd-i", "sd-ii", "sd-iii"),
     epochs=None,
     seeds=None,
-    device="auto",
-    progress=None,
-    log=print,
+    env: Env | None = None,
 ) -> str:
-    check_choice("budget", budget, tuple(BUDGETS))
-    b: dict[str, Any] = dict(BUDGETS[budget])
-    for k, v in (("epochs", epochs), ("seeds", seeds)):
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise NeuralpathError(f"--{k} {v!r} must be a positive integer")
-            b[k] = v
+    env = env or Env()
+    b = budget_settings(BUDGETS, budget, epochs=epochs, seeds=seeds)
     sets = list(sets)
     for s in sets:
         check_choice("set", s, tuple(SETTINGS))
@@ -127,7 +128,7 @@ def run(
                 )
             if not specs:
                 continue
-            log(f"{s}: {model} x {len(specs)} seeds, {b['epochs']} epochs of 10 mini-batches (lr {lr:g})")
+            env.log(f"{s}: {model} x {len(specs)} seeds, {b['epochs']} epochs of 10 mini-batches (lr {lr:g})")
             for sp in specs:
                 sp.folder.acquire()
             try:
@@ -140,22 +141,20 @@ def run(
                         epochs=b["epochs"],
                         batch_size=math.ceil(n / 10),
                         loss="bce",
-                        device=device,
+                        device=env.device,
                         eval_batch=4096,
                     ),
                     state_path=out / "runs" / s / f"{model}-stack.pt",
                     resume=True,
-                    progress=progress,
-                    log=log,
+                    progress=env.progress,
+                    log=env.log,
                 )
             finally:
                 for sp in specs:
                     sp.folder.release()
-        _kernels(out, s, data, b, log)
+        _kernels(out, s, data, b, env.log)
     recs = collect(out)
-    md = report(recs, budget, b) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
-    write_text(out / "dlgn.md", md)
-    plot(recs, out / "dlgn.png")
+    md = publish(out, "dlgn", report(recs, budget, b), t0, out / "dlgn.jsonl", lambda png: plot(recs, png))
     plot_toy(out / "hyperplanes.png", epochs=b["toy_epochs"])
     return md
 
@@ -168,8 +167,8 @@ def _kernels(out, s, data, b, log):
     have = {(r["set"], r["model"], r["seed"], r["gates"]) for r in read_jsonl(path)}
     n, d = data.x_train.shape
     sub = torch.from_numpy(datasets.stratified_indices(data.y_train.numpy(), min(b["krr_n"], n), seed=0))
-    xk, yk = data.x_train[sub].double(), data.y_train[sub]
-    xt, yt = data.x_test.double(), data.y_test
+    xk, yk = data.x_train[sub], data.y_train[sub]
+    xt, yt = data.x_test, data.y_test
     for model in ("dlgn", "dlgn-sf"):
         for seed in range(b["seeds"]):
             f = RunFolder(out / "runs" / s / f"{model}-s{seed}")
@@ -181,23 +180,7 @@ def _kernels(out, s, data, b, log):
                 net = make_model(model, d, s, seed)
                 if gates == "trained":
                     net.load_state_dict(checkpoints.load(f.file("best.pt"))["model"])
-                net = net.double()
-                t = time.time()
-                K, Kt = npk(net, xk), npk(net, xt, xk)
-                pred, info = fit_predict("krr", K, yk, Kt)
-                rec = {
-                    "set": s,
-                    "model": model,
-                    "seed": seed,
-                    "gates": gates,
-                    "n_train": len(yk),
-                    "n_test": len(yt),
-                    "test_acc": accuracy(pred, yt),
-                    "seconds": time.time() - t,
-                    **info,
-                }
-                from ..io import append_jsonl
-
+                rec = krr_on_npk(net, xk, yk, xt, yt, set=s, model=model, seed=seed, gates=gates)
                 append_jsonl(path, rec)
                 log(f"{s} {model} seed {seed}: NPK ({gates} gates) + KRR {100 * rec['test_acc']:.2f}%")
 
@@ -239,7 +222,7 @@ def report(recs, budget, b) -> str:
         "krr-npk-dlgn-sf-trained": "KRR on the NPK of the trained DLGN-SF",
         "krr-npk-dlgn-sf-initial": "KRR on the NPK of the DLGN-SF at initialisation",
     }
-    sets = [s for s in SETTINGS if any(r["set"] == s for r in recs)]
+    sets = present(SETTINGS, recs, "set")
     lines = [
         f"# Deep linearly gated networks on the oblique-tree sets (budget `{budget}`: {b['epochs']} epochs of 10 "
         f"mini-batches, Adam, {b['seeds']} seeds; KRR on {b['krr_n']} training points)"
@@ -261,11 +244,10 @@ def report(recs, budget, b) -> str:
 
 
 def plot(recs, path):
-    sets = [s for s in SETTINGS if any(r["set"] == s for r in recs)]
+    sets = present(SETTINGS, recs, "set")
     if not sets:
         return
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = subplots(figsize=(7.5, 3.8))
     models = ["dlgn", "dlgn-sf", "relu", "krr-npk-dlgn-trained", "krr-npk-dlgn-initial"]
     w = 0.8 / (len(models) + 1)
     for i, m in enumerate(models):
@@ -313,8 +295,7 @@ def plot_toy(path, seed=0, epochs=300):
         FitOptions(lr=0.02, epochs=epochs, batch_size=120, loss="bce", device="cpu"),
         progress=False,
     )
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = subplots(figsize=(5, 5))
     g = torch.linspace(-1.05, 1.05, 300)
     gx, gy = torch.meshgrid(g, g, indexing="xy")
     with torch.no_grad():
@@ -354,20 +335,18 @@ def run_cifar(
     epochs=12,
     limit_train=10000,
     width=0.25,
-    data_root=None,
-    device="auto",
-    progress=None,
-    log=print,
+    env: Env | None = None,
 ) -> str:
     """A convolutional DLGN (linear gating network, soft gates, trained jointly: the DLNPF regime with
     gating='linear') beside the ReLU network of the same shape, at the CPU conv budget of the table, on CIFAR-10;
     one stack of 2 x seeds runs. Reported as the DLGN's fraction of the ReLU network's accuracy."""
+    env = env or Env()
     from ..train import TrainConfig, train_many
     from .budget import cifar_adam
 
     out = Path(out)
     t0 = time.time()
-    base = cifar_adam(arch, width, limit_train, epochs, data_root=data_root, device=device)
+    base = cifar_adam(arch, width, limit_train, epochs, data_root=env.data_root, device=env.device)
     runs = [("dlgn", s) for s in range(seeds)] + [("relu", s) for s in range(seeds)]
     cfgs = [
         TrainConfig(regime="dlnpf", gating="linear", seed=s, **base)
@@ -375,8 +354,8 @@ def run_cifar(
         else TrainConfig(regime="relu", seed=s, **base)
         for m, s in runs
     ]
-    log(f"conv DLGN vs ReLU {arch} x{width:g}, {limit_train} images, {epochs} epochs, seeds 0..{seeds - 1}")
-    res = train_many(cfgs, [out / f"{m}-s{s}" for m, s in runs], out / "stack.pt", progress=progress, log=log)
+    env.log(f"conv DLGN vs ReLU {arch} x{width:g}, {limit_train} images, {epochs} epochs, seeds 0..{seeds - 1}")
+    res = train_many(cfgs, [out / f"{m}-s{s}" for m, s in runs], out / "stack.pt", progress=env.progress, log=env.log)
     recs = [
         {
             "model": m,
@@ -418,8 +397,7 @@ def run_cifar(
 
 def plot_cifar(out, path):
     """Test accuracy per epoch of every conv DLGN and ReLU run under ``out`` (from their metrics records)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = subplots(figsize=(6.5, 4.2))
     for d in sorted(Path(out).glob("*-s*/metrics.jsonl")):
         m = read_jsonl(d)
         model = d.parent.name.rsplit("-s", 1)[0]

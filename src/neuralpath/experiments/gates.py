@@ -20,13 +20,12 @@ import numpy as np
 import torch
 
 from .. import checkpoints, datasets
-from ..errors import check_choice, check_positive_int
 from ..gatestats import class_overlap, distinct_patterns, flip_fraction, hard_gates, regions_along_segment
-from ..io import read_jsonl, write_text
+from ..io import read_jsonl
 from ..nets import FCDGN
 from ..regimes import build_regime
 from ..train import TrainConfig, net_kwargs, train
-from .common import mean_std, pyplot, savefig, write_jsonl
+from .common import Env, budget_settings, mean_std, publish, pyplot, savefig, seeded_fc, write_jsonl
 
 BUDGETS = {"quick": dict(epochs=10, limit_train=10000, pairs=20), "paper": dict(epochs=100, limit_train=None, pairs=50)}
 
@@ -37,24 +36,13 @@ def run(
     seed=0,
     epochs=None,
     pairs=None,
-    data_root=None,
-    device="auto",
-    progress=None,
-    log=print,
     run_dir=None,
+    env: Env | None = None,
 ) -> str:
     """Train a ReLU FC 6x128 on MNIST with a checkpoint every epoch (or, with ``run_dir``, read an existing ReLU FC
     run trained with ``--save-every``), and measure its gates at every checkpoint on a fixed probe."""
-    check_choice("budget", budget, tuple(BUDGETS))
-    b = dict(BUDGETS[budget])
-    if epochs is not None:
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-            from ..errors import NeuralpathError
-
-            raise NeuralpathError(f"--epochs {epochs!r} must be a positive integer")
-        b["epochs"] = epochs
-    if pairs is not None:
-        b["pairs"] = check_positive_int("--pairs", pairs)
+    env = env or Env()
+    b = budget_settings(BUDGETS, budget, epochs=epochs, pairs=pairs)
     out = Path(out)
     t0 = time.time()
     if run_dir is not None:
@@ -71,15 +59,15 @@ def run(
             seed=seed,
             limit_train=b["limit_train"],
             save_every=1,
-            data_root=data_root,
-            device=device,
+            data_root=env.data_root,
+            device=env.device,
         )
-        log(f"training the ReLU FC 6x128 ({b['epochs']} epochs, checkpoint every epoch) into {out / 'relu'}")
-        train(cfg, out / "relu", resume=True, progress=progress, log=log)
+        env.log(f"training the ReLU FC 6x128 ({b['epochs']} epochs, checkpoint every epoch) into {out / 'relu'}")
+        train(cfg, out / "relu", resume=True, progress=env.progress, log=env.log)
         rc = cfg.resolved()
         snapshots = [(ep, out / "relu" / f"epoch_{ep}.pt") for ep in range(1, b["epochs"] + 1)]
     b["describe"] = _describe(rc, b)
-    xp, yp = datasets.load(rc.dataset, "test", root=data_root)
+    xp, yp = datasets.load(rc.dataset, "test", root=env.data_root)
     probe = torch.from_numpy(np.concatenate([np.flatnonzero(yp.numpy() == c)[:100] for c in range(10)]))
     x, y = xp[probe].flatten(1).double(), yp[probe]
     g = torch.Generator().manual_seed(1)
@@ -117,7 +105,7 @@ def run(
             rec["regions_diff"] = [regions_along_segment(net, x[i], x[j]) for i, j in diff]
         recs.append(rec)
         prev = gs
-        log(
+        env.log(
             f"epoch {ep}: patterns {whole}, within/between overlap (last layer) {rec['within'][-1]:.3f}/"
             f"{rec['between'][-1]:.3f}"
         )
@@ -126,14 +114,7 @@ def run(
     for depth, width in ((11, 64), (6, 128), (3, 320), (6, 64), (6, 256)):
         counts = []
         for s in range(3 if b["pairs"] >= 10 else 1):
-            net = FCDGN(
-                in_dim=784,
-                width=width,
-                depth=depth,
-                out_dim=10,
-                tied=True,
-                generator=torch.Generator().manual_seed(100 + s),
-            ).double()
+            net = seeded_fc(width, depth, 10, 100 + s, tied=True).double()
             counts += [regions_along_segment(net, x[i], x[j]) for i, j in diff[:10]]
         m, sd = mean_std(counts)
         anchor.append(
@@ -147,10 +128,7 @@ def run(
             }
         )
     write_jsonl(out / "gates.jsonl", recs + [dict(a, anchor=True) for a in anchor])
-    md = report(recs, anchor, b) + f"\nWall time of this invocation: {time.time() - t0:.0f} s.\n"
-    write_text(out / "gates.md", md)
-    plot(recs, out)
-    return md
+    return publish(out, "gates", report(recs, anchor, b), t0, out / "gates.jsonl", lambda png: plot(recs, out))
 
 
 def initial_net(rc, in_shape, num_classes=10) -> FCDGN:
@@ -260,22 +238,11 @@ def plot(recs, out):
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     rr = [r for r in recs if "regions_same" in r]
-    axes[2].errorbar(
-        [r["epoch"] for r in rr],
-        [mean_std(r["regions_same"])[0] for r in rr],
-        yerr=[mean_std(r["regions_same"])[1] for r in rr],
-        fmt="o-",
-        capsize=3,
-        label="same class",
-    )
-    axes[2].errorbar(
-        [r["epoch"] for r in rr],
-        [mean_std(r["regions_diff"])[0] for r in rr],
-        yerr=[mean_std(r["regions_diff"])[1] for r in rr],
-        fmt="s-",
-        capsize=3,
-        label="different classes",
-    )
+    for key, fmt, label in (("regions_same", "o-", "same class"), ("regions_diff", "s-", "different classes")):
+        ms = [mean_std(r[key]) for r in rr]
+        axes[2].errorbar(
+            [r["epoch"] for r in rr], [m for m, _ in ms], yerr=[s for _, s in ms], fmt=fmt, capsize=3, label=label
+        )
     axes[2].set(xlabel="epoch", ylabel="linear regions on the segment", title="(d) regions between two test images")
     axes[2].legend(fontsize=7)
     axes[2].grid(alpha=0.3)

@@ -23,7 +23,7 @@ from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..regimes import build_regime
 from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, resolve_device, train
-from .common import add, done_keys, pyplot, savefig
+from .common import Env, add, done_keys, label_axes, publish, savefig, subplots
 
 BUDGETS = {
     "quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
@@ -54,11 +54,9 @@ def run(
     n_test=None,
     epochs=None,
     seed=0,
-    data_root=None,
-    device="cpu",
-    progress=None,
-    log=print,
+    env: Env | None = None,
 ) -> str:
+    env = env or Env(device="cpu")
     check_choice("budget", budget, tuple(BUDGETS))
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
     b: dict[str, Any] = dict(BUDGETS[budget])
@@ -77,13 +75,13 @@ def run(
         limit_train=n_train,
         limit_test=n_test,
         save_every=1,
-        data_root=data_root,
-        device=device,
+        data_root=env.data_root,
+        device=env.device,
     )
-    log(f"training the ReLU {arch} net ({epochs} epochs on {n_train} training images) into {out / 'relu'}")
-    relu = train(cfg, out / "relu", resume=True, progress=progress)
-    xtr, ytr = datasets.load(dataset, "train", root=data_root, limit=n_train, seed=seed)
-    xte, yte = datasets.load(dataset, "test", root=data_root, limit=n_test, seed=0)
+    env.log(f"training the ReLU {arch} net ({epochs} epochs on {n_train} training images) into {out / 'relu'}")
+    relu = train(cfg, out / "relu", resume=True, progress=env.progress)
+    xtr, ytr = datasets.load(dataset, "train", root=env.data_root, limit=n_train, seed=seed)
+    xte, yte = datasets.load(dataset, "test", root=env.data_root, limit=n_test, seed=0)
     rc = cfg.resolved()
     stages = (
         ([("npk-inf", 0)] if arch == "fc" else [])
@@ -97,7 +95,7 @@ def run(
         if all((kind, ep, m) in have for m in b["methods"]):
             continue
         net, _ = build_regime("relu", arch, seed, None, **net_kwargs(rc, xtr.shape[1:], 10))
-        net.to(resolve_device(device))
+        net.to(resolve_device(env.device))
         if ep > 0:
             net.load_state_dict(checkpoints.load(out / "relu" / f"epoch_{ep}.pt")["model"])
         t = time.time()
@@ -122,22 +120,18 @@ def run(
                 **info,
             }
             add(rec_path, rec)
-            log(f"{kind.upper()} gates@epoch {ep} {m}: test accuracy {100 * rec['test_acc']:.2f}%")
+            env.log(f"{kind.upper()} gates@epoch {ep} {m}: test accuracy {100 * rec['test_acc']:.2f}%")
         del K, Kt
     recs = list(read_jsonl(rec_path))
     net_acc = {r["epoch"]: r["test_acc"] for r in read_jsonl(out / "relu" / "metrics.jsonl")}
+    data = datasets.source_label(dataset, env.data_root)
     title = (
         f"# Kernel machines on the NPK as the gates evolve ({arch}, budget `{budget}`: {n_train} training / "
-        f"{n_test} test images, ReLU net trained {epochs} epochs; data: {datasets.source_label(dataset, data_root)})"
+        f"{n_test} test images, ReLU net trained {epochs} epochs; data: {data})"
     )
     md = report(recs, stages, net_acc, title)
-    md += (
-        f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%. Wall time of this invocation: "
-        f"{time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'kernels.png'}\n"
-    )
-    write_text(out / "kernels.md", md)
-    plot(recs, net_acc, out / "kernels.png")
-    return md
+    md += f"\nReLU net best test accuracy {100 * relu['best_test_acc']:.2f}%."
+    return publish(out, "kernels", md, t0, rec_path, lambda png: plot(recs, net_acc, png))
 
 
 def report(recs, stages, net_acc, title) -> str:
@@ -169,8 +163,7 @@ def report(recs, stages, net_acc, title) -> str:
 
 def plot(recs, net_acc, path):
     """Test accuracy of the NPK machines against the epoch of the gates, beside the net itself (PNG)."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 3.9))
+    fig, ax = subplots(figsize=(6, 3.9))
     for m, style in (("krr", "o-"), ("svm", "s-")):
         pts = sorted((r["epoch"], 100 * r["test_acc"]) for r in recs if r["kernel"] == "npk" and r["method"] == m)
         if pts:
@@ -188,10 +181,7 @@ def plot(recs, net_acc, path):
     pts = sorted((e, 100 * a) for e, a in net_acc.items())
     if pts:
         ax.plot(*zip(*pts), "k^--", label="the ReLU net itself")
-    ax.set_xlabel("epoch of the ReLU net whose gates define the NPK")
-    ax.set_ylabel("test accuracy %")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
+    label_axes(ax, "epoch of the ReLU net whose gates define the NPK", "test accuracy %")
     fig.tight_layout()
     savefig(fig, path)
 
@@ -199,10 +189,11 @@ def plot(recs, net_acc, path):
 CNTK_CIFAR10 = 77.43  # Arora et al. 2019, the convolutional NTK on CIFAR-10, as the paper quotes it
 
 
-def run_on_run(out, relu_run, n_train=3000, n_test=1000, data_root=None, device="cpu", log=print) -> str:
+def run_on_run(out, relu_run, n_train=3000, n_test=1000, env: Env | None = None) -> str:
     """The conv analogue of :func:`run` on an already trained ReLU run (e.g. a table row's ``relu-s0``): kernel
     ridge regression on the NPK of its gates at initialisation (rebuilt from its config and seed) and at its best
     epoch, on stratified subsets of the run's data set."""
+    env = env or Env(device="cpu")
     from ..runfolder import RunFolder
     from ..train import value_init_seed
 
@@ -213,8 +204,8 @@ def run_on_run(out, relu_run, n_train=3000, n_test=1000, data_root=None, device=
     cfg = TrainConfig(**{k: v for k, v in cfg_d.items() if k in TrainConfig.__dataclass_fields__}).resolved()
     out = Path(out)
     t0 = time.time()
-    xtr, ytr = datasets.load(cfg.dataset, "train", root=data_root, limit=n_train, seed=0)
-    xte, yte = datasets.load(cfg.dataset, "test", root=data_root, limit=n_test, seed=0)
+    xtr, ytr = datasets.load(cfg.dataset, "train", root=env.data_root, limit=n_train, seed=0)
+    xte, yte = datasets.load(cfg.dataset, "test", root=env.data_root, limit=n_test, seed=0)
     rec_path = out / "kernels-run.jsonl"
     have = done_keys(rec_path, lambda r: r["gates"])
     for gates in ("initial", "trained"):
@@ -225,10 +216,10 @@ def run_on_run(out, relu_run, n_train=3000, n_test=1000, data_root=None, device=
         )
         if gates == "trained":
             net.load_state_dict(checkpoints.load(f.file("best.pt"))["model"])
-        net = net.to(resolve_device(device))
+        net = net.to(resolve_device(env.device))
         t = time.time()
         # float32 kernels (conv NPKs are memory-bound: half the bytes), solved in float64
-        dev = resolve_device(device)
+        dev = resolve_device(env.device)
         K = npk(net, xtr.to(dev)).double()
         Kt = npk(net, xte.to(dev), xtr.to(dev)).double()
         tk = time.time() - t
@@ -246,12 +237,12 @@ def run_on_run(out, relu_run, n_train=3000, n_test=1000, data_root=None, device=
             **info,
         }
         add(rec_path, rec)
-        log(f"NPK of the {gates} gates + KRR: {100 * rec['test_acc']:.2f}% ({tk:.0f} s for the kernels)")
+        env.log(f"NPK of the {gates} gates + KRR: {100 * rec['test_acc']:.2f}% ({tk:.0f} s for the kernels)")
     recs = read_jsonl(rec_path)
     res = f.result()
     lines = [
         f"# Kernel ridge regression on the NPK of a trained {cfg.arch} ({relu_run}; {n_train} training / "
-        f"{n_test} test images; data: {datasets.source_label(cfg.dataset, data_root)})",
+        f"{n_test} test images; data: {datasets.source_label(cfg.dataset, env.data_root)})",
         "",
         "| kernel | test accuracy % | alignment (2,000 pts) |",
         "|---|---|---|",

@@ -19,12 +19,12 @@ import torch
 
 from .. import checkpoints, datasets
 from ..errors import NeuralpathError, check_choice
-from ..io import read_jsonl, write_text
+from ..io import read_jsonl
 from ..kernels.machines import alignment
 from ..kernels.ntk import ntk
 from ..regimes import build_regime
 from ..train import TrainConfig, net_kwargs, train
-from .common import add, done_keys, pyplot, savefig
+from .common import Env, add, done_keys, publish, savefig, subplots
 
 BUDGETS = {"quick": dict(epochs=10, limit_train=6000), "paper": dict(epochs=60, limit_train=None)}
 
@@ -36,9 +36,8 @@ def per_class(y, k=20, seed=0):
     return np.sort(np.concatenate([g.choice(np.flatnonzero(y == c), k, replace=False) for c in np.unique(y)]))
 
 
-def run(
-    out, budget="quick", epochs=None, every=5, seed=0, data_root=None, device="auto", progress=None, log=print
-) -> str:
+def run(out, budget="quick", epochs=None, every=5, seed=0, env: Env | None = None) -> str:
+    env = env or Env()
     check_choice("budget", budget, tuple(BUDGETS))
     b = BUDGETS[budget]
     epochs = b["epochs"] if epochs is None else epochs
@@ -56,13 +55,13 @@ def run(
         seed=seed,
         limit_train=b["limit_train"],
         save_every=every,
-        data_root=data_root,
-        device=device,
+        data_root=env.data_root,
+        device=env.device,
     )
     t0 = time.time()
-    log(f"training DLNPF FC 6x128 (SGD 1e-2, {epochs} epochs) into {out / 'run'}")
-    res = train(cfg, out / "run", resume=True, progress=progress)
-    xa, ya = datasets.load("mnist", "train", root=data_root)
+    env.log(f"training DLNPF FC 6x128 (SGD 1e-2, {epochs} epochs) into {out / 'run'}")
+    res = train(cfg, out / "run", resume=True, progress=env.progress)
+    xa, ya = datasets.load("mnist", "train", root=env.data_root)
     sel = torch.from_numpy(per_class(ya.numpy(), 20, seed=0))  # exactly 20 per class
     x, y = xa[sel], ya[sel]
     rec_path = out / "ntk_split.jsonl"
@@ -86,17 +85,13 @@ def run(
                 rec[f"fro_{name}{suffix}"] = float(K.norm())
                 rec[f"align_{name}{suffix}"] = alignment(K, y)
         add(rec_path, rec)
-        log(
+        env.log(
             f"epoch {ep}: trace K^v {rec['trace_value']:.4g}, K^f {rec['trace_feature']:.4g}; alignment "
             f"K^v {rec['align_value']:.3f}, K^f {rec['align_feature']:.3f}"
         )
     recs = sorted((r for r in read_jsonl(rec_path) if r["epoch"] in stages), key=lambda r: r["epoch"])
     md = report(recs, budget, epochs, b["limit_train"], seed, res["best_test_acc"])
-    png = out / "ntk_split.png"
-    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {png}\n"
-    write_text(out / "ntk_split.md", md)
-    plot(recs, png)
-    return md
+    return publish(out, "ntk_split", md, t0, rec_path, lambda png: plot(recs, png))
 
 
 _HEADER = [
@@ -135,8 +130,7 @@ def report(recs, budget, epochs, limit_train, seed, best_test_acc) -> str:
 
 def plot(recs, path):
     """Trace, Frobenius norm and label alignment of K^v and K^f against the epoch (PNG)."""
-    plt = pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = subplots(1, 3, figsize=(13, 3.6))
     e = [r["epoch"] for r in recs]
     for ax, key, title in (
         (axes[0], "trace", "trace"),

@@ -19,15 +19,25 @@ import numpy as np
 import torch
 
 from .. import datasets
-from ..errors import NeuralpathError, check_choice
-from ..io import read_jsonl, write_text
+from ..errors import NeuralpathError
+from ..io import read_jsonl
 from ..kernels.machines import quadratic_form_inverse
 from ..kernels.npk import npk
-from ..nets import FCDGN
 from ..pathnorm import output_bound, path_norm
 from ..runfolder import RunFolder
 from ..train import FitOptions, RunData, RunSpec, fit
-from .common import add, done_keys, mean_std, mnist_or_synthetic, pyplot, savefig
+from .common import (
+    Env,
+    add,
+    budget_settings,
+    done_keys,
+    mean_std,
+    mnist_or_synthetic,
+    publish,
+    savefig,
+    seeded_fc,
+    subplots,
+)
 
 BUDGETS = {"quick": dict(runs=2, epochs=10, limit=4000), "paper": dict(runs=5, epochs=50, limit=None)}
 EVERY = 2  # nu_t every 2 epochs (the authors' snapshots), and at initialisation
@@ -41,17 +51,7 @@ def _binary(x, y):
 def make_net(seed, width=100, depth=6):
     """Bias-free tied ReLU FC, one output, every weight +-sqrt(2/w) with probability 1/2 (also the first and last
     layer, as the setup states)."""
-    net = FCDGN(
-        in_dim=784,
-        width=width,
-        depth=depth,
-        out_dim=1,
-        bias=False,
-        tied=True,
-        init="bernoulli",
-        init_scale=1.0,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    net = seeded_fc(width, depth, 1, seed, bias=False, tied=True, init="bernoulli", init_scale=1.0)
     s = math.sqrt(2.0 / width)
     with torch.no_grad():
         for layer in net.value_layers:
@@ -90,20 +90,16 @@ def eval_points(y01, n_per_class=100, seed=0):
     return torch.from_numpy(np.sort(idx))
 
 
-def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="auto", progress=None, log=print) -> str:
+def run(out, budget="quick", runs=None, epochs=None, env: Env | None = None) -> str:
     """Train ``runs`` nets as one stack (MSE, Keras' RMSprop), nu_t every 2 epochs; records, report, plot."""
-    check_choice("budget", budget, tuple(BUDGETS))
-    b = BUDGETS[budget]
-    runs = b["runs"] if runs is None else runs
-    epochs = b["epochs"] if epochs is None else epochs
-    for name, v in (("--runs", runs), ("--epochs", epochs)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise NeuralpathError(f"{name} {v!r} must be a positive integer")
+    env = env or Env()
+    b = budget_settings(BUDGETS, budget, runs=runs, epochs=epochs)
+    runs, epochs = b["runs"], b["epochs"]
     if epochs < EVERY:
         raise NeuralpathError(f"--epochs {epochs}: nu_t is measured every {EVERY} epochs; give at least {EVERY}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    x, y, label = mnist_or_synthetic("train", data_root)
+    x, y, label = mnist_or_synthetic("train", env.data_root)
     if not label.startswith("MNIST"):
         y = torch.where(y % 2 == 0, torch.tensor(4), torch.tensor(7))
     x, yb = _binary(x.flatten(1), y)
@@ -114,7 +110,7 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
         else torch.arange(len(ylab))
     )
     ev = tr[eval_points(ylab[tr.numpy()])]  # 100 + 100 points of the training subset
-    xt, yt = _binary(*mnist_or_synthetic("test", data_root)[:2])
+    xt, yt = _binary(*mnist_or_synthetic("test", env.data_root)[:2])
     data = RunData(x, yb, xt.flatten(1), yt, label)
     rec_path = out / "nu.jsonl"
     have = done_keys(rec_path, lambda r: (r["run"], r["epoch"]))
@@ -146,16 +142,13 @@ def run(out, budget="quick", runs=None, epochs=None, data_root=None, device="aut
             recs.append(rec)
         return recs
 
-    opts = FitOptions(optimizer="rmsprop", lr=1e-4, epochs=epochs, batch_size=64, loss="mse", device=device)
+    opts = FitOptions(optimizer="rmsprop", lr=1e-4, epochs=epochs, batch_size=64, loss="mse", device=env.device)
     state = out / "runs" / "stack.pt"
     if not all(RunFolder(s.folder.path).finished for s in specs):
-        fit(specs, data, opts, state_path=state, resume=True, progress=progress, log=log, on_epoch=measure)
+        fit(specs, data, opts, state_path=state, resume=True, progress=env.progress, log=env.log, on_epoch=measure)
     recs = read_jsonl(rec_path)
     md = report(recs, runs, epochs, budget, len(tr), label)
-    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}; plot: {out / 'nu.png'}\n"
-    write_text(out / "nu.md", md)
-    plot(recs, runs, epochs, out / "nu.png")
-    return md
+    return publish(out, "nu", md, t0, rec_path, lambda png: plot(recs, runs, epochs, png))
 
 
 def series(recs, runs, epochs):
@@ -211,8 +204,7 @@ def plot(recs, runs, epochs, path):
     ser = series(recs, runs, epochs)
     if not ser:
         return
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    fig, ax = subplots(figsize=(5.5, 3.8))
     e_, m_, s_ = [a[0] for a in ser], [a[1] for a in ser], [a[2] for a in ser]  # (epoch, mean, std, ...)
     ax.plot(e_, m_, "o-", label=f"mean over {runs} runs")
     ax.fill_between(e_, [a - c for a, c in zip(m_, s_)], [a + c for a, c in zip(m_, s_)], alpha=0.3, label="± std")

@@ -17,13 +17,11 @@ from pathlib import Path
 from typing import Any
 
 from .. import checkpoints, datasets
-from ..errors import NeuralpathError, check_choice
-from ..io import append_jsonl, read_jsonl, write_text
-from ..kernels.machines import accuracy, fit_predict
-from ..kernels.npk import npk
+from ..io import append_jsonl, read_jsonl
 from ..regimes import build_regime
 from ..train import TrainConfig, net_kwargs, train_many
-from .common import mean_std, pyplot, run_record, savefig, write_jsonl
+from . import common
+from .common import Env, budget_settings, krr_on_npk, mean_std, present, publish, run_record
 
 BUDGETS = {
     "cpu": dict(epochs=12, limit_train=10000, seeds=3, width=16, blocks=[1, 1, 1], krr_train=2000, krr_test=2000),
@@ -32,18 +30,13 @@ BUDGETS = {
 REGIMES = ("frnpf-ii", "flnpf", "relu")
 
 
-def run(out, budget="cpu", seeds=None, epochs=None, data_root=None, device="auto", progress=None, log=print) -> str:
-    check_choice("budget", budget, tuple(BUDGETS))
-    b: dict[str, Any] = dict(BUDGETS[budget])
-    for k, v in (("seeds", seeds), ("epochs", epochs)):
-        if v is not None:
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise NeuralpathError(f"--{k} {v!r} must be a positive integer")
-            b[k] = v
+def run(out, budget="cpu", seeds=None, epochs=None, env: Env | None = None) -> str:
+    env = env or Env()
+    b = budget_settings(BUDGETS, budget, seeds=seeds, epochs=epochs)
     out = Path(out)
     t0 = time.time()
     seeds_ = list(range(b["seeds"]))
-    common: dict[str, Any] = dict(
+    train_kw: dict[str, Any] = dict(
         arch="resnet",
         dataset="cifar10",
         optimizer="adam",
@@ -52,67 +45,51 @@ def run(out, budget="cpu", seeds=None, epochs=None, data_root=None, device="auto
         limit_train=b["limit_train"],
         width=b["width"],
         blocks=b["blocks"],
-        data_root=data_root,
-        device=device,
+        data_root=env.data_root,
+        device=env.device,
     )
     runs = out / "runs"
-    log(f"ResNet (width {b['width']}, blocks {b['blocks']}): ReLU and FRNPF-II x seeds {seeds_}, one stack")
+    env.log(f"ResNet (width {b['width']}, blocks {b['blocks']}): ReLU and FRNPF-II x seeds {seeds_}, one stack")
     first = [("relu", s) for s in seeds_] + [("frnpf-ii", s) for s in seeds_]
     train_many(
-        [TrainConfig(regime=r, seed=s, **common) for r, s in first],
+        [TrainConfig(regime=r, seed=s, **train_kw) for r, s in first],
         [runs / f"{r}-s{s}" for r, s in first],
         runs / "stack-phase1.pt",
-        progress=progress,
-        log=log,
+        progress=env.progress,
+        log=env.log,
     )
-    log("FLNPF on each seed's best ReLU gates, one stack")
+    env.log("FLNPF on each seed's best ReLU gates, one stack")
     train_many(
         [
-            TrainConfig(regime="flnpf", seed=s, relu_checkpoint=str(runs / f"relu-s{s}" / "best.pt"), **common)
+            TrainConfig(regime="flnpf", seed=s, relu_checkpoint=str(runs / f"relu-s{s}" / "best.pt"), **train_kw)
             for s in seeds_
         ],
         [runs / f"flnpf-s{s}" for s in seeds_],
         runs / "stack-phase2.pt",
-        progress=progress,
-        log=log,
+        progress=env.progress,
+        log=env.log,
     )
-    _kernels(out, b, common, data_root, log)
+    _kernels(out, b, train_kw, env)
     recs = collect(out)
-    md = report(recs, budget, b, datasets.source_label("cifar10", data_root))
-    md += f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {out / 'resnet.jsonl'}.\n"
-    write_text(out / "resnet.md", md)
-    plot(recs, out / "resnet.png")
-    return md
+    md = report(recs, budget, b, datasets.source_label("cifar10", env.data_root))
+    return publish(out, "resnet", md, t0, out / "resnet.jsonl", lambda png: plot(recs, png))
 
 
-def _kernels(out, b, common, data_root, log):
+def _kernels(out, b, train_kw, env):
     path = out / "kernels.jsonl"
     have = {r["gates"] for r in read_jsonl(path)}
-    xtr, ytr = datasets.load("cifar10", "train", root=data_root, limit=b["krr_train"], seed=0)
-    xte, yte = datasets.load("cifar10", "test", root=data_root, limit=b["krr_test"], seed=0)
-    cfg = TrainConfig(regime="relu", seed=0, **common).resolved()
+    xtr, ytr = datasets.load("cifar10", "train", root=env.data_root, limit=b["krr_train"], seed=0)
+    xte, yte = datasets.load("cifar10", "test", root=env.data_root, limit=b["krr_test"], seed=0)
+    cfg = TrainConfig(regime="relu", seed=0, **train_kw).resolved()
     for gates in ("initial", "trained"):
         if gates in have:
             continue
         net, _ = build_regime("relu", "resnet", 0, None, **net_kwargs(cfg, (3, 32, 32), 10))
         if gates == "trained":
             net.load_state_dict(checkpoints.load(out / "runs" / "relu-s0" / "best.pt")["model"])
-        net = net.double()
-        t = time.time()
-        K = npk(net, xtr.double(), normalize="cosine")
-        Kt = npk(net, xte.double(), xtr.double(), normalize="cosine")
-        pred, info = fit_predict("krr", K, ytr, Kt)
-        rec = {
-            "gates": gates,
-            "seed": 0,
-            "n_train": len(ytr),
-            "n_test": len(yte),
-            "test_acc": accuracy(pred, yte),
-            "kernel_seconds": time.time() - t,
-            **info,
-        }
+        rec = krr_on_npk(net, xtr, ytr, xte, yte, normalize="cosine", gates=gates, seed=0)
         append_jsonl(path, rec)
-        log(f"NPK of the ResNet's {gates} gates + KRR: {100 * rec['test_acc']:.2f}%")
+        env.log(f"NPK of the ResNet's {gates} gates + KRR: {100 * rec['test_acc']:.2f}%")
 
 
 def collect(out) -> list:
@@ -121,7 +98,7 @@ def collect(out) -> list:
         dict(r, regime=f"krr-npk-{r['gates']}", best_test_acc=r["test_acc"])
         for r in read_jsonl(Path(out) / "kernels.jsonl")
     ]
-    write_jsonl(Path(out) / "resnet.jsonl", recs)
+    common.write_jsonl(Path(out) / "resnet.jsonl", recs)
     return recs
 
 
@@ -155,11 +132,10 @@ def report(recs, budget, b, label) -> str:
 
 
 def plot(recs, path):
-    rows = [r for r in REGIMES if any(x["regime"] == r for x in recs)]
+    rows = present(REGIMES, recs, "regime")
     if not rows:
         return
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = common.subplots(figsize=(5.5, 3.6))
     ms = [mean_std([100 * x["best_test_acc"] for x in recs if x["regime"] == r]) for r in rows]
     ax.bar(range(len(rows)), [m or 0.0 for m, _ in ms], yerr=[s or 0.0 for _, s in ms], color="#1f77b4")
     for i, g in enumerate(("initial", "trained")):
@@ -176,4 +152,4 @@ def plot(recs, path):
     ax.legend(fontsize=7)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    savefig(fig, path)
+    common.savefig(fig, path)

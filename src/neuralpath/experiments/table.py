@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import NeuralpathError, check_choice
-from ..io import atomic_path, write_text
+from ..io import atomic_path
 from ..regimes import REGIMES
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
-from .common import mean_std, run_record
+from .common import Env, mean_std, present, publish, run_record
 
 ROWS = {
     "fc-sgd": ("fc", "sgd", "mnist"),
@@ -73,6 +73,9 @@ BUDGET_SETTINGS = {
 }
 
 
+OVERRIDES = ("epochs", "limit_train", "limit_test", "width")
+
+
 def row_settings(row, budget, epochs=None, limit_train=None, limit_test=None, width=None):
     """Settings of a row under a budget and overrides: arch, optimizer, dataset, lr, epochs, limit_train,
     limit_test, width (the conv width multiplier) and the resulting channels/hidden."""
@@ -113,46 +116,19 @@ def _clean_source_differs(rdir, seed) -> bool:
     return r["best_even_epoch"] != r["best_epoch"]
 
 
-def run_row(
-    row,
-    seeds,
-    budget,
-    out,
-    *,
-    epochs=None,
-    limit_train=None,
-    limit_test=None,
-    width=None,
-    data_root=None,
-    device="auto",
-    progress=None,
-    log=print,
-    stacked=True,
-    regimes=None,
-):
-    """Train the 5 regimes (or the subset ``regimes``) x ``seeds`` of one row. Phase 1: ReLU, FRNPF-II, FRNPF-DI,
-    DLNPF. Phase 2: FLNPF on the same seed's ReLU gates from its best test epoch (the authors' protocol), and, where
-    the ReLU run's best epoch on the even test half differs, a second FLNPF run on those gates ('flnpf-clean', the
-    clean column's source)."""
-    st = row_settings(row, budget, epochs, limit_train, limit_test, width)
+def run_row(row, st, seeds, out, env: Env, *, stacked=True, regimes=None):
+    """Train the 5 regimes (or the subset ``regimes``) x ``seeds`` of one row with settings ``st``
+    (:func:`row_settings`). Phase 1: ReLU, FRNPF-II, FRNPF-DI, DLNPF. Phase 2: FLNPF on the same seed's ReLU gates
+    from its best test epoch (the authors' protocol), and, where the ReLU run's best epoch on the even test half
+    differs, a second FLNPF run on those gates ('flnpf-clean', the clean column's source)."""
     rdir = Path(out) / "runs" / row
     rdir.mkdir(parents=True, exist_ok=True)
 
+    common = {k: v for k, v in st.items() if k != "width"}  # the row's TrainConfig fields (width: its channels)
+
     def cfg(regime, seed):
         c = TrainConfig(
-            arch=st["arch"],
-            dataset=st["dataset"],
-            regime=regime.removesuffix("-clean"),
-            optimizer=st["optimizer"],
-            lr=st["lr"],
-            epochs=st["epochs"],
-            seed=seed,
-            limit_train=st["limit_train"],
-            limit_test=st["limit_test"],
-            channels=st["channels"],
-            hidden=st["hidden"],
-            data_root=data_root,
-            device=device,
+            regime=regime.removesuffix("-clean"), seed=seed, data_root=env.data_root, device=env.device, **common
         )
         if regime.startswith("flnpf"):
             src = "best_even.pt" if regime.endswith("-clean") else "best.pt"
@@ -179,11 +155,11 @@ def run_row(
             outs = [rdir / f"{r}-s{s}" for r, s in runs]
             if stacked:
                 left = sum(not (o / "result.json").exists() for o in outs)
-                log(f"{row}: {left} of {len(runs)} runs left to train, as one stack ({phase})")
-                train_many(cfgs, outs, rdir / f"stack-{phase}.pt", resume=True, progress=progress, log=log)
+                env.log(f"{row}: {left} of {len(runs)} runs left to train, as one stack ({phase})")
+                train_many(cfgs, outs, rdir / f"stack-{phase}.pt", resume=True, progress=env.progress, log=env.log)
             else:
                 for c, o in zip(cfgs, outs):
-                    train_many([c], [o], o / "last.pt", resume=True, progress=progress, log=log)
+                    train_many([c], [o], o / "last.pt", resume=True, progress=env.progress, log=env.log)
     return st
 
 
@@ -279,7 +255,7 @@ def settings_from_records(recs) -> dict:
 
 def table_markdown(recs, rows=None, title_note="") -> str:
     """The side-by-side table from run records alone."""
-    rows = [r for r in (rows or ROWS) if any(x["row"] == r for x in recs)]
+    rows = present(rows or ROWS, recs, "row")
     settings = settings_from_records(recs)
     summary = summarise(recs, rows)
     seeds = sorted({r["seed"] for r in recs})
@@ -355,23 +331,14 @@ def plot(summary, rows, path):
     plt.close(fig)
 
 
-def run(
-    out,
-    rows=None,
-    seeds=2,
-    budget="quick",
-    *,
-    epochs=None,
-    limit_train=None,
-    limit_test=None,
-    width=None,
-    data_root=None,
-    device="auto",
-    progress=None,
-    log=print,
-    stacked=True,
-    regimes=None,
-) -> str:
+def run(out, rows=None, seeds=2, budget="quick", *, overrides=None, stacked=True, regimes=None, env=None) -> str:
+    """Train and report ``rows`` x the five regimes (or ``regimes``) x ``seeds`` under ``budget``; ``overrides``
+    changes the budget's epochs, limit_train, limit_test or width (dict); ``stacked=False`` trains one run at a
+    time. Writes records, table.md and table.png under ``out``; returns the markdown."""
+    env = env or Env()
+    overrides = dict(overrides or {})
+    for k in overrides:
+        check_choice("override", k, OVERRIDES)
     rows = list(rows or ROWS)
     for r in rows:
         check_choice("row", r, tuple(ROWS))
@@ -391,30 +358,10 @@ def run(
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for row in rows:
-        log(f"row {row}: {len(regimes)} regimes x {len(seeds)} seeds ({budget} budget)")
-        run_row(
-            row,
-            seeds,
-            budget,
-            out,
-            epochs=epochs,
-            limit_train=limit_train,
-            limit_test=limit_test,
-            width=width,
-            data_root=data_root,
-            device=device,
-            progress=progress,
-            log=log,
-            stacked=stacked,
-            regimes=regimes,
-        )
+        env.log(f"row {row}: {len(regimes)} regimes x {len(seeds)} seeds ({budget} budget)")
+        run_row(row, row_settings(row, budget, **overrides), seeds, out, env, stacked=stacked, regimes=regimes)
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)
-    md = table_markdown(recs, rows)
-    md += (
-        f"\nWall time of this invocation: {time.time() - t0:.0f} s. Records: {out / 'runs.jsonl'}; "
-        f"plot: {out / 'table.png'}\n"
+    return publish(
+        out, "table", table_markdown(recs, rows), t0, out / "runs.jsonl", lambda png: plot(summary, rows, png)
     )
-    write_text(out / "table.md", md)
-    plot(summary, rows, out / "table.png")
-    return md

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from ..kernels.ntk import ntk
 from ..nets import FCDGN
 from ..nets.base import init_layers
 from ..train import FitOptions, RunData, RunSpec, fit
+from .common import Env, seeded_fc
 
 C = math.sqrt(2.0)
 
@@ -45,15 +45,7 @@ def _inputs(n, data_root, seed=0):
 def _gated_net(width, depth, seed, gates_from=None, in_dim=784):
     """Hard-gate, bias-free DGN with out_dim 1 and Gaussian (c/sqrt(fan_in)) feature weights, or the given ReLU
     net's hidden layers as frozen feature network (FLNPF)."""
-    net = FCDGN(
-        in_dim=in_dim,
-        width=width,
-        depth=depth,
-        out_dim=1,
-        bias=False,
-        init="gaussian",
-        generator=torch.Generator().manual_seed(seed),
-    ).double()
+    net = seeded_fc(width, depth, 1, seed, in_dim=in_dim, bias=False, init="gaussian").double()
     if gates_from is not None:
         for f, src in zip(net.feature_layers, gates_from.value_layers):
             f.weight.data.copy_(src.weight.data.double())
@@ -77,15 +69,7 @@ def _draw_value(net, width, init, seed):
 def _trained_relu(width, depth, data_root, seed, epochs=1, n=2000):
     """A briefly trained bias-free ReLU net (Adam 1e-3, batch 32, the training engine): the source of FLNPF's
     learnt gates."""
-    net = FCDGN(
-        in_dim=784,
-        width=width,
-        depth=depth,
-        out_dim=10,
-        bias=False,
-        tied=True,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    net = seeded_fc(width, depth, 10, seed, bias=False, tied=True)
     try:
         x, y = datasets.load("mnist", "train", root=data_root, limit=n, seed=seed + 1)
     except (FileNotFoundError, ValueError):
@@ -104,8 +88,9 @@ def rel_err(a, b):
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
-def run(out, quick: bool = True, data_root=None, progress: bool | None = True, log=print, device: Any = "cpu") -> dict:
+def run(out, quick: bool = True, env: Env | None = None) -> dict:
     """Run parts a, b, c; append records to out/theorem.jsonl, write out/theorem.png and out/theorem.md."""
+    env = env or Env(device="cpu")
     from pathlib import Path
 
     from tqdm import tqdm
@@ -116,8 +101,8 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
     if recs_path.exists():
         recs_path.unlink()
     n = 32 if quick else 64
-    x, src = _inputs(n, data_root)
-    x = x.to(device)
+    x, src = _inputs(n, env.data_root)
+    x = x.to(env.device)
     widths = [16, 32, 64, 128, 256, 512] if quick else [16, 32, 64, 128, 256, 512, 1024, 2048]
     depths = [2, 4, 6] if quick else [2, 3, 4, 5, 6]
     draws_a = [10, 40, 160] if quick else [10, 40, 160, 640]
@@ -132,14 +117,14 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
     t0 = time.time()
     # (a) Monte-Carlo mean of K^v against d sigma^(2(d-1)) H, width 32, depth 4
     w, d = 32, 4
-    relu = _trained_relu(w, d, data_root, seed=0)
-    log(f"(a) Monte-Carlo mean of K^v, width {w}, depth {d}, up to {draws_a[-1]} draws per regime and init")
+    relu = _trained_relu(w, d, env.data_root, seed=0)
+    env.log(f"(a) Monte-Carlo mean of K^v, width {w}, depth {d}, up to {draws_a[-1]} draws per regime and init")
     for regime, gates_from in (("frnpf-ii", None), ("flnpf", relu)):
-        net = _gated_net(w, d, seed=100, gates_from=gates_from).to(device)
+        net = _gated_net(w, d, seed=100, gates_from=gates_from).to(env.device)
         H = npk(net, x)
         for init in ("bernoulli", "gaussian"):
             acc, done = torch.zeros_like(H), 0
-            for target in tqdm(draws_a, desc=f"(a) {regime} {init}", disable=not progress, leave=False):
+            for target in tqdm(draws_a, desc=f"(a) {regime} {init}", disable=not env.progress, leave=False):
                 while done < target:
                     sigma = _draw_value(net, w, init, seed=done)
                     acc += ntk(net, x, params="value")
@@ -158,13 +143,13 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
                 )
     # (b) one draw, widths x depths, FRNPF-II and FLNPF; (c) ReLU and DLNPF
     grid = [(dd, ww) for dd in depths for ww in widths]
-    for i, (dd, ww) in enumerate(tqdm(grid, desc="(b, c) width x depth", disable=not progress, leave=False)):
-        if not progress:
-            log(f"(b, c) one draw per regime: depth {dd}, width {ww} ({i + 1} of {len(grid)})")
-        relu = _trained_relu(ww, dd, data_root, seed=dd * 1000 + ww)
+    for i, (dd, ww) in enumerate(tqdm(grid, desc="(b, c) width x depth", disable=not env.progress, leave=False)):
+        if not env.progress:
+            env.log(f"(b, c) one draw per regime: depth {dd}, width {ww} ({i + 1} of {len(grid)})")
+        relu = _trained_relu(ww, dd, env.data_root, seed=dd * 1000 + ww)
         for s in range(seeds_b):
             for regime in ("frnpf-ii", "flnpf"):
-                net = _gated_net(ww, dd, seed=s, gates_from=relu if regime == "flnpf" else None).to(device)
+                net = _gated_net(ww, dd, seed=s, gates_from=relu if regime == "flnpf" else None).to(env.device)
                 sigma = _draw_value(net, ww, "bernoulli", seed=10_000 + s)
                 H = npk(net, x)
                 Kv = ntk(net, x, params="value")
@@ -181,15 +166,7 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
                 )
             # (d) the NPK of random Gaussian gates (variance 2 / fan-in, no biases) against its infinite-width
             # limit H / w^(d-1) -> npk_infinite (docs/THEORY.md §8): one draw per seed, same rate expected
-            rg = FCDGN(
-                in_dim=784,
-                width=ww,
-                depth=dd,
-                out_dim=1,
-                bias=False,
-                init="gaussian",
-                generator=torch.Generator().manual_seed(60_000 + s),
-            ).double()
+            rg = _gated_net(ww, dd, seed=60_000 + s)
             xd = x.cpu().double().flatten(1)
             rec(
                 {
@@ -203,7 +180,7 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
                 }
             )
             # (c) the standard ReLU net: its gates come from the very weights being differentiated
-            tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double().to(device)
+            tied = FCDGN(in_dim=784, width=ww, depth=dd, out_dim=1, bias=False, tied=True).double().to(env.device)
             sigma = _draw_value(tied, ww, "bernoulli", seed=20_000 + s)
             rec(
                 {
@@ -217,23 +194,10 @@ def run(out, quick: bool = True, data_root=None, progress: bool | None = True, l
                 }
             )
             # (c) DLNPF: soft gates from an independent feature net; K = K^v + K^f
-            dl = (
-                FCDGN(
-                    in_dim=784,
-                    width=ww,
-                    depth=dd,
-                    out_dim=1,
-                    bias=False,
-                    gate="soft",
-                    init="gaussian",
-                    generator=torch.Generator().manual_seed(30_000 + s),
-                )
-                .double()
-                .to(device)
-            )
+            dl = seeded_fc(ww, dd, 1, 30_000 + s, bias=False, gate="soft", init="gaussian").double().to(env.device)
             sigma = _draw_value(dl, ww, "bernoulli", seed=40_000 + s)
             init_layers(dl.feature_layers.cpu(), "bernoulli", C, torch.Generator().manual_seed(50_000 + s))
-            dl.to(device)
+            dl.to(env.device)
             H = npk(dl, x)
             for params in ("value", "all"):
                 rec(
