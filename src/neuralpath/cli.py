@@ -101,6 +101,11 @@ def data_info(name, root):
         click.echo(json.dumps(rec))
 
 
+def _shown(flag, default, help):
+    """An option whose default --help shows."""
+    return click.option(flag, default=default, show_default=True, help=help)
+
+
 # -- train ----------------------------------------------------------------------------------------------
 @cli.command()
 @click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv | resnet")
@@ -123,12 +128,7 @@ def data_info(name, root):
 @click.option("--save-every", type=int, default=0, show_default=True, help="Keep epoch_K.pt every K epochs.")
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
-@click.option(
-    "--gating",
-    default="relu",
-    show_default=True,
-    help="The feature network: relu (the paper) | linear (DLGN) | shallow (DLGN-SF).",
-)
+@_shown("--gating", "relu", "The feature network: relu (the paper) | linear (DLGN) | shallow (DLGN-SF).")
 @click.option("--value-input", default="x", show_default=True, help="x | ones (the DLGN's piecewise-constant 'pwc').")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast for training (off: the paper's float32 arithmetic).")
 @click.option(
@@ -271,19 +271,7 @@ def _kernel_setup(
         dev = resolve_device(device)
         model = model.to(dev, getattr(torch, dtype))
         net = from_module(model, x[:2].to(dev, getattr(torch, dtype)))
-        side = {
-            "dataset": dataset,
-            "data": datasets.source_label(dataset, data_root),
-            "split": split,
-            "indices": [int(i) for i in idx],
-            "labels": [int(v) for v in y],
-            "network": net.config(),
-            "module": module,
-            "weights": weights,
-            "dtype": dtype,
-            "rows": "row i of the kernel is example indices[i] of the split (columns likewise)",
-        }
-        return net, x, side
+        return net, x, _side(dataset, data_root, split, idx, y, net, module=module, weights=weights, dtype=dtype)
     if checkpoint:
         ck = checkpoints.load(checkpoint)
         cfg = TrainConfig(**{k: v for k, v in ck["config"].items() if k in TrainConfig.__dataclass_fields__})
@@ -316,20 +304,25 @@ def _kernel_setup(
     if world > 1 and dev.type == "cuda":
         dev = torch.device("cuda", local)
     net = net.to(dev, getattr(torch, dtype))
-    side = {
+    ck_path = None if not checkpoint else str(checkpoint)
+    side = _side(dataset, data_root, split, idx, y, net, checkpoint=ck_path, regime=cfg.regime, seed=cfg.seed)
+    return net, x, dict(side, dtype=dtype)
+
+
+def _side(dataset, data_root, split, idx, y, net, **extra):
+    """A kernel file's sidecar: which examples its rows are, their labels, the network, and ``extra``."""
+    from . import datasets
+
+    return {
         "dataset": dataset,
         "data": datasets.source_label(dataset, data_root),
         "split": split,
         "indices": [int(i) for i in idx],
         "labels": [int(v) for v in y],
         "network": net.config(),
-        "checkpoint": None if not checkpoint else str(checkpoint),
-        "regime": cfg.regime,
-        "seed": cfg.seed,
-        "dtype": dtype,
+        **extra,
         "rows": "row i of the kernel is example indices[i] of the split (columns likewise)",
     }
-    return net, x, side
 
 
 def _write_sidecar(out, side):
@@ -472,18 +465,14 @@ def reproduce(ctx, out, data_root):
 
 
 @reproduce.command("table")
-@click.option(
+@_shown(
     "--rows",
-    default=",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
-    show_default=True,
-    help="Comma-separated rows.",
+    ",".join(["fc-sgd", "fc-adam", "vconv-sgd", "vconv-adam", "gconv-sgd", "gconv-adam"]),
+    "Comma-separated rows.",
 )
 @click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per regime.")
-@click.option(
-    "--budget",
-    default="quick",
-    show_default=True,
-    help="quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper",
+@_shown(
+    "--budget", "quick", "quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper"
 )
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--limit-train", type=int, default=None, help="Override: stratified training subset size.")
@@ -521,11 +510,10 @@ def reproduce_budget(grid, arch, limit_test, data_root, device, out):
 
 
 @reproduce.command("dlgn")
-@click.option(
+@_shown(
     "--budget",
-    default="cpu",
-    show_default=True,
-    help="quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)",
+    "cpu",
+    "quick (20 epochs, 1 seed) | cpu (300 epochs, 3 seeds) | paper (the authors' 1,500 epochs, 3 seeds)",
 )
 @click.option("--sets", default="sd-i,sd-ii,sd-iii", show_default=True, help="Comma-separated oblique-tree sets.")
 @click.option("--cifar", is_flag=True, help="Instead: a conv DLGN beside its ReLU net on CIFAR-10 (CPU conv budget).")
@@ -633,11 +621,8 @@ def reproduce_ntk_split(budget, epochs, data_root, device, out):
 
 
 @reproduce.command("continuous")
-@click.option(
-    "--budget",
-    default="quick",
-    show_default=True,
-    help="quick (FC, MNIST, minutes) | cpu (GCONV x1/4, 10,000 CIFAR-10 images, 3 seeds, hours) | paper",
+@_shown(
+    "--budget", "quick", "quick (FC, MNIST, minutes) | cpu (GCONV x1/4, 10,000 CIFAR-10 images, 3 seeds, hours) | paper"
 )
 @click.option(
     "--arch",

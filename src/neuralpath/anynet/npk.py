@@ -467,18 +467,8 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
     with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
         units = sum(math.prod(op.shape) for op in dgn.ops if op.kind == "gate")
         per_input = 2 * (units + math.prod(x1.shape[1:])) * torch.empty((), dtype=dt).element_size()
-        return gram(
-            lambda x: featurize(dgn, x),
-            pair,
-            x1,
-            x2,
-            block=block,
-            out=out,
-            dtype=dt,
-            progress=progress,
-            desc="NPK",
-            feature_bytes_per_input=per_input,
-        )
+        tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
+        return gram(lambda x: featurize(dgn, x), pair, x1, x2, desc="NPK", feature_bytes_per_input=per_input, **tiles)
 
 
 def _finish(t, ls, dt):

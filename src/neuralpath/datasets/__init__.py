@@ -11,7 +11,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal, overload
+from typing import Any, Literal, TypedDict, Unpack, overload
 
 import numpy as np
 import torch
@@ -212,30 +212,27 @@ def stratified_indices(y, limit: int, seed: int = 0) -> np.ndarray:
     return np.sort(idx)
 
 
+class LoadOptions(TypedDict, total=False):
+    """The keyword options of :func:`load` besides ``with_indices`` (n, shape, num_classes: 'synthetic' only)."""
+
+    root: Any
+    limit: int | None
+    seed: int
+    download: bool
+    n: int | None
+    shape: tuple
+    num_classes: int
+
+
 @overload
 def load(
-    name: str,
-    split: str = ...,
-    root: Any = ...,
-    limit: int | None = ...,
-    seed: int = ...,
-    download: bool = ...,
-    with_indices: Literal[False] = ...,
-    **synthetic_kwargs: Any,
+    name: str, split: str = ..., *, with_indices: Literal[False] = ..., **options: Unpack[LoadOptions]
 ) -> tuple[torch.Tensor, torch.Tensor]: ...
 
 
 @overload
 def load(
-    name: str,
-    split: str = ...,
-    root: Any = ...,
-    limit: int | None = ...,
-    seed: int = ...,
-    download: bool = ...,
-    *,
-    with_indices: Literal[True],
-    **synthetic_kwargs: Any,
+    name: str, split: str = ..., *, with_indices: Literal[True], **options: Unpack[LoadOptions]
 ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]: ...
 
 

@@ -454,17 +454,15 @@ def npk(
         compact = net.tied or net.gate_kind == "hard"  # 0/1 gates: keep them as bits
         gate_units = n_units - x1[:1].numel()
         per_input = 2 * x1[:1].numel() * item + (gate_units // 8 + 1 if compact else 2 * gate_units * item)
+    tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
     K = gram(
         lambda x: featurize(net, x, compact=compact),
         pair,
         x1,
         x2,
-        block=block,
-        out=out,
-        dtype=dt,
-        progress=progress,
-        feature_bytes_per_input=per_input,
         desc="NPK",
+        feature_bytes_per_input=per_input,
+        **tiles,
     )
     if normalize is None:
         return K

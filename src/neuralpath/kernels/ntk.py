@@ -316,17 +316,15 @@ def ntk(
             return _pair_structured(f1, f2, trace=False)
         one = _featurize(net, x1[:1], params, biases)  # what one input's features occupy: the Gram engine keeps
         per_input = sum(t.numel() * t.element_size() for e in one for t in e[1:3] if torch.is_tensor(t))  # all if fit
+        tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
         return gram(
             lambda x: _featurize(net, x, params, biases),
             lambda a, b: _pair_structured(a, b, True),
             x1,
             x2,
-            block=block,
-            out=out,
-            dtype=dt,
-            progress=progress,
             desc="NTK",
             feature_bytes_per_input=per_input,
+            **tiles,
         )
     if out is not None:
         raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
