@@ -22,6 +22,13 @@ def mnist_root():
     return root
 
 
+def pytest_collection_modifyitems(items):
+    """Tests that read real MNIST carry the 'data' mark (``-m "not data"`` runs the suite with no data at all)."""
+    for item in items:
+        if "mnist_root" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.data)
+
+
 def run_cli(*args, env=None, timeout=300):
     e = dict(os.environ)
     e.update(env or {})

@@ -207,3 +207,21 @@ def test_cifar_reader_refuses_an_object_array_over_raw_bytes(tmp_path):
     p.write_bytes(bad)
     with pytest.raises(NeuralpathError, match="refused dtype 'O8'"):
         formats.read_cifar_batch(p)
+
+
+@pytest.mark.parametrize(
+    "stream, needle",
+    [
+        (b"\x80\x02}r\x00\x00\x00\x40.", "memo index 1073741824"),  # LONG_BINPUT 2^30: a 16 GB memo table
+        (b"\x80\x03cbuiltins\nbytes\nJ\x00\x00\x00\x7f\x85R.", "takes bytes or text"),  # bytes(2130706432)
+    ],
+    ids=["memo-index", "bytes-of-int"],
+)
+def test_cifar_reader_refuses_streams_that_allocate_gigabytes(tmp_path, stream, needle):
+    """Found by the fuzzer (session 8: a worker was killed for memory at 17 GB): a 9-byte batch with one huge memo
+    index made the unpickler grow its memo to 16 GB, and ``bytes(n)`` of a pickled int allocated n bytes. The reader
+    walks the opcodes first and builds bytes only from bytes or text; both are one-line errors."""
+    p = tmp_path / "data_batch_1"
+    p.write_bytes(stream)
+    with pytest.raises(NeuralpathError, match=needle):
+        formats.read_cifar_batch(p)

@@ -148,6 +148,36 @@ def _scalar(dtype, raw=b""):
     return int(np.frombuffer(raw, dtype=dt)[0])
 
 
+def _bytes(*args):
+    """Stand-in for ``bytes`` while unpickling: bytes from bytes or text only. ``bytes(n)`` of an integer would
+    allocate n zero bytes on the file's word (a 30-byte file asked for 2 GB)."""
+    if not args:
+        return b""
+    if len(args) == 1 and isinstance(args[0], bytes | bytearray):
+        return bytes(args[0])
+    if len(args) == 2 and isinstance(args[0], str) and isinstance(args[1], str):
+        return args[0].encode(args[1])
+    raise pickle.UnpicklingError("bytes(...) in a CIFAR-10 batch takes bytes or text, not " + type(args[0]).__name__)
+
+
+_MEMO_OPS = {"PUT", "BINPUT", "LONG_BINPUT", "GET", "BINGET", "LONG_BINGET"}
+_MEMO_LIMIT = 1 << 16  # an official batch memoises a few dozen objects
+
+
+def _check_opcodes(data: bytes):
+    """Walk the pickle's opcodes without running them (pickletools): refuse a malformed stream and memo indices
+    no CIFAR-10 batch uses. The unpickler grows its memo table to the largest index it sees: one 5-byte opcode
+    with index 2^30 made it allocate 16 GB and the process was killed for memory."""
+    import pickletools
+
+    try:
+        for op, arg, pos in pickletools.genops(data):
+            if op.name in _MEMO_OPS and isinstance(arg, int) and arg >= _MEMO_LIMIT:
+                raise pickle.UnpicklingError(f"memo index {arg} at byte {pos}: not what a CIFAR-10 batch holds")
+    except (ValueError, TypeError) as e:
+        raise pickle.UnpicklingError(f"malformed pickle stream ({e})") from None
+
+
 def _materialize(obj, depth=0):
     """Replace the stand-ins by checked numpy arrays and ints (dicts and lists walked)."""
     if depth > 20:
@@ -175,8 +205,9 @@ class RestrictedUnpickler(pickle.Unpickler):
         ("numpy", "dtype"): _Dtype,
         ("numpy.core.multiarray", "scalar"): _scalar,
         ("numpy._core.multiarray", "scalar"): _scalar,
+        ("builtins", "bytes"): _bytes,
     }
-    ALLOWED = {("_codecs", "encode"), ("builtins", "list"), ("builtins", "dict"), ("builtins", "bytes")}
+    ALLOWED = {("_codecs", "encode"), ("builtins", "list"), ("builtins", "dict")}
 
     def find_class(self, module, name):
         if (module, name) in self.STANDINS:
@@ -191,7 +222,9 @@ def read_cifar_batch(path):
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        d = _materialize(RestrictedUnpickler(io.BytesIO(path.read_bytes()), encoding="bytes").load())
+        data = path.read_bytes()
+        _check_opcodes(data)
+        d = _materialize(RestrictedUnpickler(io.BytesIO(data), encoding="bytes").load())
     except pickle.UnpicklingError as e:
         raise NeuralpathError(f"{path}: {e}") from None
     except Exception as e:  # truncated or garbage bytes
