@@ -368,3 +368,37 @@ def test_core_import_needs_no_optional_dependency_and_reproduce_says_what_is_mis
     r = subprocess.run([sys.executable, "-c", hide, str(tmp_path / "o")], env=env, capture_output=True, text=True)
     _one_line_error(r, "matplotlib", "neuralpath[plots]")
     assert not (tmp_path / "o").exists()
+
+
+def _table_record(**change):
+    rec = json.loads((REPO / "docs/results/table-cpu/runs.jsonl").read_text().splitlines()[0])
+    return json.dumps({**rec, **change})
+
+
+@pytest.mark.parametrize(
+    "text, needles",
+    [
+        (_table_record() + "\nnot json\n" + _table_record() + "\n", ["runs.jsonl:2", "not a JSON record"]),
+        ("[1, 2]\n", ["runs.jsonl:1", "JSON object"]),
+        (_table_record(best_test_acc=97.5) + "\n", ["best_test_acc=97.5", "fraction"]),
+        (_table_record(row="fc-rmsprop") + "\n", ["record 1", "row must be one of"]),
+        (json.dumps({"row": "fc-adam", "regime": "relu", "seed": 0, "best_test_acc": 0.9}) + "\n", ["no 'epochs'"]),
+    ],
+    ids=["garbage-line", "not-an-object", "percent", "unknown-row", "missing-field"],
+)
+def test_report_table_refuses_records_it_cannot_read(tmp_path, cli, text, needles):
+    """`report table` on a hand-edited or foreign runs.jsonl: a garbage line in the middle was skipped silently and
+    a missing field ended in a KeyError traceback; an accuracy in percent would have printed as 9,750%. Each is
+    now a one-line error naming the line or record; a torn last line (an interrupted append) is still skipped."""
+    p = tmp_path / "runs.jsonl"
+    p.write_text(text)
+    _one_line_error(cli("report", "table", p, "--out", tmp_path / "o"), *needles)
+    assert not (tmp_path / "o" / "table.md").exists()
+
+
+def test_report_table_skips_only_a_torn_last_line(tmp_path, cli):
+    p = tmp_path / "runs.jsonl"
+    p.write_text(_table_record() + "\n" + _table_record()[:40])
+    r = cli("report", "table", p, "--out", tmp_path / "o")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "o" / "table.md").exists()

@@ -734,7 +734,7 @@ def report_table(records, out):
     p = Path(records)
     if not p.is_file():
         raise FileNotFoundError(f"{records}: no such records file (a runs.jsonl from `reproduce table`)")
-    recs = read_jsonl(p)
+    recs = table.check_records(read_jsonl(p, strict=True), records)
     if not recs:
         raise ValueError(f"{records}: holds no records")
     rows = [r for r in table.ROWS if any(x["row"] == r for x in recs)]

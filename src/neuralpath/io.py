@@ -8,6 +8,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import NeuralpathError
+
 
 def _umask() -> int:
     old = os.umask(0)
@@ -69,17 +71,27 @@ def append_jsonl(path, record: dict):
         os.close(fd)
 
 
-def read_jsonl(path):
-    """Records of a JSON-lines file; a torn (unterminated or unparsable) line is skipped."""
+def read_jsonl(path, strict: bool = False):
+    """Records of a JSON-lines file; a torn (unterminated or unparsable) line is skipped. ``strict=True`` (files a
+    user hands to a report): only a torn last line is skipped; an unparsable line elsewhere, or a line that is not
+    a JSON object, is an error naming it."""
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    for line in path.read_text().splitlines():
+    text = path.read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines, 1):
         try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            torn = i == len(lines) and not text.endswith("\n")
+            if strict and not torn and line.strip():
+                raise NeuralpathError(f"{path}:{i}: not a JSON record ({e.msg}); fix or delete that line") from None
             continue
+        if strict and not isinstance(rec, dict):
+            raise NeuralpathError(f"{path}:{i}: a record must be a JSON object, got {type(rec).__name__}")
+        out.append(rec)
     return out
 
 

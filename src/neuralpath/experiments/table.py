@@ -253,6 +253,30 @@ def settings_from_records(recs) -> dict:
     return out
 
 
+def check_records(recs, where) -> list:
+    """Refuse records a table cannot be read from (a hand-edited or foreign runs.jsonl): unknown rows or regimes,
+    missing settings, and accuracies that are not fractions in [0, 1] (a percent would print as 9,750%)."""
+
+    def bad(i, r, what):
+        who = f"{r.get('row')} {r.get('regime')} seed {r.get('seed')}" if isinstance(r, dict) else ""
+        raise NeuralpathError(f"{where}: record {i} ({who}): {what}")
+
+    for i, r in enumerate(recs, 1):
+        if not isinstance(r, dict):
+            bad(i, r, "is not a JSON object")
+        if r.get("row") not in ROWS or r.get("regime") not in ORDER:
+            bad(i, r, f"row must be one of {', '.join(ROWS)} and regime one of {', '.join(ORDER)}")
+        for k in ("seed", "epochs", "lr", "limit_train", "limit_test", "best_test_acc", "final_test_acc"):
+            if k not in r:
+                bad(i, r, f"has no {k!r} (records come from `reproduce table` or `report collect`)")
+        for k in ("best_test_acc", "final_test_acc", "clean_test_acc"):
+            v = r.get(k)
+            ok = v is None if k == "clean_test_acc" else False
+            if not ok and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
+                bad(i, r, f"{k}={v!r} must be a fraction in [0, 1] (records keep accuracies as fractions)")
+    return recs
+
+
 def table_markdown(recs, rows=None, title_note="") -> str:
     """The side-by-side table from run records alone."""
     rows = present(rows or ROWS, recs, "row")
