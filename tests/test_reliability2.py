@@ -402,3 +402,13 @@ def test_report_table_skips_only_a_torn_last_line(tmp_path, cli):
     r = cli("report", "table", p, "--out", tmp_path / "o")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "o" / "table.md").exists()
+
+
+def test_npf_refuses_non_finite_inputs():
+    """npk and ntk refused NaN inputs; the explicit path features returned NaN rows without a word."""
+    from neuralpath.nets import FCDGN
+
+    x = torch.randn(5, 4)
+    x[1, 2] = float("nan")
+    with pytest.raises(NeuralpathError, match="NaN or inf"):
+        npx.npf(FCDGN(in_dim=4, width=8, depth=3, out_dim=2), x)

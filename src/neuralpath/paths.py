@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 
 from .errors import NeuralpathError
-from .kernels.npk import _as_dtype
+from .kernels.npk import _as_dtype, _check_inputs
 from .nets.base import DGN
 from .nets.rules import rule
 
@@ -134,10 +134,9 @@ def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES) -> torch.Ten
     """Explicit neural path features phi_x, (n, P); refuses, with the path count, when P is too large."""
     from .anynet import ModuleDGN, npf_module
 
+    _check_inputs(net, x, None)  # a DGN or from_module(...); a finite tensor (NaN would give NaN features)
     if isinstance(net, ModuleDGN):
         return npf_module(_as_dtype(net, dtype), x)
-    if not isinstance(net, DGN):
-        raise TypeError(f"net must be an FCDGN, a ConvDGN or from_module(...), got {type(net).__name__}")
     phi = _enumerate(_as_dtype(net, dtype), x, max_entries)[0]
     assert phi is not None
     return phi
