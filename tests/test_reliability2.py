@@ -412,3 +412,19 @@ def test_npf_refuses_non_finite_inputs():
     x[1, 2] = float("nan")
     with pytest.raises(NeuralpathError, match="NaN or inf"):
         npx.npf(FCDGN(in_dim=4, width=8, depth=3, out_dim=2), x)
+
+
+def test_kernel_machines_refuse_float_labels_and_asymmetric_kernels():
+    """Found by probing the API: KRR truncated a label 0.5 to class 0 and solved with a non-symmetric K_train (the
+    Cholesky factorisation reads one triangle, so the other was ignored), both without a word."""
+    from neuralpath.kernels.machines import fit_predict
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    K = x @ x.T
+    y = torch.tensor([0, 1, 0, 1, 0, 1])
+    with pytest.raises(NeuralpathError, match="entry 0 is 0.5"):
+        fit_predict("krr", K, torch.tensor([0.5, 1, 0, 1, 0, 1]), K)
+    with pytest.raises(NeuralpathError, match="not symmetric"):
+        fit_predict("krr", K + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1), y, K)
+    pred, _ = fit_predict("krr", K, y.double(), K)  # whole-number floats are labels
+    assert pred.shape == (6,)

@@ -93,8 +93,24 @@ class Concat(nn.Module):
         return self.head(torch.nn.functional.avg_pool2d(z, 2).flatten(1))
 
 
+class MeanPool(nn.Module):  # global average pooling written as a mean, flattened through x.shape[0]
+    def __init__(self, keepdim):
+        super().__init__()
+        self.keepdim = keepdim
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = nn.Linear(2, 2)
+
+    def forward(self, x):
+        z = torch.relu(self.b(torch.relu(self.a(x))))
+        z = z.mean(dim=(-2, -1), keepdim=True) if self.keepdim else torch.mean(z, (2, 3))
+        return self.head(z.reshape(x.shape[0], -1))
+
+
 def _models():
     return {
+        "mean-pool": lambda: MeanPool(keepdim=False),
+        "mean-pool-keepdim": lambda: MeanPool(keepdim=True),
         "resnet": lambda: _randomize_bn(UserResNet(c=1)),
         "cnn-maxpool": user_cnn,
         "concat": Concat,
@@ -234,11 +250,22 @@ def test_regimes_of_a_model_and_training_through_the_engine():
     assert torch.equal(one(x), specs[0].net(x))
 
 
+class MeanOverChannels(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 2, 3, padding=1)
+        self.head = nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)).mean(1).flatten(1))
+
+
 @pytest.mark.parametrize(
     "bad, match",
     [
         (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.GELU(), nn.Linear(4, 2)), "GELU"),
         (lambda: nn.Sequential(nn.Flatten(), nn.Linear(48, 4), nn.Tanh(), nn.Linear(4, 2)), "Tanh"),
+        (lambda: MeanOverChannels(), "only the spatial mean"),
         (
             lambda: nn.Sequential(nn.Conv2d(3, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)).train(),
             "training mode",

@@ -33,8 +33,8 @@ from ..errors import NeuralpathError
 
 SUPPORTED = (
     "Linear, Conv2d (any stride/padding/dilation/groups, zero padding), ReLU, LeakyReLU, MaxPool2d, "
-    "AvgPool2d, AdaptiveAvgPool2d, BatchNorm1d/2d (eval mode), Flatten, Dropout (eval), Identity, residual "
-    "addition, concatenation along channels"
+    "AvgPool2d, AdaptiveAvgPool2d, x.mean((2, 3)), BatchNorm1d/2d (eval mode), Flatten and view/reshape to "
+    "(n, -1), Dropout (eval), Identity, residual addition, concatenation along channels"
 )
 
 
@@ -61,6 +61,15 @@ def conv_padding(m: nn.Conv2d, name="conv"):
             )
         return tuple(e // 2 for e in eff)
     return tuple(m.padding)
+
+
+def _is_shape_query(node) -> bool:
+    """``x.shape[i]`` / ``x.size()[i]``: an index into a shape, which only a view/reshape may use."""
+    src = node.args[0]
+    return isinstance(src, fx.Node) and (
+        (src.op == "call_function" and src.target is getattr and src.args[1:] == ("shape",))
+        or (src.op == "call_method" and src.target == "size")
+    )
 
 
 def _const(v, what, node):
@@ -211,8 +220,8 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
                 add("flatten", node, [arg(node.args[0], node)])
             elif t in ("view", "reshape"):
                 add("flatten", node, [arg(node.args[0], node)], opts=dict(check_flat=True))
-            elif t in ("size", getattr) or t is getattr:
-                continue  # shape queries feed view(); checked by the shape of the view's result
+            elif t in ("size", getattr) or t is getattr or (t is operator.getitem and _is_shape_query(node)):
+                continue  # shape queries (x.size(0), x.shape[0]) feed view(); checked by the view's result
             elif t in (F.max_pool2d,):
                 kw: dict[str, Any] = dict(
                     zip(("kernel_size", "stride", "padding", "dilation", "ceil_mode"), node.args[1:])
@@ -233,6 +242,24 @@ def trace(model: nn.Module, example: torch.Tensor) -> list[Op]:
             elif t in (F.adaptive_avg_pool2d,):
                 size = node.args[1] if len(node.args) > 1 else node.kwargs["output_size"]
                 add("avgpool", node, [arg(node.args[0], node)], opts=dict(adaptive=_const(size, "output_size", node)))
+            elif t in (torch.mean, "mean"):  # x.mean((2, 3)): global average pooling written as a mean
+                dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+                keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+                dims = _const(dims, "dim", node)
+                dl = list(dims) if isinstance(dims, tuple | list) else [dims]
+                if (
+                    not all(isinstance(d, int) for d in dl)
+                    or sorted(d % 4 for d in dl) != [2, 3]
+                    or "dtype" in node.kwargs
+                ):
+                    raise NeuralpathError(
+                        f"node {node.name!r}: mean over dim={dims!r}; only the spatial mean of an image "
+                        "(dim=(2, 3) or (-2, -1): global average pooling) is supported"
+                    )
+                ops.append(Op(kind="avgpool", name=node.name, args=[arg(node.args[0], node)], opts=dict(adaptive=1)))
+                index[node.name] = len(ops) - 1
+                if not _const(keep, "keepdim", node):
+                    add("flatten", node, [len(ops) - 1])
             elif t in (F.dropout, "contiguous"):
                 add("identity", node, [arg(node.args[0], node)])
             else:

@@ -15,6 +15,7 @@ import torch
 
 from ..errors import NeuralpathError, check_choice
 
+SYMMETRY_TOL = 1e-5  # relative: float32 kernels computed tile by tile stay far below it
 JITTERS = (0.0,) + tuple(10.0**-e for e in range(12, 3, -1))
 
 
@@ -24,7 +25,24 @@ def _as64(K, name="K"):
         raise NeuralpathError(f"{name} must be a square matrix, got shape {tuple(K.shape)}")
     if not torch.isfinite(K).all():
         raise NeuralpathError(f"{name} has NaN or inf entries; recompute it (float64, or a normalised kernel)")
+    asym = float((K - K.T).abs().max()) if len(K) else 0.0
+    if asym > SYMMETRY_TOL * max(float(K.abs().max()), 1e-300):  # Cholesky reads one triangle: the other is ignored
+        raise NeuralpathError(
+            f"{name} is not symmetric (max |K - K^T| = {asym:.3g}, relative {asym / float(K.abs().max()):.3g}); "
+            "a kernel matrix of training points is K(x_i, x_j) for the same points on both sides"
+        )
     return K
+
+
+def labels(y, name="y") -> torch.Tensor:
+    """Class labels as int64, refusing values that are not whole numbers (a float label was truncated silently)."""
+    t = torch.as_tensor(np.asarray(y) if not torch.is_tensor(y) else y)
+    if t.is_floating_point() or t.is_complex():
+        frac = t.ne(t.round()) if not t.is_complex() else torch.ones_like(t, dtype=torch.bool)
+        if bool(frac.any()):
+            i = int(frac.nonzero()[0, 0])
+            raise NeuralpathError(f"{name} must hold class labels 0..k-1; entry {i} is {t.flatten()[i].item()!r}")
+    return t.long()
 
 
 def cholesky(K, jitters=JITTERS):
@@ -89,7 +107,7 @@ class KernelRidge:
 
     def fit(self, K, y, seed: int = 0):
         K = _as64(K, "K_train")
-        y = torch.as_tensor(y).long()
+        y = labels(y)
         if K.dim() != 2 or K.shape[0] != K.shape[1]:
             raise NeuralpathError(f"KernelRidge.fit: K_train must be a square (n, n) matrix, got {tuple(K.shape)}")
         if y.dim() != 1 or len(y) != K.shape[0]:
@@ -134,7 +152,7 @@ def svm(K_train, y, K_test_train, C: float = 1.0):
         raise NeuralpathError("the SVM needs scikit-learn: pip install 'neuralpath[kernels]'") from e
     K = _as64(K_train, "K_train")
     s = K.diagonal().mean().item() or 1.0
-    clf = SVC(C=C, kernel="precomputed").fit((K / s).numpy(), np.asarray(y))
+    clf = SVC(C=C, kernel="precomputed").fit((K / s).numpy(), labels(y).numpy())
     return torch.from_numpy(clf.predict((torch.as_tensor(K_test_train, dtype=torch.float64) / s).numpy()))
 
 
