@@ -428,3 +428,20 @@ def test_kernel_machines_refuse_float_labels_and_asymmetric_kernels():
         fit_predict("krr", K + torch.triu(torch.ones(6, 6, dtype=torch.float64), 1), y, K)
     pred, _ = fit_predict("krr", K, y.double(), K)  # whole-number floats are labels
     assert pred.shape == (6,)
+
+
+def test_report_collect_refuses_a_destination_inside_its_source(tmp_path, cli):
+    """`report collect X X` ended in shutil's SameFileError traceback; a DEST inside X would copy X into itself."""
+    src = tmp_path / "exp"
+    (src / "runs" / "a").mkdir(parents=True)
+    (src / "runs" / "a" / "result.json").write_text("{}")
+    for dest in (src, src / "sub"):
+        _one_line_error(cli("report", "collect", src, dest), "inside it")
+    r = cli("report", "collect", src, tmp_path / "out")
+    assert r.returncode == 0 and (tmp_path / "out" / "runs" / "a" / "result.json").read_text() == "{}"
+    assert not [p for p in (tmp_path / "out").rglob(".*")]  # no temporary files left behind
+
+
+def test_kernel_fit_names_its_own_flag_when_too_many_inputs(cli):
+    r = cli("kernel", "fit", "--dataset", "synthetic", "--kernel", "npk", "--n-train", "100000", "--n-test", "10")
+    _one_line_error(r, "--n-train 100,000")

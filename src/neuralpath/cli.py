@@ -244,7 +244,21 @@ def _user_model(spec, weights):
 
 
 def _kernel_setup(
-    checkpoint, arch, regime, width, depth, seed, dataset, split, n, data_root, dtype, device, module=None, weights=None
+    checkpoint,
+    arch,
+    regime,
+    width,
+    depth,
+    seed,
+    dataset,
+    split,
+    n,
+    data_root,
+    dtype,
+    device,
+    module=None,
+    weights=None,
+    n_flag="--num-inputs",
 ):
     """(network, inputs, sidecar record) of a kernel request; every check happens before any data is decoded."""
     import torch
@@ -266,7 +280,7 @@ def _kernel_setup(
         model = _user_model(module, weights)
         dataset = dataset or "mnist"
         check_choice("--dataset", dataset, datasets.NAMES)
-        datasets.check_limit("--num-inputs", n, dataset, split, root=data_root)
+        datasets.check_limit(n_flag, n, dataset, split, root=data_root)
         x, y, idx = datasets.load(dataset, split, root=data_root, limit=n, seed=0, with_indices=True)
         dev = resolve_device(device)
         model = model.to(dev, getattr(torch, dtype))
@@ -291,7 +305,7 @@ def _kernel_setup(
         dataset = cfg.dataset
     check_choice("--dataset", dataset, datasets.NAMES)
     dev = resolve_device(device)
-    datasets.check_limit("--num-inputs", n, dataset, split, root=data_root)
+    datasets.check_limit(n_flag, n, dataset, split, root=data_root)
     x, y, idx = datasets.load(dataset, split, root=data_root, limit=n, seed=0, with_indices=True)
     # an FLNPF checkpoint already holds its frozen feature network: build the same shape (hard, untied), then load
     build = "frnpf-ii" if (checkpoint and cfg.regime == "flnpf") else cfg.regime
@@ -704,9 +718,14 @@ def report_collect(source, dest):
     import shutil
     from pathlib import Path
 
+    from .errors import NeuralpathError
+    from .io import atomic_path
+
     src, dst = Path(source), Path(dest)
     if not src.is_dir():
         raise FileNotFoundError(f"{source}: no such experiment folder")
+    if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
+        raise NeuralpathError(f"DEST {dest} is {source} or inside it; give a folder elsewhere (e.g. docs/results/X)")
     keep = {"config.json", "metrics.jsonl", "result.json"}
     n = 0
     for p in sorted(src.rglob("*")):
@@ -716,7 +735,8 @@ def report_collect(source, dest):
         if p.name in keep or (top and p.suffix in (".jsonl", ".md", ".png", ".json")):
             q = dst / p.relative_to(src)
             q.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(p, q)
+            with atomic_path(q) as tmp:  # a reader of DEST never sees half a file
+                shutil.copyfile(p, tmp)
             n += 1
     click.echo(f"{n} record files copied from {src} to {dst}")
 
@@ -775,7 +795,21 @@ def kernel_fit(
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
     net, xtr, _ = _kernel_setup(
-        checkpoint, arch, regime, 128, 6, seed, dataset, "train", n_train, data_root, "float64", device, module, weights
+        checkpoint,
+        arch,
+        regime,
+        128,
+        6,
+        seed,
+        dataset,
+        "train",
+        n_train,
+        data_root,
+        "float64",
+        device,
+        module,
+        weights,
+        n_flag="--n-train",
     )
     ds = dataset or "mnist"
     if checkpoint:
