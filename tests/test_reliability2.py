@@ -445,3 +445,9 @@ def test_report_collect_refuses_a_destination_inside_its_source(tmp_path, cli):
 def test_kernel_fit_names_its_own_flag_when_too_many_inputs(cli):
     r = cli("kernel", "fit", "--dataset", "synthetic", "--kernel", "npk", "--n-train", "100000", "--n-test", "10")
     _one_line_error(r, "--n-train 100,000")
+
+
+def test_relu_checkpoint_outside_flnpf_is_refused(tmp_path):
+    """`train --regime relu --relu-checkpoint RUN` trained from scratch and ignored the checkpoint without a word."""
+    with pytest.raises(NeuralpathError, match="read by regime 'flnpf' only"):
+        TrainConfig(dataset="synthetic", regime="relu", relu_checkpoint=str(tmp_path)).resolved()

@@ -143,6 +143,11 @@ class TrainConfig:
             raise NeuralpathError("regime 'relu' is the ReLU network: it takes gating='relu' and value_input='x'")
         if c.regime == "flnpf" and not c.relu_checkpoint:
             raise NeuralpathError("regime 'flnpf' needs --relu-checkpoint RUN_DIR_OR_FILE (a trained ReLU run)")
+        if c.regime != "flnpf" and c.relu_checkpoint:  # it would be ignored: the run would not start from it
+            raise NeuralpathError(
+                f"--relu-checkpoint is read by regime 'flnpf' only (its frozen gates); regime {c.regime!r} would "
+                "ignore it: drop it, or use --regime flnpf"
+            )
         check_choice("device", c.device, ("auto", "cpu", "cuda"))
         return c
 
