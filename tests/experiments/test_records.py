@@ -144,3 +144,22 @@ def test_conv_cpu_rows_from_records(tmp_path):
     for reg, (best, clean) in want.items():
         assert got[reg] == (best, clean, 3), (reg, got[reg])
         assert best in doc and clean in doc
+
+
+def test_vconv_cpu_row_phase_one_from_records(tmp_path):
+    """The VCONV-Adam row's first phase (session 8): the four regimes that do not need trained ReLU gates."""
+    from neuralpath.experiments import table
+
+    recs = table.collect(_copy(tmp_path, "table-cpu"))
+    s = table.summarise(recs, ["vconv-adam"])["vconv-adam"]
+    want = {
+        "frnpf-ii": ("46.52±0.77", "46.93±0.89"),
+        "frnpf-di": ("46.71±1.31", "46.85±0.92"),
+        "dlnpf": ("51.58±0.30", "51.85±0.49"),
+        "relu": ("54.85±0.48", "54.90±0.94"),
+    }
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    for reg, (best, clean) in want.items():
+        got = (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"])
+        assert got == (best, clean, 3), (reg, got)
+        assert best in doc and clean in doc
