@@ -451,3 +451,15 @@ def test_relu_checkpoint_outside_flnpf_is_refused(tmp_path):
     """`train --regime relu --relu-checkpoint RUN` trained from scratch and ignored the checkpoint without a word."""
     with pytest.raises(NeuralpathError, match="read by regime 'flnpf' only"):
         TrainConfig(dataset="synthetic", regime="relu", relu_checkpoint=str(tmp_path)).resolved()
+
+
+def test_load_run_refuses_a_config_json_that_disagrees_with_its_checkpoint(tmp_path):
+    """load_run built the network from the checkpoint but reported config.json's settings: an edited or mixed
+    folder gave a Run whose config described another network (width 32 beside a width-16 net), silently."""
+    cfg = TrainConfig(dataset="synthetic", width=16, depth=3, epochs=1, lr=3e-3)
+    train(cfg, tmp_path / "r", progress=False, log=lambda m: None)
+    assert npx.load_run(tmp_path / "r").net.width == 16
+    p = tmp_path / "r" / "config.json"
+    p.write_text(p.read_text().replace('"width": 16', '"width": 32'))
+    with pytest.raises(NeuralpathError, match="config.json says width=32 but best.pt was trained with width=16"):
+        npx.load_run(tmp_path / "r")

@@ -56,7 +56,10 @@ def net_from_config(cfg: dict):
 def load_net(path, map_location="cpu"):
     """The network of one checkpoint (best.pt, best_even.pt, epoch_K.pt, last.pt or a run folder's best.pt), with
     its weights; feature networks of frozen-gate regimes are frozen again."""
-    ck = checkpoints.load(path, map_location=map_location)
+    return _net_of(checkpoints.load(path, map_location=map_location), path)
+
+
+def _net_of(ck, path):
     sd = ck["model"]
     cfg = ck.get("net") or (sd.get("_extra_state") or {}).get("config")
     if not cfg:
@@ -95,10 +98,22 @@ def load_run(path, which: str = "best.pt", map_location="cpu") -> Run:
             f"{path}: no {which} in this run folder "
             f"(has: {', '.join(sorted(p.name for p in f.path.glob('*.pt'))) or 'no checkpoints'})"
         )
+    ck = checkpoints.load(f.file(which), map_location=map_location)
+    config = f.config() or {}
+    stored = ck.get("config") or {}
+    from .runfolder import CHANGEABLE  # (epochs: a resumed run may be trained longer than its best.pt knew)
+
+    differ = sorted(k for k in set(config) & set(stored) - set(CHANGEABLE) if config[k] != stored[k])
+    if differ:  # the folder's config.json would describe another network than the checkpoint holds
+        k = differ[0]
+        raise NeuralpathError(
+            f"{path}: config.json says {k}={config[k]!r} but {which} was trained with {k}={stored[k]!r}"
+            f"{f' (and {len(differ) - 1} more)' if len(differ) > 1 else ''}; the folder was edited or mixed"
+        )
     return Run(
         path=f.path,
-        net=load_net(f.file(which), map_location),
-        config=f.config() or {},
+        net=_net_of(ck, f.file(which)),
+        config=config,
         result=f.result() if f.finished else None,
         records=f.records(),
     )
