@@ -463,3 +463,12 @@ def test_load_run_refuses_a_config_json_that_disagrees_with_its_checkpoint(tmp_p
     p.write_text(p.read_text().replace('"width": 16', '"width": 32'))
     with pytest.raises(NeuralpathError, match="config.json says width=32 but best.pt was trained with width=16"):
         npx.load_run(tmp_path / "r")
+
+
+def test_a_repeated_row_or_regime_is_one_request():
+    """`--rows fc-adam,fc-adam` printed the row twice in the table."""
+    from neuralpath.cli import _commas
+
+    assert _commas("--rows", "fc-adam, fc-adam,gconv-adam,", "x") == ["fc-adam", "gconv-adam"]
+    with pytest.raises(NeuralpathError, match="--rows is empty"):
+        _commas("--rows", " , ", "fc-adam")

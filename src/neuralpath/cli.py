@@ -444,7 +444,7 @@ def _commas(flag, value, example):
 
     if not isinstance(value, str):
         return value
-    items = [v.strip() for v in value.split(",") if v.strip()]
+    items = list(dict.fromkeys(v.strip() for v in value.split(",") if v.strip()))  # a repeat is one request
     if not items:
         raise NeuralpathError(f"{flag} is empty; give e.g. {flag} {example}")
     return items
