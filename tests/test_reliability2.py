@@ -472,3 +472,24 @@ def test_a_repeated_row_or_regime_is_one_request():
     assert _commas("--rows", "fc-adam, fc-adam,gconv-adam,", "x") == ["fc-adam", "gconv-adam"]
     with pytest.raises(NeuralpathError, match="--rows is empty"):
         _commas("--rows", " , ", "fc-adam")
+
+
+def test_normalised_npk_refuses_inputs_with_no_open_path():
+    """normalize='cosine' returned NaN rows for an input with H(x, x) = 0 (an all-zero input of a bias-free net, or
+    one for which every gate of a layer is closed: seen with 3 random inputs through a width-8 net), and 'trace' a
+    NaN matrix when every input is such; both silently."""
+    from neuralpath.nets import FCDGN
+
+    g = torch.Generator().manual_seed(0)
+    net = FCDGN(in_dim=4, width=16, depth=3, out_dim=2, bias=False, generator=g)
+    x = torch.randn(5, 4, generator=g)
+    x[2] = 0
+    d = npx.npk(net, x, diag=True)
+    assert d[2] == 0 and bool((d[[0, 1, 3, 4]] > 0).all())  # the premise: only row 2 has no open path
+    with pytest.raises(NeuralpathError, match=r"H\(x, x\) = 0 for x1\[2\]"):
+        npx.npk(net, x, normalize="cosine")
+    with pytest.raises(NeuralpathError, match=r"for x2\[2\]"):
+        npx.npk(net, x[:2], x, normalize="cosine")
+    with pytest.raises(NeuralpathError, match="trace is 0"):
+        npx.npk(net, torch.zeros(3, 4), normalize="trace")
+    assert torch.isfinite(npx.npk(net, x, normalize="trace")).all()

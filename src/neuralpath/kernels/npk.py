@@ -421,14 +421,11 @@ def npk(
         )  # normalised kernels are ratios: computed from the scaled kernel, they never overflow
         if normalize is None:
             return K
-        if normalize == "trace":
-            return K / K.diagonal().sum()
-        if x2 is None:  # the symmetric kernel holds its own diagonal: no second pass through the model
-            d1 = d2 = K.diagonal().clone()
-        else:
-            d1 = npk_module(net, x1, diag=True, dtype=dtype, scaled=True)
-            d2 = npk_module(net, x2, diag=True, dtype=dtype, scaled=True)
-        return K / torch.sqrt(d1[:, None] * d2[None, :])
+
+        def diagonal(x):  # the symmetric kernel holds its own diagonal: no second pass through the model
+            return K.diagonal().clone() if x2 is None else npk_module(net, x, diag=True, dtype=dtype, scaled=True)
+
+        return _normalised(K, normalize, x1, x2, diagonal)
     if normalize == "trace" and x2 is not None:
         raise NeuralpathError("normalize='trace' needs the symmetric kernel (x2=None)")
     net = _as_dtype(net, dtype)
@@ -468,10 +465,27 @@ def npk(
         return K
     if out is not None:
         raise NeuralpathError("normalize= is not supported together with out=; normalise the memmap afterwards")
+    return _normalised(K, normalize, x1, x2, lambda x: npk_diag(net, x, scaled=True))
+
+
+def _normalised(K, normalize, x1, x2, diag):
+    """K / trace K, or K(x, x') / sqrt(K(x, x) K(x', x')) with ``diag(x)`` the (scaled) diagonal; an input with
+    H(x, x) = 0 (no open path: an all-zero input of a bias-free network, or every gate of a layer closed) has no
+    cosine, and a zero trace no normalisation: both refused rather than returned as NaN."""
     if normalize == "trace":
-        return K / K.diagonal().sum()
-    d1 = npk_diag(net, x1, scaled=True)
-    d2 = d1 if x2 is None else npk_diag(net, x2, scaled=True)
+        tr = K.diagonal().sum()
+        if not bool(tr > 0):
+            raise NeuralpathError("normalize='trace': the kernel's trace is 0 (no input has an open path); use None")
+        return K / tr
+    d1 = diag(x1)
+    d2 = d1 if x2 is None else diag(x2)
+    for name, d in (("x1", d1), ("x2", d2)):
+        zero = (d <= 0).nonzero()
+        if len(zero):
+            raise NeuralpathError(
+                f"normalize='cosine': H(x, x) = 0 for {name}[{int(zero[0, 0])}] (no open path: an all-zero input of a "
+                "bias-free network, or all gates of a layer closed), so its cosine is undefined; drop it or use None"
+            )
     return K / torch.sqrt(d1[:, None] * d2[None, :])
 
 
