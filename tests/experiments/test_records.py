@@ -127,12 +127,20 @@ def test_resnet_table_from_records(tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_conv_cpu_rows_from_records(tmp_path):
+def _check_cpu_row(tmp_path, row, want):
+    """Every (best, clean) cell of a conv row at the cpu budget, from the committed records and quoted in RESULTS."""
     from neuralpath.experiments import table
 
     recs = table.collect(_copy(tmp_path, "table-cpu"))
-    s = table.summarise(recs, ["gconv-adam"])["gconv-adam"]
-    got = {reg: (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"]) for reg in s}
+    s = table.summarise(recs, [row])[row]
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    for reg, (best, clean) in want.items():
+        got = (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"])
+        assert got == (best, clean, 3), (reg, got)
+        assert best in doc and clean in doc
+
+
+def test_conv_cpu_rows_from_records(tmp_path):
     want = {
         "frnpf-ii": ("42.73±1.15", "43.39±1.24"),
         "frnpf-di": ("41.61±0.62", "41.98±0.96"),
@@ -140,26 +148,15 @@ def test_conv_cpu_rows_from_records(tmp_path):
         "flnpf": ("41.12±0.72", "41.37±0.86"),
         "relu": ("34.31±0.45", "34.35±0.88"),
     }
-    doc = (REPO / "docs" / "RESULTS.md").read_text()
-    for reg, (best, clean) in want.items():
-        assert got[reg] == (best, clean, 3), (reg, got[reg])
-        assert best in doc and clean in doc
+    _check_cpu_row(tmp_path, "gconv-adam", want)
 
 
 def test_vconv_cpu_row_phase_one_from_records(tmp_path):
     """The VCONV-Adam row's first phase (session 8): the four regimes that do not need trained ReLU gates."""
-    from neuralpath.experiments import table
-
-    recs = table.collect(_copy(tmp_path, "table-cpu"))
-    s = table.summarise(recs, ["vconv-adam"])["vconv-adam"]
     want = {
         "frnpf-ii": ("46.52±0.77", "46.93±0.89"),
         "frnpf-di": ("46.71±1.31", "46.85±0.92"),
         "dlnpf": ("51.58±0.30", "51.85±0.49"),
         "relu": ("54.85±0.48", "54.90±0.94"),
     }
-    doc = (REPO / "docs" / "RESULTS.md").read_text()
-    for reg, (best, clean) in want.items():
-        got = (table._fmt(s[reg]["best"]), table._fmt(s[reg]["clean"]), s[reg]["n"])
-        assert got == (best, clean, 3), (reg, got)
-        assert best in doc and clean in doc
+    _check_cpu_row(tmp_path, "vconv-adam", want)
