@@ -485,9 +485,7 @@ def reproduce(ctx, out, data_root):
     "Comma-separated rows.",
 )
 @click.option("--seeds", type=int, default=5, show_default=True, help="Seeds 0..N-1 per regime.")
-@_shown(
-    "--budget", "quick", "quick (minutes) | cpu (conv rows in ~3 h on 2 cores; FC rows at the paper's budget) | paper"
-)
+@_shown("--budget", "quick", "quick (minutes) | cpu (a conv row: 3-6 h on 2 cores; FC rows: the paper's) | paper")
 @click.option("--epochs", type=int, default=None, help="Override the budget's epochs.")
 @click.option("--limit-train", type=int, default=None, help="Override: stratified training subset size.")
 @click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")

@@ -56,8 +56,8 @@ BUDGETS = ("quick", "cpu", "paper")
 # Budgets other than 'paper' change only how much is trained (epochs, training images, width), never the optimiser,
 # learning rate or batch; every table header says which, and "NOT the paper's budget".
 # quick: what 2 CPU cores do in minutes (a pipeline check for conv rows: near chance).
-# cpu: what 2 CPU cores do in about 3 hours per pair of conv rows, chosen from the measured budget curve
-#      (`reproduce budget`, docs/RESULTS.md); FC rows at the paper's budget (they fit on the CPU).
+# cpu: a conv row in 3-6 hours on 2 CPU cores beside another job (measured, sessions 6-8), chosen from the
+#      measured budget curve (`reproduce budget`, docs/RESULTS.md); FC rows at the paper's budget (they fit).
 BUDGET_SETTINGS = {
     "quick": {
         "fc": dict(epochs=5),
