@@ -157,6 +157,7 @@ def test_vconv_cpu_row_phase_one_from_records(tmp_path):
         "frnpf-ii": ("46.52±0.77", "46.93±0.89"),
         "frnpf-di": ("46.71±1.31", "46.85±0.92"),
         "dlnpf": ("51.58±0.30", "51.85±0.49"),
+        "flnpf": ("50.95±0.75", "51.75±1.25"),
         "relu": ("54.85±0.48", "54.90±0.94"),
     }
     _check_cpu_row(tmp_path, "vconv-adam", want)
