@@ -151,8 +151,8 @@ def test_conv_cpu_rows_from_records(tmp_path):
     _check_cpu_row(tmp_path, "gconv-adam", want)
 
 
-def test_vconv_cpu_row_phase_one_from_records(tmp_path):
-    """The VCONV-Adam row's first phase (session 8): the four regimes that do not need trained ReLU gates."""
+def test_vconv_cpu_row_from_records(tmp_path):
+    """The VCONV-Adam row at the cpu budget (session 8)."""
     want = {
         "frnpf-ii": ("46.52±0.77", "46.93±0.89"),
         "frnpf-di": ("46.71±1.31", "46.85±0.92"),
