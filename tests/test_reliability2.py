@@ -383,13 +383,19 @@ def _table_record(**change):
         (_table_record(best_test_acc=97.5) + "\n", ["best_test_acc=97.5", "fraction"]),
         (_table_record(row="fc-rmsprop") + "\n", ["record 1", "row must be one of"]),
         (json.dumps({"row": "fc-adam", "regime": "relu", "seed": 0, "best_test_acc": 0.9}) + "\n", ["no 'epochs'"]),
+        (_table_record() + "\n" + _table_record() + "\n", ["record 2", "repeats the run of record 1"]),
+        (
+            _table_record() + "\n" + _table_record(seed=1, epochs=4, limit_train=500) + "\n",
+            ["record 2", "epochs=4 here vs 12 there", "limit_train=500 here vs 10000 there"],
+        ),
     ],
-    ids=["garbage-line", "not-an-object", "percent", "unknown-row", "missing-field"],
+    ids=["garbage-line", "not-an-object", "percent", "unknown-row", "missing-field", "repeated-run", "mixed-budgets"],
 )
 def test_report_table_refuses_records_it_cannot_read(tmp_path, cli, text, needles):
     """`report table` on a hand-edited or foreign runs.jsonl: a garbage line in the middle was skipped silently and
-    a missing field ended in a KeyError traceback; an accuracy in percent would have printed as 9,750%. Each is
-    now a one-line error naming the line or record; a torn last line (an interrupted append) is still skipped."""
+    a missing field ended in a KeyError traceback; an accuracy in percent would have printed as 9,750%; two files
+    appended together were averaged (a run counted twice, or two budgets under one label). Each is now a one-line
+    error naming the line or record; a torn last line (an interrupted append) is still skipped."""
     p = tmp_path / "runs.jsonl"
     p.write_text(text)
     _one_line_error(cli("report", "table", p, "--out", tmp_path / "o"), *needles)
@@ -493,3 +499,42 @@ def test_normalised_npk_refuses_inputs_with_no_open_path():
     with pytest.raises(NeuralpathError, match="trace is 0"):
         npx.npk(net, torch.zeros(3, 4), normalize="trace")
     assert torch.isfinite(npx.npk(net, x, normalize="trace")).all()
+
+
+def test_kernels_refuse_empty_or_unbatched_inputs_and_read_grad_inputs_as_values():
+    """Session 9, probing the API: `ntk` of an empty batch ended in an IndexError (npk gives a (0, 0) kernel; now
+    both do) and a 1-d tensor was read as one example of its first entry; an input with requires_grad=True crashed
+    `npk` inside a NumPy call; a shape error named the one-row probe's shape (1, 5), not the caller's."""
+    from neuralpath.nets import FCDGN
+
+    net = FCDGN(in_dim=4, width=8, depth=3, out_dim=2)
+    assert npx.ntk(net, torch.randn(0, 4)).shape == (0, 0) and npx.ntk(net, torch.randn(0, 4), diag=True).shape == (0,)
+    assert npx.ntk(net, torch.randn(3, 4), torch.randn(0, 4), trace=False).shape == (3, 0, 2, 2)
+    for method in ("jacobian", "vp"):
+        assert npx.ntk(net, torch.randn(0, 4), method=method).shape == (0, 0)
+    for f in (npx.npk, npx.ntk, npx.npf):
+        with pytest.raises(NeuralpathError, match=r"shape \(4,\) is not a batch"):
+            f(net, torch.randn(4))
+        with pytest.raises(NeuralpathError, match=r"per-example shape \(5,\) does not match in_dim=4"):
+            f(net, torch.randn(6, 5))
+    x = torch.randn(5, 4)
+    k = npx.npk(net, x.clone().requires_grad_())
+    assert not k.requires_grad and torch.equal(k, npx.npk(net, x))
+
+
+def test_module_dgn_kernels_refuse_inputs_of_another_shape_than_traced():
+    """A from_module DGN's kernels follow the shapes of the traced example: other inputs ended in PyTorch's
+    'mat1 and mat2 shapes cannot be multiplied' or a failed reshape; now a one-line error naming both shapes. The
+    NTK of the same inputs is unchanged where the model accepts them (it is the model's own Jacobian)."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 2))
+    m = m.double().eval()
+    x = torch.randn(3, 2, 5, 5, dtype=torch.float64)
+    traced8 = npx.from_module(m, torch.randn(1, 2, 8, 8, dtype=torch.float64))
+    for f in (npx.npk, npx.ntk, npx.npf):
+        with pytest.raises(NeuralpathError, match=r"shape \(2, 5, 5\) but from_module traced .* \(2, 8, 8\)"):
+            f(traced8, x)
+    traced5 = npx.from_module(m, x[:1])
+    assert npx.npk(traced5, x).shape == (3, 3)

@@ -677,8 +677,8 @@ def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_
 @click.option(
     "--relu-run",
     default=None,
-    help="Use this finished ReLU run (e.g. runs/table-cpu/runs/gconv-adam/relu-s0): its initial and "
-    "trained gates' NPK, no training.",
+    help="Use these finished ReLU runs, comma-separated (e.g. runs/table-cpu/runs/gconv-adam/relu-s0,...): "
+    "their initial and trained gates' NPK, no training; mean +- std over the runs.",
 )
 @click.option("--out", default="runs/kernels", show_default=True)
 def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, relu_run, out):
@@ -687,7 +687,8 @@ def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, 
 
     if relu_run:
         n_train, n_test = n_train or 3000, n_test or 1000
-        _echo_run(kernel_machines.run_on_run, out, relu_run, n_train, n_test, data_root=data_root, device=device)
+        runs = _commas("--relu-run", relu_run, "RUN1,RUN2")
+        _echo_run(kernel_machines.run_on_run, out, runs, n_train, n_test, data_root=data_root, device=device)
         return
     _echo_run(
         kernel_machines.run,

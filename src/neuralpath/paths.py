@@ -134,7 +134,7 @@ def npf(net: DGN, x, *, dtype=None, max_entries: int = MAX_ENTRIES) -> torch.Ten
     """Explicit neural path features phi_x, (n, P); refuses, with the path count, when P is too large."""
     from .anynet import ModuleDGN, npf_module
 
-    _check_inputs(net, x, None)  # a DGN or from_module(...); a finite tensor (NaN would give NaN features)
+    x, _ = _check_inputs(net, x, None)  # a DGN or from_module(...); a finite tensor (NaN would give NaN features)
     if isinstance(net, ModuleDGN):
         return npf_module(_as_dtype(net, dtype), x)
     phi = _enumerate(_as_dtype(net, dtype), x, max_entries)[0]

@@ -90,3 +90,48 @@ def test_reproduce_kernels(mnist_root, cli, tmp_path):
         (k, e, m) for k, e in (("npk-inf", 0), ("npk", 0), ("npk", 1), ("ntk", 1)) for m in ("krr", "svm")
     }
     assert all(x["test_acc"] > 0.5 for x in recs) and _png(tmp_path / "kernels.png")
+
+
+def test_reproduce_kernels_on_several_relu_runs(cli, tmp_path):
+    """`reproduce kernels --relu-run A,B`: the NPK of each run's initial and best-epoch gates + KRR on one subset,
+    a row per run and mean +- std over the runs; the trained record matches KRR on the NPK of the run's best.pt
+    computed here; a run of another regime is refused naming it; a second invocation resumes (nothing recomputed)."""
+    from neuralpath import checkpoints, datasets
+    from neuralpath.kernels.machines import accuracy, fit_predict
+    from neuralpath.kernels.npk import npk
+    from neuralpath.regimes import build_regime
+    from neuralpath.train import TrainConfig, net_kwargs, value_init_seed
+
+    runs = []
+    for seed in (0, 1):
+        rr = tmp_path / f"relu-s{seed}"
+        args = ("--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "2", "--limit-train", "200")
+        r = cli("train", *args, "--seed", str(seed), "--out", rr)
+        assert r.returncode == 0, r.stderr
+        runs.append(str(rr))
+    out = tmp_path / "k"
+    kw = ("--n-train", "60", "--n-test", "40", "--out", out)
+    r = cli("reproduce", "kernels", "--relu-run", ",".join(runs), *kw)
+    assert r.returncode == 0, r.stderr
+    recs = read_jsonl(out / "kernels-run.jsonl")
+    assert sorted((x["run"], x["gates"]) for x in recs) == [(rr, g) for rr in runs for g in ("initial", "trained")]
+    md = (out / "kernels-run.md").read_text()
+    assert "mean ± std (n = 2)" in md and _png(out / "kernels-run.png")
+    cfg = TrainConfig(**json.loads((tmp_path / "relu-s1" / "config.json").read_text())).resolved()
+    xtr, ytr = datasets.load("synthetic", "train", limit=60, seed=0)
+    xte, yte = datasets.load("synthetic", "test", limit=40, seed=0)
+    net, _ = build_regime("relu", cfg.arch, value_init_seed("relu", 1), None, **net_kwargs(cfg, xtr.shape[1:], 10))
+    net.load_state_dict(checkpoints.load(tmp_path / "relu-s1" / "best.pt")["model"])
+    K, Kt = npk(net, xtr).double(), npk(net, xte, xtr).double()
+    pred, _ = fit_predict("krr", K, ytr, Kt)
+    mine = next(x for x in recs if x["run"] == runs[1] and x["gates"] == "trained")
+    assert mine["test_acc"] == accuracy(pred, yte)
+    # resumable: the same request finds every record and computes nothing
+    r = cli("reproduce", "kernels", "--relu-run", ",".join(runs), *kw)
+    assert r.returncode == 0 and len(read_jsonl(out / "kernels-run.jsonl")) == 4
+    bad = tmp_path / "flnpf"
+    r = cli("train", "--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "1", "--limit-train", "200",
+            "--regime", "frnpf-ii", "--out", bad)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    r = cli("reproduce", "kernels", "--relu-run", f"{runs[0]},{bad}", "--out", tmp_path / "k2")
+    assert r.returncode == 1 and "needs a finished ReLU run folder" in r.stderr and "Traceback" not in r.stderr

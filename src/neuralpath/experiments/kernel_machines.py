@@ -17,13 +17,13 @@ import torch
 
 from .. import checkpoints, datasets
 from ..errors import NeuralpathError, check_choice
-from ..io import read_jsonl, write_text
+from ..io import read_jsonl
 from ..kernels.machines import accuracy, alignment, fit_predict
 from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..regimes import build_regime
 from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, resolve_device, train
-from .common import Env, add, done_keys, label_axes, publish, savefig, subplots
+from .common import Env, add, done_keys, label_axes, mean_std, publish, savefig, subplots
 
 BUDGETS = {
     "quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
@@ -189,72 +189,124 @@ def plot(recs, net_acc, path):
 CNTK_CIFAR10 = 77.43  # Arora et al. 2019, the convolutional NTK on CIFAR-10, as the paper quotes it
 
 
-def run_on_run(out, relu_run, n_train=3000, n_test=1000, env: Env | None = None) -> str:
-    """The conv analogue of :func:`run` on an already trained ReLU run (e.g. a table row's ``relu-s0``): kernel
-    ridge regression on the NPK of its gates at initialisation (rebuilt from its config and seed) and at its best
-    epoch, on stratified subsets of the run's data set."""
+def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None) -> str:
+    """The conv analogue of :func:`run` on already trained ReLU runs (e.g. a table row's ``relu-s0,relu-s1,...``):
+    kernel ridge regression on the NPK of each run's gates at initialisation (rebuilt from its config and seed) and
+    at its best epoch, on the same stratified subsets of the runs' data set; with several runs, mean +- std over
+    them. Resumable: a (run, gates) pair already in the records is skipped."""
     env = env or Env(device="cpu")
     from ..runfolder import RunFolder
     from ..train import value_init_seed
 
-    f = RunFolder(relu_run)
-    cfg_d = f.config()
-    if not f.finished or cfg_d is None or cfg_d.get("regime") != "relu":
-        raise NeuralpathError(f"--relu-run {relu_run}: needs a finished ReLU run folder (with result.json)")
-    cfg = TrainConfig(**{k: v for k, v in cfg_d.items() if k in TrainConfig.__dataclass_fields__}).resolved()
+    relu_runs = [relu_runs] if isinstance(relu_runs, str | Path) else list(relu_runs)
+    if not relu_runs:
+        raise NeuralpathError("--relu-run: name at least one finished ReLU run folder")
+    runs = []
+    for rr in relu_runs:
+        f = RunFolder(rr)
+        cfg_d = f.config()
+        if not f.finished or cfg_d is None or cfg_d.get("regime") != "relu":
+            raise NeuralpathError(f"--relu-run {rr}: needs a finished ReLU run folder (with result.json)")
+        cfg = TrainConfig(**{k: v for k, v in cfg_d.items() if k in TrainConfig.__dataclass_fields__}).resolved()
+        runs.append((str(Path(rr)), f, cfg))
+    for rr, _, cfg in runs[1:]:  # one table: the same data set and architecture for every run
+        for k in ("dataset", "arch", "channels", "hidden", "width", "depth"):
+            if getattr(cfg, k, None) != getattr(runs[0][2], k, None):
+                raise NeuralpathError(
+                    f"--relu-run {rr}: {k}={getattr(cfg, k, None)!r} but {runs[0][0]} has "
+                    f"{getattr(runs[0][2], k, None)!r}; the runs of one report share data set and network"
+                )
+    cfg0 = runs[0][2]
     out = Path(out)
     t0 = time.time()
-    xtr, ytr = datasets.load(cfg.dataset, "train", root=env.data_root, limit=n_train, seed=0)
-    xte, yte = datasets.load(cfg.dataset, "test", root=env.data_root, limit=n_test, seed=0)
+    xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)
+    xte, yte = datasets.load(cfg0.dataset, "test", root=env.data_root, limit=n_test, seed=0)
     rec_path = out / "kernels-run.jsonl"
-    have = done_keys(rec_path, lambda r: r["gates"])
-    for gates in ("initial", "trained"):
-        if gates in have:
-            continue
-        net, _ = build_regime(
-            "relu", cfg.arch, value_init_seed("relu", cfg.seed), None, **net_kwargs(cfg, xtr.shape[1:], 10)
-        )
-        if gates == "trained":
-            net.load_state_dict(checkpoints.load(f.file("best.pt"))["model"])
-        net = net.to(resolve_device(env.device))
-        t = time.time()
-        # float32 kernels (conv NPKs are memory-bound: half the bytes), solved in float64
-        dev = resolve_device(env.device)
-        K = npk(net, xtr.to(dev)).double()
-        Kt = npk(net, xte.to(dev), xtr.to(dev)).double()
-        tk = time.time() - t
-        pred, info = fit_predict("krr", K, ytr, Kt)
-        rec = {
-            "gates": gates,
-            "run": str(relu_run),
-            "arch": cfg.arch,
-            "channels": cfg.channels,
-            "n_train": len(ytr),
-            "n_test": len(yte),
-            "test_acc": accuracy(pred, yte),
-            "kernel_seconds": tk,
-            "alignment_2000": alignment(K[:2000, :2000], ytr[:2000]),
-            **info,
-        }
-        add(rec_path, rec)
-        env.log(f"NPK of the {gates} gates + KRR: {100 * rec['test_acc']:.2f}% ({tk:.0f} s for the kernels)")
-    recs = read_jsonl(rec_path)
-    res = f.result()
+    have = done_keys(rec_path, lambda r: (r["run"], r["gates"]))
+    dev = resolve_device(env.device)
+    for rr, f, cfg in runs:
+        for gates in ("initial", "trained"):
+            if (rr, gates) in have:
+                continue
+            net, _ = build_regime(
+                "relu", cfg.arch, value_init_seed("relu", cfg.seed), None, **net_kwargs(cfg, xtr.shape[1:], 10)
+            )
+            if gates == "trained":
+                net.load_state_dict(checkpoints.load(f.file("best.pt"))["model"])
+            net = net.to(dev)
+            t = time.time()
+            # float32 kernels (conv NPKs are memory-bound: half the bytes), solved in float64
+            K = npk(net, xtr.to(dev)).double()
+            Kt = npk(net, xte.to(dev), xtr.to(dev)).double()
+            tk = time.time() - t
+            pred, info = fit_predict("krr", K, ytr, Kt)
+            rec = {
+                "gates": gates,
+                "run": rr,
+                "seed": cfg.seed,
+                "arch": cfg.arch,
+                "channels": cfg.channels,
+                "n_train": len(ytr),
+                "n_test": len(yte),
+                "test_acc": accuracy(pred, yte),
+                "net_best_test_acc": f.result()["best_test_acc"],
+                "kernel_seconds": tk,
+                "alignment_2000": alignment(K[:2000, :2000], ytr[:2000]),
+                **info,
+            }
+            add(rec_path, rec)
+            env.log(f"{rr}: NPK of the {gates} gates + KRR: {100 * rec['test_acc']:.2f}% ({tk:.0f} s for the kernels)")
+    mine = {rr for rr, _, _ in runs}
+    recs = [r for r in read_jsonl(rec_path) if r["run"] in mine]
+    nets = {rr: f.result()["best_test_acc"] for rr, f, _ in runs}
     lines = [
-        f"# Kernel ridge regression on the NPK of a trained {cfg.arch} ({relu_run}; {n_train} training / "
-        f"{n_test} test images; data: {datasets.source_label(cfg.dataset, env.data_root)})",
+        f"# Kernel ridge regression on the NPK of trained {cfg0.arch} ReLU nets ({len(runs)} run(s); {n_train} "
+        f"training / {n_test} test images, the same for every run; data: "
+        f"{datasets.source_label(cfg0.dataset, env.data_root)})",
         "",
-        "| kernel | test accuracy % | alignment (2,000 pts) |",
-        "|---|---|---|",
+        "| run | NPK of the initial gates + KRR % | NPK of the trained gates + KRR % | trained - initial (points) "
+        "| alignment initial / trained (2,000 pts) | the ReLU net itself % (best epoch, full test set) |",
+        "|---|---|---|---|---|---|",
     ]
-    for r in recs:
-        lines.append(f"| NPK of the {r['gates']} gates + KRR | {100 * r['test_acc']:.2f} | {r['alignment_2000']:.3f} |")
-    lines += [
-        f"| the ReLU network itself (best test epoch, full test set) | {100 * res['best_test_acc']:.2f} | — |",
-        f"| reference: CNTK on all of CIFAR-10 (Arora et al. 2019, quoted by the paper) | {CNTK_CIFAR10} | — |",
-        "",
-        f"Wall time of this invocation: {time.time() - t0:.0f} s. Records: {rec_path}.",
-    ]
-    md = "\n".join(lines) + "\n"
-    write_text(out / "kernels-run.md", md)
-    return md
+    by = {(r["run"], r["gates"]): r for r in recs}
+    diffs = []
+    for rr, _, _ in runs:
+        a, b = by.get((rr, "initial")), by.get((rr, "trained"))
+        if a is None or b is None:
+            continue
+        diffs.append(100 * (b["test_acc"] - a["test_acc"]))
+        lines.append(
+            f"| {rr} | {100 * a['test_acc']:.2f} | {100 * b['test_acc']:.2f} | {diffs[-1]:+.2f} | "
+            f"{a['alignment_2000']:.3f} / {b['alignment_2000']:.3f} | {100 * nets[rr]:.2f} |"
+        )
+    if len(diffs) > 1:
+
+        def ms(vals):
+            m, sd = mean_std(vals)
+            return f"{m:.2f} ± {sd:.2f}"
+
+        g = {k: [100 * r["test_acc"] for r in recs if r["gates"] == k] for k in ("initial", "trained")}
+        al = {k: [r["alignment_2000"] for r in recs if r["gates"] == k] for k in ("initial", "trained")}
+        lines.append(
+            f"| mean ± std (n = {len(diffs)}) | {ms(g['initial'])} | {ms(g['trained'])} | {ms(diffs)} | "
+            f"{mean_std(al['initial'])[0]:.3f} / {mean_std(al['trained'])[0]:.3f} | "
+            f"{ms([100 * v for v in nets.values()])} |"
+        )
+    lines += ["", f"Reference: CNTK on all of CIFAR-10 (Arora et al. 2019, quoted by the paper): {CNTK_CIFAR10}%."]
+    return publish(out, "kernels-run", "\n".join(lines) + "\n", t0, rec_path, lambda png: plot_runs(recs, nets, png))
+
+
+def plot_runs(recs, nets, path):
+    """Per run: KRR on the NPK of the initial and of the trained gates, beside the ReLU net itself."""
+    fig, ax = subplots(figsize=(6.5, 3.6))
+    names = list(nets)
+    for j, (gates, colour) in enumerate((("initial", "tab:gray"), ("trained", "tab:blue"))):
+        ys = [next((100 * r["test_acc"] for r in recs if r["run"] == n and r["gates"] == gates), 0.0) for n in names]
+        xs = [i + 0.27 * (j - 1) for i in range(len(names))]
+        ax.bar(xs, ys, 0.27, color=colour, label=f"NPK of {gates} gates + KRR")
+    ax.bar([i + 0.27 for i in range(len(names))], [100 * nets[n] for n in names], 0.27, color="k", alpha=0.6,
+           label="the ReLU net itself")  # fmt: skip
+    ax.set_xticks(range(len(names)), [Path(n).name for n in names])
+    label_axes(ax, "ReLU run", "test accuracy %")
+    fig.tight_layout()
+    savefig(fig, path)

@@ -274,7 +274,25 @@ def check_records(recs, where) -> list:
             ok = v is None if k == "clean_test_acc" else False
             if not ok and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1):
                 bad(i, r, f"{k}={v!r} must be a fraction in [0, 1] (records keep accuracies as fractions)")
+    # Two files appended together would otherwise be averaged silently: a run counted twice, or a row's cells
+    # mixing runs of two budgets under the label of the first record's settings.
+    seen, row_settings = {}, {}
+    for i, r in enumerate(recs, 1):
+        key = (r["row"], r["regime"], r["seed"], r.get("variant"))
+        if key in seen:
+            bad(i, r, f"repeats the run of record {seen[key]} (one record per row, regime, seed and variant)")
+        seen[key] = i
+        mine = {k: r.get(k) for k in ROW_SETTINGS}
+        first = row_settings.setdefault(r["row"], (i, mine))
+        diff = [f"{k}={mine[k]!r} here vs {first[1][k]!r} there" for k in ROW_SETTINGS if mine[k] != first[1][k]]
+        if diff:
+            bad(i, r, f"was trained with other settings than record {first[0]} of its row ({', '.join(diff)}); "
+                "a table averages runs of one setting only")  # fmt: skip
     return recs
+
+
+# The settings every run of one row shares (a row's table label is read from them).
+ROW_SETTINGS = ("epochs", "lr", "limit_train", "limit_test", "channels", "hidden", "data")
 
 
 def table_markdown(recs, rows=None, title_note="") -> str:

@@ -66,6 +66,8 @@ def _is_module_dgn(net) -> bool:
 
 
 def _check_inputs(net, x1, x2):
+    """Refuse what a kernel cannot be computed from; return the inputs detached (kernels are not differentiated:
+    an input that requires grad is read as its values)."""
     if not isinstance(net, DGN) and not _is_module_dgn(net):
         raise TypeError(
             f"net must be an FCDGN, a ConvDGN or neuralpath.from_module(model, example), got " f"{type(net).__name__}"
@@ -75,6 +77,15 @@ def _check_inputs(net, x1, x2):
             continue
         if not torch.is_tensor(x):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() < 2:
+            raise NeuralpathError(f"{name} of shape {tuple(x.shape)} is not a batch of inputs; pass (n, ...)")
+        traced = tuple(getattr(net, "in_shape")) if _is_module_dgn(net) else None  # noqa: B009 (a Module attribute)
+        if traced is not None and tuple(x.shape[1:]) != traced:
+            raise NeuralpathError(
+                f"{name} has per-example shape {tuple(x.shape[1:])} but from_module traced the model with "
+                f"{traced}; the kernels follow the traced shapes: trace with an example of the inputs' "
+                "shape"
+            )
         if not bool(torch.isfinite(x).all()):
             raise NeuralpathError(f"{name} contains NaN or inf values")
     if x2 is not None and tuple(x1.shape[1:]) != tuple(x2.shape[1:]):
@@ -82,6 +93,7 @@ def _check_inputs(net, x1, x2):
             f"x1 has per-example shape {tuple(x1.shape[1:])} but x2 has {tuple(x2.shape[1:])}; "
             "they must match the network's input"
         )
+    return x1.detach(), None if x2 is None else x2.detach()
 
 
 def _structure(net: DGN):
@@ -395,7 +407,7 @@ def npk(
     if method == "paths" or diag:
         if normalize is not None or out is not None:
             raise NeuralpathError("diag=True and method='paths' return the kernel in memory, unnormalised")
-        _check_inputs(net, x1, x2)
+        x1, x2 = _check_inputs(net, x1, x2)
         if diag and x2 is not None:
             raise NeuralpathError("diag=True takes x1 only: the diagonal H(x_i, x_i)")
         if method == "paths":
@@ -408,7 +420,7 @@ def npk(
 
             return npk_module(net, x1, diag=True, dtype=dtype)
         return npk_diag(_as_dtype(net, dtype), x1)
-    _check_inputs(net, x1, x2)
+    x1, x2 = _check_inputs(net, x1, x2)
     if _is_module_dgn(net):
         from ..anynet import npk_module
 
@@ -531,7 +543,7 @@ def npk_diag(net: DGN, x, scaled: bool = False, block: int = 4096):
 
 def overlaps(net, x1, x2=None, dtype=None):
     """Per-hidden-layer overlap matrices overlap_l(x1, x2) = sum_i G_x1(i,l) G_x2(i,l), each (n1, n2)."""
-    _check_inputs(net, x1, x2)
+    x1, x2 = _check_inputs(net, x1, x2)
     net = _as_dtype(net, dtype)
     if _is_module_dgn(net):
         from ..anynet import overlaps_module

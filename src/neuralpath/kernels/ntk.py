@@ -279,10 +279,12 @@ def ntk(
     """
     check_choice("params", params, PARAMS)
     check_choice("method", method, METHODS)
-    _check_inputs(net, x1, x2)
+    x1, x2 = _check_inputs(net, x1, x2)
     if diag:  # K(x_i, x_i) (traced): linear in n for the structured method, so the NTK can be cosine-normalised
         if x2 is not None or out is not None or not trace:
             raise NeuralpathError("diag=True takes x1 only and returns the traced diagonal in memory")
+        if not len(x1):
+            return torch.zeros(0, dtype=dtype or next(net.parameters()).dtype)
         if method == "structured" and isinstance(net, DGN):
             net_ = _as_dtype(net, dtype)
             p = next(net_.parameters())
@@ -302,6 +304,9 @@ def ntk(
     dev = next(net.parameters()).device
     x1 = x1.to(dev, dt)
     x2 = None if x2 is None else x2.to(dev, dt)
+    n2 = len(x1) if x2 is None else len(x2)
+    if not len(x1) or not n2:  # no inputs: an empty kernel, as npk gives
+        return torch.zeros((len(x1), n2) if trace else (len(x1), n2, net.out_dim, net.out_dim), dtype=dt)
     if params == "feature" and (net.tied or net.gate_kind == "hard"):
         k = net.out_dim
         n2 = len(x1) if x2 is None else len(x2)

@@ -55,6 +55,14 @@ def init_layers(layers, init: str = "glorot", c: float = math.sqrt(2.0), generat
                 layer.bias.zero_()
 
 
+def describe_input(x: torch.Tensor) -> str:
+    """How a shape error names an input: per example (the kernels probe with one row of a batch, so the batch size
+    in the message would be theirs, not the caller's)."""
+    if x.dim() < 2:
+        return f"input with shape {tuple(x.shape)} (no batch dimension)"
+    return f"input with per-example shape {tuple(x.shape[1:])}"
+
+
 class Layers(nn.ModuleList):
     """A ModuleList of the network's nn.Linear / nn.Conv2d layers (the type tells the checker what it holds)."""
 

@@ -15,6 +15,7 @@ from torch import nn
 
 from ..errors import NeuralpathError, check_choice, check_positive_int
 from .base import DGN, Layers
+from .base import describe_input as _what
 
 ARCHS = ("vconv", "gconv")
 
@@ -110,7 +111,6 @@ class ConvDGN(DGN):
             x = x.view(-1, c, s, s)  # (n, C*H*W) -> (n, C, H, W)
         if x.dim() != 4 or tuple(x.shape[1:]) != (c, s, s):
             raise NeuralpathError(
-                f"input of shape {tuple(x.shape)} does not match the network's ({c}, {s}, {s}) "
-                f"images; pass (n, {c}, {s}, {s})"
+                f"{_what(x)} does not match the network's ({c}, {s}, {s}) " f"images; pass (n, {c}, {s}, {s})"
             )
         return x

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..errors import NeuralpathError, check_positive_int
 from .base import DGN, Layers
+from .base import describe_input as _what
 
 
 class FCDGN(DGN):
@@ -79,7 +80,7 @@ class FCDGN(DGN):
             x = x.flatten(1)  # (n, C, H, W) -> (n, C*H*W)
         if x.dim() != 2 or x.shape[1] != self.in_dim:
             raise NeuralpathError(
-                f"input of shape {tuple(x.shape)} does not match in_dim={self.in_dim}; "
+                f"{_what(x)} does not match in_dim={self.in_dim}; "
                 f"pass (n, {self.in_dim}) or image-shaped (n, C, H, W) with C*H*W = {self.in_dim}"
             )
         return x
