@@ -538,3 +538,44 @@ def test_module_dgn_kernels_refuse_inputs_of_another_shape_than_traced():
             f(traced8, x)
     traced5 = npx.from_module(m, x[:1])
     assert npx.npk(traced5, x).shape == (3, 3)
+
+
+def test_kernel_machines_and_gate_statistics_refuse_mismatched_inputs():
+    """Session 9, probing the API: `alignment` truncated a label 0.5 to class 0 and `KernelRidge.predict` /
+    `svm` turned a NaN row of K_test_train into an arbitrary class, silently; `flip_fraction` of two gate lists of
+    different layouts compared what zip() left; mismatched lengths ended in PyTorch's shape errors and a one-class
+    SVM in scikit-learn's. Each is now a one-line error naming what to pass."""
+    from neuralpath import gatestats
+    from neuralpath.kernels.infinite import npk_infinite
+    from neuralpath.kernels.machines import accuracy, alignment, fit_predict
+    from neuralpath.nets import FCDGN
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    K, y = x @ x.T, torch.tensor([0, 1, 2, 0, 1, 2])
+    nan_row = K.clone()
+    nan_row[2, 1] = float("nan")
+    cases = [
+        (lambda: alignment(K, y.double() + 0.5), "entry 0 is 0.5"),
+        (lambda: alignment(K, y[:4]), r"y has shape \(4,\) but K is \(6, 6\)"),
+        (lambda: fit_predict("krr", K, y, nan_row), "K_test_train has NaN"),
+        (lambda: fit_predict("svm", K, y, nan_row), "K_test_train has NaN"),
+        (lambda: fit_predict("svm", K, torch.zeros(6, dtype=torch.long), K), "one class only"),
+        (lambda: accuracy(y[:4], y), r"predictions of shape \(4,\) against labels of shape \(6,\)"),
+        (lambda: accuracy(y[:0], y[:0]), "at least one"),
+        (lambda: npk_infinite(x, torch.randn(3, 5, dtype=torch.float64), depth=3), "same number of features"),
+    ]
+    net = FCDGN(in_dim=4, width=8, depth=3, out_dim=3).double()
+    g6, g3 = gatestats.hard_gates(net, x), gatestats.hard_gates(net, x[:3])
+    cases += [
+        (lambda: gatestats.flip_fraction(g6, g3), "the two gate lists differ"),
+        (lambda: gatestats.flip_fraction(g6, g6[:1]), "the two gate lists differ"),
+        (lambda: gatestats.class_overlap(g6, y[:3]), r"y has shape \(3,\)"),
+        (lambda: gatestats.regions_along_segment(net, x[0], torch.randn(5)), "got 4 and 5"),
+    ]
+    for f, needle in cases:
+        with pytest.raises(NeuralpathError, match=needle):
+            f()
+    # what they still compute: the same numbers as before on well-formed inputs
+    assert alignment(K, y) == pytest.approx(float((K * (y[:, None] == y[None]).double()).sum()
+                                               / (K.norm() * (y[:, None] == y[None]).double().norm())))  # fmt: skip
+    assert gatestats.flip_fraction(g6, g6) == [0.0, 0.0] and accuracy(y, y) == 1.0

@@ -30,7 +30,16 @@ def hard_gates(net, x):
     return [(q > 0).reshape(len(x), -1) for q in qs]
 
 
+def _same_layout(gates_a, gates_b, who):
+    shapes = [tuple(g.shape) for g in gates_a], [tuple(g.shape) for g in gates_b]
+    if shapes[0] != shapes[1]:
+        raise NeuralpathError(f"{who}: the two gate lists differ ({shapes[0]} vs {shapes[1]}); compare the gates "
+                              "of one network's layers on the same inputs")  # fmt: skip
+
+
 def flip_fraction(gates_a, gates_b):
+    """Per layer: the fraction of gates that differ between two gate lists of the same layout."""
+    _same_layout(gates_a, gates_b, "flip_fraction")
     return [float((a != b).float().mean()) for a, b in zip(gates_a, gates_b)]
 
 
@@ -43,6 +52,15 @@ def distinct_patterns(gates):
 
 def class_overlap(gates, y, k: int | None = None):
     """Per layer: (k, k) mean normalised overlap of active sub-networks between classes."""
+    from .kernels.machines import labels
+
+    y = labels(y)
+    bad = [tuple(g.shape) for g in gates if len(g) != len(y)]
+    if y.dim() != 1 or bad or (len(y) and int(y.min()) < 0):
+        raise NeuralpathError(
+            f"class_overlap: y has shape {tuple(y.shape)} but the gates are {bad or [tuple(g.shape) for g in gates]}; "
+            "give one label 0..k-1 per input row"
+        )
     k = k or int(y.max()) + 1
     out = []
     onehot = torch.nn.functional.one_hot(y, k).double()  # (n, k)
@@ -69,6 +87,11 @@ def regions_along_segment(net: FCDGN, a: torch.Tensor, b: torch.Tensor, tol: flo
         raise NeuralpathError("regions_along_segment needs a fully connected network with a ReLU gating network")
     net = net.double()
     a, b = a.reshape(-1).double(), b.reshape(-1).double()
+    if len(a) != net.in_dim or len(b) != net.in_dim or not bool(torch.isfinite(torch.cat([a, b])).all()):
+        raise NeuralpathError(
+            f"regions_along_segment: a and b must be finite points of the input space ({net.in_dim} values each), "
+            f"got {len(a)} and {len(b)}"
+        )
     # intervals with the pattern of the layers so far constant: the layer input at their two ends (affine between)
     z0, z1 = a[None], b[None]
     for layer in net.feature_layers:

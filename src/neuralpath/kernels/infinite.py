@@ -80,6 +80,11 @@ def npk_infinite(
     for name, x in (("x1", x1), ("x2", x2)):
         if x is not None and (not torch.is_tensor(x) or not bool(torch.isfinite(x).all())):
             raise NeuralpathError(f"{name} must be a finite tensor")
+    if x1.dim() < 2 or (x2 is not None and (x2.dim() < 2 or math.prod(x1.shape[1:]) != math.prod(x2.shape[1:]))):
+        raise NeuralpathError(
+            f"x1 of shape {tuple(x1.shape)} and x2 of shape {None if x2 is None else tuple(x2.shape)}: pass batches "
+            "(n, ...) with the same number of features per example"
+        )
     s2 = float(bias_std) ** 2
     x1 = x1.to(dtype)
     if diag:  # the angle between x and itself is 0 at every layer (biases or not): P(u > 0) = 1/2 per layer

@@ -45,6 +45,16 @@ def labels(y, name="y") -> torch.Tensor:
     return t.long()
 
 
+def _test_kernel(Kt, n, who) -> torch.Tensor:
+    """A test-by-training kernel: (m, n), finite (a NaN row would argmax to an arbitrary class, silently)."""
+    Kt = torch.as_tensor(np.asarray(Kt) if not torch.is_tensor(Kt) else Kt).to(torch.float64)
+    if Kt.dim() != 2 or Kt.shape[1] != n:
+        raise NeuralpathError(f"{who}: K_test_train must be (m, {n}) (test x training points), got {tuple(Kt.shape)}")
+    if not torch.isfinite(Kt).all():
+        raise NeuralpathError(f"{who}: K_test_train has NaN or inf entries; recompute it")
+    return Kt
+
+
 def cholesky(K, jitters=JITTERS):
     """(L, jitter): L L^T = K + jitter * mean(diag K) * I, with the smallest jitter that factorises."""
     K = _as64(K)
@@ -86,7 +96,12 @@ def one_hot(y, k=None):
 
 def alignment(K, y) -> float:
     """Kernel-target alignment <K, Y Y^T>_F / (||K||_F ||Y Y^T||_F) with Y the one-hot labels (Cristianini et al.)."""
-    K = torch.as_tensor(K, dtype=torch.float64)
+    K = _as64(K)
+    y = labels(y)
+    if y.dim() != 1 or len(y) != len(K) or len(y) == 0 or int(y.min()) < 0:
+        raise NeuralpathError(
+            f"alignment: y has shape {tuple(y.shape)} but K is {tuple(K.shape)}; give one label 0..k-1 per row of K"
+        )
     Y = one_hot(y)
     T = Y @ Y.T
     return float((K * T).sum() / (K.norm() * T.norm()))
@@ -135,12 +150,7 @@ class KernelRidge:
     def predict(self, K_test_train):
         if not hasattr(self, "alpha"):
             raise NeuralpathError("KernelRidge.predict was called before fit; call fit(K_train, y) first")
-        Kt = torch.as_tensor(K_test_train, dtype=torch.float64)
-        if Kt.dim() != 2 or Kt.shape[1] != self.alpha.shape[0]:
-            raise NeuralpathError(
-                f"KernelRidge.predict: K_test_train must be (m, {self.alpha.shape[0]}) (test x "
-                f"training points), got {tuple(Kt.shape)}"
-            )
+        Kt = _test_kernel(K_test_train, self.alpha.shape[0], "KernelRidge.predict")
         return (Kt @ self.alpha).argmax(1)
 
 
@@ -151,9 +161,15 @@ def svm(K_train, y, K_test_train, C: float = 1.0):
     except ImportError as e:  # pragma: no cover - the kernels extra installs it
         raise NeuralpathError("the SVM needs scikit-learn: pip install 'neuralpath[kernels]'") from e
     K = _as64(K_train, "K_train")
+    y = labels(y)
+    if y.dim() != 1 or len(y) != len(K):
+        raise NeuralpathError(f"svm: y has shape {tuple(y.shape)} but K_train is {tuple(K.shape)}")
+    if len(torch.unique(y)) < 2:
+        raise NeuralpathError("svm: the training labels hold one class only; an SVM needs at least two")
+    Kt = _test_kernel(K_test_train, len(K), "svm")
     s = K.diagonal().mean().item() or 1.0
-    clf = SVC(C=C, kernel="precomputed").fit((K / s).numpy(), labels(y).numpy())
-    return torch.from_numpy(clf.predict((torch.as_tensor(K_test_train, dtype=torch.float64) / s).numpy()))
+    clf = SVC(C=C, kernel="precomputed").fit((K / s).numpy(), y.numpy())
+    return torch.from_numpy(clf.predict((Kt / s).numpy()))
 
 
 def fit_predict(method, K_train, y_train, K_test_train):
@@ -165,7 +181,13 @@ def fit_predict(method, K_train, y_train, K_test_train):
 
 
 def accuracy(pred, y) -> float:
-    return float(torch.as_tensor(pred).eq(torch.as_tensor(y)).double().mean())
+    pred, y = torch.as_tensor(pred), torch.as_tensor(y)
+    if pred.shape != y.shape or pred.numel() == 0:
+        raise NeuralpathError(
+            f"accuracy: predictions of shape {tuple(pred.shape)} against labels of shape {tuple(y.shape)}; "
+            "give one prediction per label (at least one)"
+        )
+    return float(pred.eq(y).double().mean())
 
 
 __all__ = [
