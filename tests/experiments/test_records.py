@@ -161,3 +161,31 @@ def test_vconv_cpu_row_from_records(tmp_path):
         "relu": ("54.85±0.48", "54.90±0.94"),
     }
     _check_cpu_row(tmp_path, "vconv-adam", want)
+
+
+def test_continuous_gconv_cpu_from_records(tmp_path):
+    """Continuous NPF learning on GCONV at the cpu budget (3 seeds, session 9): the stage table from the committed
+    records, the numbers RESULTS.md quotes, and the engine check it states: stages 0 and 3 repeat the conv table's
+    FRNPF-II and FLNPF requests and their metrics are identical epoch by epoch (timings aside)."""
+    from neuralpath.experiments import continuous
+    from neuralpath.io import read_jsonl
+
+    d = _copy(tmp_path, "continuous-cpu")
+    recs = continuous.collect(d)
+    stats = {k: (f"{b[0]:.2f} ± {b[1]:.2f}", n) for k, b, _, n in continuous.stage_stats(recs)}
+    want = {0: "42.73 ± 1.15", 1: "39.09 ± 0.79", 2: "39.98 ± 0.62", 3: "41.12 ± 0.72", 4: "42.09 ± 0.36"}
+    assert stats == {k: (v, 3) for k, v in want.items()}
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    assert all(v in doc for v in want.values())
+    table = RESULTS / "table-cpu" / "runs" / "gconv-adam"
+    for stage, regime in ((0, "frnpf-ii"), (3, "flnpf")):
+        for s in range(3):
+            a, b = (
+                read_jsonl(d / f"stage_{stage}-s{s}" / "metrics.jsonl"),
+                read_jsonl(table / f"{regime}-s{s}" / "metrics.jsonl"),
+            )
+            assert [{k: v for k, v in m.items() if k != "seconds"} for m in a] == [
+                {k: v for k, v in m.items() if k != "seconds"} for m in b
+            ], (stage, s)
+    continuous.plot(recs, "cpu", [r["best_test_acc"] for r in recs if r["stage"] == -1], tmp_path / "c.png")
+    assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
