@@ -579,3 +579,21 @@ def test_kernel_machines_and_gate_statistics_refuse_mismatched_inputs():
     assert alignment(K, y) == pytest.approx(float((K * (y[:, None] == y[None]).double()).sum()
                                                / (K.norm() * (y[:, None] == y[None]).double().norm())))  # fmt: skip
     assert gatestats.flip_fraction(g6, g6) == [0.0, 0.0] and accuracy(y, y) == 1.0
+
+
+def test_device_names_one_gpu_of_several(monkeypatch):
+    """`--device cuda:N` was refused as unknown (a machine with several GPUs could not pick one); now accepted and
+    checked against the devices there are, in one line."""
+    from neuralpath.train import resolve_device
+
+    assert TrainConfig(dataset="synthetic", device="cuda:1").resolved().device == "cuda:1"
+    with pytest.raises(NeuralpathError, match="'cuda:x' is not known"):
+        TrainConfig(dataset="synthetic", device="cuda:x").resolved()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(NeuralpathError, match="'cuda:1' requested but CUDA is not available"):
+        resolve_device("cuda:1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(NeuralpathError, match=r"has 2 CUDA device\(s\)"):
+        resolve_device("cuda:2")

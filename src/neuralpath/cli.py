@@ -124,7 +124,7 @@ def _shown(flag, default, help):
 @click.option("--limit-test", type=int, default=None, help="Evaluate on a stratified subset of this size.")
 @click.option("--val-split", type=float, default=0.0, show_default=True, help="Fraction held out for validation.")
 @click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--save-every", type=int, default=0, show_default=True, help="Keep epoch_K.pt every K epochs.")
 @click.option("--out", required=True, help="Run folder.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
@@ -400,7 +400,7 @@ def kernel_ntk(block, out, params, **kw):
 
 
 # -- reproduce ------------------------------------------------------------------------------------------
-def _where(out, device="auto", device_help="auto | cpu | cuda"):
+def _where(out, device="auto", device_help="auto | cpu | cuda | cuda:N"):
     """The options every experiment shares, in this order: --data-root, --device, --out."""
 
     def deco(f):
@@ -491,7 +491,7 @@ def reproduce(ctx, out, data_root):
 @click.option("--limit-test", type=int, default=None, help="Override: stratified test subset size.")
 @click.option("--width", type=float, default=None, help="Override: conv width multiplier of the paper's widths.")
 @click.option("--data-root", default=None)
-@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda")
+@click.option("--device", default="auto", show_default=True, help="auto | cpu | cuda | cuda:N")
 @click.option("--one-at-a-time", is_flag=True, help="Train the runs one by one instead of as one stack per phase.")
 @click.option(
     "--regimes",
@@ -613,7 +613,7 @@ def reproduce_theorem(budget, data_root, device, out):
 @click.option("--budget", default="quick", show_default=True, help="quick (2 runs, 10 epochs, 4000 images) | paper")
 @click.option("--runs", type=int, default=None, help="Override the number of runs.")
 @click.option("--epochs", type=int, default=None, help="Override the epochs.")
-@_where("runs/nu", device_help="auto | cpu | cuda")
+@_where("runs/nu", device_help="auto | cpu | cuda | cuda:N")
 def reproduce_nu(budget, runs, epochs, data_root, device, out):
     """nu_t = y^T (H_t/trace H_t)^-1 y on binary MNIST 4 vs 7 (Cholesky solve, jitter recorded)."""
     from .experiments import nu

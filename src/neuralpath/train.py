@@ -27,6 +27,7 @@ import dataclasses
 import hashlib
 import math
 import platform
+import re
 import shutil
 import sys
 import time
@@ -148,15 +149,22 @@ class TrainConfig:
                 f"--relu-checkpoint is read by regime 'flnpf' only (its frozen gates); regime {c.regime!r} would "
                 "ignore it: drop it, or use --regime flnpf"
             )
-        check_choice("device", c.device, ("auto", "cpu", "cuda"))
+        if not re.fullmatch(r"cuda:\d+", str(c.device)):  # cuda:N picks one GPU of several
+            check_choice("device", c.device, ("auto", "cpu", "cuda"))
         return c
 
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise NeuralpathError("device='cuda' requested but CUDA is not available here; use --device cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise NeuralpathError(f"device={name!r} requested but CUDA is not available here; use --device cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise NeuralpathError(
+                f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s) (cuda:0..)"
+            )
     return torch.device(name)
 
 
