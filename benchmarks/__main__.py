@@ -16,6 +16,7 @@
     python -m benchmarks roofline lower bound on the fc-adam row from this machine's measured GEMM rate and memory
                                   bandwidth, beside the measured ensemble steps
     python -m benchmarks convstep conv optimiser steps per regime kind and width, single and stacked, vs the GEMM rate
+    python -m benchmarks convratio frozen/ReLU and DLNPF/ReLU step ratios of one full-width conv net, interleaved rounds
     python -m benchmarks npkload  FC NPK vs GEMM with the second core quiet, then busy with elementwise work
     python -m benchmarks convnpk_scale  GCONV NPK pairs/s at n = 1,000 vs its overlap GEMMs at the GEMM rate
     python -m benchmarks resnetnpk NPK of 1,000 inputs through a ResNet-18-sized CIFAR ResNet, vs its overlaps
@@ -874,6 +875,30 @@ def bench_thpstep(args):
     )
 
 
+def bench_convratio(args):
+    """The engine issue's ratio goals for one conv net (default: VCONV at the paper's widths, single runs): frozen /
+    ReLU and DLNPF / ReLU per-step time, measured as ``--repeat`` interleaved rounds (ReLU, frozen, DLNPF, 3 steps
+    each, after one warm-up round), so every ratio has a baseline from the same minute; the median over rounds is
+    the figure (single invocations of convstep differed by up to 25% per cell)."""
+    from neuralpath.experiments.budget import conv_widths
+
+    arch = args.arch or "vconv"
+    torch.manual_seed(0)
+    x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
+    ch, hid = conv_widths(1.0)
+    kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
+    steps = {reg: _stack_step(reg, arch, 1, kw, x, y) for reg in ("relu", "frnpf-ii", "dlnpf")}
+    for st in steps.values():
+        st()
+    rounds = []
+    for _ in range(args.repeat):
+        t = {reg: timeit(lambda st=st: [st() for _ in range(3)], 1, 0) / 3 for reg, st in steps.items()}
+        rounds.append(dict(t, frozen_over_relu=t["frnpf-ii"] / t["relu"], dlnpf_over_relu=t["dlnpf"] / t["relu"]))
+        print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return dict(bench="convratio", arch=arch, width=1.0, rounds=rounds, median=med)
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument(
@@ -897,6 +922,7 @@ def main():
             "convnpk_scale",
             "resnetnpk",
             "thpstep",
+            "convratio",
         ],
     )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")

@@ -189,3 +189,20 @@ def test_continuous_gconv_cpu_from_records(tmp_path):
             ], (stage, s)
     continuous.plot(recs, "cpu", [r["best_test_acc"] for r in recs if r["stage"] == -1], tmp_path / "c.png")
     assert (tmp_path / "c.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_kernels_gconv_from_records(tmp_path):
+    """KRR on the GCONV NPK of the cpu-budget ReLU nets' initial and trained gates (3 nets, session 9): the
+    numbers RESULTS.md quotes, from the committed records."""
+    from neuralpath.experiments.common import mean_std
+    from neuralpath.io import read_jsonl
+
+    recs = read_jsonl(_copy(tmp_path, "kernels-gconv") / "kernels-run.jsonl")
+    acc = {g: [100 * r["test_acc"] for r in recs if r["gates"] == g] for g in ("initial", "trained")}
+    got = {g: "{:.2f} ± {:.2f}".format(*mean_std(v)) for g, v in acc.items()}
+    assert got == {"initial": "46.10 ± 0.49", "trained": "48.83 ± 0.33"} and len(acc["trained"]) == 3
+    by = {(r["run"], r["gates"]): r["test_acc"] for r in recs}
+    diffs = sorted(round(100 * (by[(run, "trained")] - by[(run, "initial")]), 2) for run in {r["run"] for r in recs})
+    assert diffs == [1.7, 2.8, 3.7]
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    assert all(v in doc for v in got.values()) and "+1.70, +2.80, +3.70" in doc

@@ -307,6 +307,9 @@ def plot_runs(recs, nets, path):
     ax.bar([i + 0.27 for i in range(len(names))], [100 * nets[n] for n in names], 0.27, color="k", alpha=0.6,
            label="the ReLU net itself")  # fmt: skip
     ax.set_xticks(range(len(names)), [Path(n).name for n in names])
+    top = max([100 * r["test_acc"] for r in recs] + [100 * v for v in nets.values()] + [1.0])
+    ax.set_ylim(0, 1.3 * top)  # room for the legend above the bars
     label_axes(ax, "ReLU run", "test accuracy %")
+    ax.legend(fontsize=7, ncol=3, loc="upper center")
     fig.tight_layout()
     savefig(fig, path)
