@@ -597,3 +597,25 @@ def test_device_names_one_gpu_of_several(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(NeuralpathError, match=r"has 2 CUDA device\(s\)"):
         resolve_device("cuda:2")
+
+
+def test_kernel_commands_refuse_fresh_network_flags_beside_a_checkpoint(tmp_path, cli):
+    """`kernel fit|npk --checkpoint RUN --arch gconv` (or --regime, --width, --depth, --seed) computed the
+    checkpoint's own network and ignored the flags without a word; `kernel fit --n-train 1` failed inside the
+    solver, and `--out FOLDER` with the OS's 'Is a directory'. Each is refused before any data is decoded."""
+    run = tmp_path / "r"
+    r = cli("train", "--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "1", "--out", run)
+    assert r.returncode == 0, r.stderr
+    fit = ("kernel", "fit", "--dataset", "synthetic", "--n-test", "20")
+    _one_line_error(cli(*fit, "--n-train", "50", "--checkpoint", run, "--arch", "gconv"), "--arch describes a fresh")
+    _one_line_error(
+        cli(*fit, "--n-train", "50", "--checkpoint", run, "--regime", "dlnpf", "--seed", "3"), "drop --regime, --seed"
+    )
+    _one_line_error(cli("kernel", "npk", "--checkpoint", run, "--width", "64", "--out", tmp_path / "k.npy"), "--width")
+    assert not (tmp_path / "k.npy").exists()
+    _one_line_error(cli(*fit, "--n-train", "1", "--checkpoint", run), "at least 2 training points")
+    _one_line_error(cli(*fit, "--n-train", "50", "--checkpoint", run, "--out", tmp_path), "is a folder")
+    r = cli(*fit, "--n-train", "50", "--checkpoint", run)  # the checkpoint alone, and a fresh net with its flags
+    assert r.returncode == 0 and "NPK + KRR" in r.stdout, r.stderr
+    r = cli(*fit, "--n-train", "50", "--arch", "fc", "--seed", "2")
+    assert r.returncode == 0, r.stderr

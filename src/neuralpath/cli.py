@@ -174,11 +174,11 @@ def _kernel_options(f):
             help="Your own ReLU model: pkg.module:factory (a callable returning the nn.Module).",
         ),
         click.option("--weights", default=None, help="With --module: a state_dict file for the model (weights only)."),
-        click.option("--arch", default="fc", show_default=True, help="fc | vconv | gconv (fresh network)."),
-        click.option("--regime", default="relu", show_default=True, help="Regime of a fresh network."),
-        click.option("--width", type=int, default=128, show_default=True),
-        click.option("--depth", type=int, default=6, show_default=True),
-        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--arch", default=None, help="A fresh network: fc | vconv | gconv (default fc)."),
+        click.option("--regime", default=None, help="A fresh network's regime (default relu)."),
+        click.option("--width", type=int, default=None, help="A fresh FC network's width (default 128)."),
+        click.option("--depth", type=int, default=None, help="A fresh FC network's depth (default 6)."),
+        click.option("--seed", type=int, default=None, help="A fresh network's seed (default 0)."),
         click.option("--dataset", default=None, help="Data set (default: the checkpoint's, else mnist)."),
         click.option("--split", default="train", show_default=True),
         click.option(
@@ -270,6 +270,16 @@ def _kernel_setup(
 
     check_choice("--dtype", dtype, ("float32", "float64"))
     check_choice("--split", split, datasets.SPLITS)
+    fresh = {"--arch": arch, "--regime": regime, "--width": width, "--depth": depth, "--seed": seed}
+    given = [k for k, v in fresh.items() if v is not None]
+    if (checkpoint or module) and given:  # they would be ignored: the network comes from the checkpoint/model
+        src = f"--checkpoint {checkpoint}" if checkpoint else f"--module {module}"
+        raise NeuralpathError(
+            f"{', '.join(given)} {'describes' if len(given) == 1 else 'describe'} a fresh network, but {src} "
+            f"brings its own; drop {', '.join(given)}"
+        )
+    arch, regime = arch or "fc", regime or "relu"
+    width, depth, seed = 128 if width is None else width, 6 if depth is None else depth, seed or 0
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise NeuralpathError(f"--num-inputs {n!r} must be a positive integer")
     if module:
@@ -768,9 +778,9 @@ def report_table(records, out):
 @click.option("--checkpoint", default=None, help="A run folder (its best.pt) or checkpoint; default: a fresh network.")
 @click.option("--module", "module", default=None, help="Your own ReLU model: pkg.module:factory.")
 @click.option("--weights", default=None, help="With --module: a state_dict file for the model.")
-@click.option("--arch", default="fc", show_default=True)
-@click.option("--regime", default="relu", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--arch", default=None, help="A fresh network: fc | vconv | gconv (default fc).")
+@click.option("--regime", default=None, help="A fresh network's regime (default relu).")
+@click.option("--seed", type=int, default=None, help="A fresh network's seed (default 0).")
 @click.option("--dataset", default=None)
 @click.option("--kernel", "kind", default="npk", show_default=True, help="npk | ntk")
 @click.option("--method", default="krr", show_default=True, help="krr | svm")
@@ -793,12 +803,18 @@ def kernel_fit(
 
     check_choice("kernel", kind, ("npk", "ntk"))
     check_choice("method", method, ("krr", "svm"))
+    from .errors import NeuralpathError
+
+    if n_train is not None and n_train == 1:
+        raise NeuralpathError("--n-train 1: a kernel machine needs at least 2 training points")
+    if out and Path(out).is_dir():
+        raise NeuralpathError(f"--out {out} is a folder; give a JSON-lines file to append the record to")
     net, xtr, _ = _kernel_setup(
         checkpoint,
         arch,
         regime,
-        128,
-        6,
+        None,
+        None,
         seed,
         dataset,
         "train",
