@@ -619,3 +619,30 @@ def test_kernel_commands_refuse_fresh_network_flags_beside_a_checkpoint(tmp_path
     assert r.returncode == 0 and "NPK + KRR" in r.stdout, r.stderr
     r = cli(*fit, "--n-train", "50", "--arch", "fc", "--seed", "2")
     assert r.returncode == 0, r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["reproduce", "table", "--rows", "fc-adam", "--epochs", "0", "--out", "R"], ["--epochs", "positive"]),
+        (["reproduce", "table", "--rows", "fc-adam", "--limit-train", "0", "--out", "R"], ["--limit-train"]),
+        (["reproduce", "table", "--rows", "gconv-adam", "--width", "0", "--out", "R"], ["--width", "(0, 1]"]),
+        (["reproduce", "kernels", "--n-train", "0", "--out", "R"], ["--n-train", "positive"]),
+        (["reproduce", "kernels", "--relu-run", "RUN", "--arch", "gconv", "--out", "R"], ["drop --arch"]),
+        (["reproduce", "kernels", "--relu-run", "RUN", "--n-train", "99", "--n-test", "0", "--out", "R"], ["--n-test"]),
+        (["reproduce", "kernels", "--relu-run", "RUN", "--n-train", "100000", "--out", "R"], ["--n-train", "exceeds"]),
+    ],
+    ids=["table-epochs-0", "table-limit-train-0", "table-width-0", "kernels-n-train-0", "relu-run-arch",
+         "relu-run-n-test-0", "relu-run-too-many"],
+)  # fmt: skip
+def test_zero_is_a_request_not_the_default(args, needles, cli, tmp_path):
+    """Session 9: `reproduce table --epochs 0` (or --limit-train 0, --width 0) and `reproduce kernels --n-train 0`
+    silently trained at the budget's own value (`x or default`); with --relu-run, --n-test 0 became 1,000 and --arch,
+    --budget, --epochs were ignored. Each is refused before any work, and nothing is written."""
+    run = tmp_path / "RUN"
+    if "RUN" in args:
+        r = cli("train", "--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "1", "--out", run)
+        assert r.returncode == 0, r.stderr
+    args = [str(tmp_path / a) if a in ("R", "RUN") else a for a in args]
+    _one_line_error(cli(*args), *needles)
+    assert not (tmp_path / "R").exists()

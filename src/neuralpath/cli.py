@@ -677,10 +677,10 @@ def reproduce_continuous(budget, arch, seeds, stages, step, stage_epochs, limit_
 
 
 @reproduce.command("kernels")
-@click.option("--budget", default="quick", show_default=True, help="quick (10k/2k images, 3 epochs) | paper")
-@click.option("--arch", default="fc", show_default=True, help="fc (MNIST) | vconv | gconv (CIFAR-10)")
-@click.option("--n-train", type=int, default=None)
-@click.option("--n-test", type=int, default=None)
+@click.option("--budget", default=None, help="quick (10k/2k images, 3 epochs; the default) | paper")
+@click.option("--arch", default=None, help="fc (MNIST; the default) | vconv | gconv (CIFAR-10)")
+@click.option("--n-train", type=int, default=None, help="Training images (default: the budget's; 3,000, --relu-run).")
+@click.option("--n-test", type=int, default=None, help="Test images (default: the budget's; 1,000, --relu-run).")
 @click.option("--epochs", type=int, default=None)
 @click.option("--data-root", default=None)
 @click.option("--device", default="cpu", show_default=True, help="cpu | cuda | auto")
@@ -696,15 +696,22 @@ def reproduce_kernels(budget, arch, n_train, n_test, epochs, data_root, device, 
     from .experiments import kernel_machines
 
     if relu_run:
-        n_train, n_test = n_train or 3000, n_test or 1000
+        given = [f for f, v in (("--budget", budget), ("--arch", arch), ("--epochs", epochs)) if v is not None]
+        if given:  # they describe the training run --relu-run replaces: they would be ignored
+            from .errors import NeuralpathError
+
+            raise NeuralpathError(
+                f"{', '.join(given)}: --relu-run uses trained runs as they are (no training); drop {', '.join(given)}"
+            )
+        n_train, n_test = 3000 if n_train is None else n_train, 1000 if n_test is None else n_test
         runs = _commas("--relu-run", relu_run, "RUN1,RUN2")
         _echo_run(kernel_machines.run_on_run, out, runs, n_train, n_test, data_root=data_root, device=device)
         return
     _echo_run(
         kernel_machines.run,
         out,
-        budget,
-        arch=arch,
+        budget or "quick",
+        arch=arch or "fc",
         n_train=n_train,
         n_test=n_test,
         epochs=epochs,

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from .. import checkpoints, datasets
-from ..errors import NeuralpathError, check_choice
+from ..errors import NeuralpathError, check_choice, check_positive_int
 from ..io import read_jsonl
 from ..kernels.machines import accuracy, alignment, fit_predict
 from ..kernels.npk import npk
@@ -60,7 +60,12 @@ def run(
     check_choice("budget", budget, tuple(BUDGETS))
     check_choice("arch", arch, ("fc", "vconv", "gconv"))
     b: dict[str, Any] = dict(BUDGETS[budget])
-    n_train, n_test, epochs = n_train or b["n_train"], n_test or b["n_test"], epochs or b["epochs"]
+    for flag, v in (("--n-train", n_train), ("--n-test", n_test), ("--epochs", epochs)):
+        if v is not None:  # 0 is a request, not "the budget's default"
+            check_positive_int(flag, v)
+    n_train = b["n_train"] if n_train is None else n_train
+    n_test = b["n_test"] if n_test is None else n_test
+    epochs = b["epochs"] if epochs is None else epochs
     out = Path(out)
     t0 = time.time()
     dataset = "mnist" if arch == "fc" else "cifar10"
@@ -217,6 +222,10 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
                     f"{getattr(runs[0][2], k, None)!r}; the runs of one report share data set and network"
                 )
     cfg0 = runs[0][2]
+    datasets.check_limit("--n-train", n_train, cfg0.dataset, "train", root=env.data_root)
+    datasets.check_limit("--n-test", n_test, cfg0.dataset, "test", root=env.data_root)
+    if n_train < 2:
+        raise NeuralpathError(f"--n-train {n_train}: a kernel machine needs at least 2 training points")
     out = Path(out)
     t0 = time.time()
     xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NeuralpathError, check_choice
+from ..errors import NeuralpathError, check_choice, check_positive_int
 from ..io import atomic_path
 from ..regimes import REGIMES
 from ..train import PAPER_DEFAULTS, TrainConfig, train_many
@@ -84,15 +84,20 @@ def row_settings(row, budget, epochs=None, limit_train=None, limit_test=None, wi
     arch, opt, data = ROWS[row]
     lr, ep = PAPER_DEFAULTS[(arch, opt)]
     b = BUDGET_SETTINGS[budget][arch]
+    for k, v in (("epochs", epochs), ("limit_train", limit_train), ("limit_test", limit_test)):
+        if v is not None:  # 0 is a request, not "the budget's value" (it used to fall back to it silently)
+            check_positive_int(f"--{k.replace('_', '-')}", v)
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 1):
+        raise NeuralpathError(f"--width {width!r} must be a multiplier in (0, 1] of the paper's conv widths")
     st: dict[str, Any] = dict(
         arch=arch,
         optimizer=opt,
         dataset=data,
         lr=lr,
-        epochs=epochs or b.get("epochs", ep),
-        limit_train=limit_train or b.get("limit_train"),
-        limit_test=limit_test or b.get("limit_test"),
-        width=width or b.get("width", 1.0),
+        epochs=b.get("epochs", ep) if epochs is None else epochs,
+        limit_train=b.get("limit_train") if limit_train is None else limit_train,
+        limit_test=b.get("limit_test") if limit_test is None else limit_test,
+        width=b.get("width", 1.0) if width is None else width,
         channels=None,
         hidden=None,
     )
@@ -396,12 +401,13 @@ def run(out, rows=None, seeds=2, budget="quick", *, overrides=None, stacked=True
             raise NeuralpathError(f"seeds={seeds!r} must be >= 1")
         seeds = list(range(seeds))
     check_choice("budget", budget, BUDGETS)
+    settings = {row: row_settings(row, budget, **overrides) for row in rows}  # every request checked before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for row in rows:
         env.log(f"row {row}: {len(regimes)} regimes x {len(seeds)} seeds ({budget} budget)")
-        run_row(row, row_settings(row, budget, **overrides), seeds, out, env, stacked=stacked, regimes=regimes)
+        run_row(row, settings[row], seeds, out, env, stacked=stacked, regimes=regimes)
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)
     return publish(
