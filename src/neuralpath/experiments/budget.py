@@ -70,7 +70,7 @@ def _name(w, n):
 def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, env: Env | None = None) -> str:
     env = env or Env()
     if grid not in GRIDS:
-        raise NeuralpathError(f"grid={grid!r} is not known; choose one of {', '.join(GRIDS)}")
+        raise NeuralpathError(f"--grid {grid!r} is not known; choose one of {', '.join(GRIDS)}")
     out = Path(out)
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:
