@@ -646,3 +646,13 @@ def test_zero_is_a_request_not_the_default(args, needles, cli, tmp_path):
     args = [str(tmp_path / a) if a in ("R", "RUN") else a for a in args]
     _one_line_error(cli(*args), *needles)
     assert not (tmp_path / "R").exists()
+
+
+def test_dataset_seed_must_be_a_non_negative_integer():
+    """`datasets.load(..., seed=-1)` ended in NumPy's 'expected non-negative integer' (the CLI checks --seed; the
+    API did not); numpy integers are seeds too."""
+    with pytest.raises(NeuralpathError, match="seed=-1 must be an integer >= 0"):
+        datasets.load("synthetic", "train", limit=5, seed=-1)
+    a = datasets.load("synthetic", "train", limit=5, seed=np.int64(3))
+    b = datasets.load("synthetic", "train", limit=5, seed=3)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

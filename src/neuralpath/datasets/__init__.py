@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Literal, TypedDict, Unpack, overload
@@ -256,6 +257,9 @@ def load(
     _check(name, split)
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
         raise NeuralpathError(f"limit={limit!r} must be a positive integer or None")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's generator needs >= 0
+        raise NeuralpathError(f"seed={seed!r} must be an integer >= 0")
+    seed = int(seed)
     if name in trees.SETS:  # the oblique-decision-tree sets: (n, d) vectors, generated (seeded, deterministic)
         if synthetic_kwargs:
             raise NeuralpathError(f"unexpected arguments {sorted(synthetic_kwargs)} for dataset {name!r}")
