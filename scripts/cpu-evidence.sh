@@ -10,8 +10,9 @@ cd "$(dirname "$0")/.."
 NP=.venv/bin/neuralpath
 lane_a() {
   $NP reproduce table --rows gconv-adam,vconv-adam --seeds 3 --budget cpu --out runs/table-cpu
-  $NP reproduce kernels --relu-run runs/table-cpu/runs/gconv-adam/relu-s0 --out runs/kernels-gconv
-  $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II (then FLNPF), GCONV x1/4, 10k, 120 ep
+  R=runs/table-cpu/runs/gconv-adam
+  $NP reproduce kernels --relu-run $R/relu-s0,$R/relu-s1,$R/relu-s2 --out runs/kernels-gconv   # done in session 9
+  $NP reproduce budget --grid cpu-main --out runs/budget               # ReLU vs FRNPF-II (then FLNPF), GCONV x1/4, 10k, 120 ep; done
   $NP reproduce budget --grid cpu --out runs/budget                    # the rest of the budget grid
 }
 lane_b() {

@@ -82,6 +82,14 @@ def test_resume_with_other_settings_is_refused_naming_keys(tmp_path, cli):
     res = json.loads((out / "result.json").read_text())
     assert res["epochs"] == 4 and res.get("extended") is True
     assert [m["epoch"] for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3, 4]
+    # Session 9: config.json keeps the first request (2 epochs), so the same extension asked again was judged an
+    # extension again: result.json was rewritten with the no-op's seconds (~0 s for a run of hours). Now it is done.
+    extended = (out / "result.json").read_text()
+    for allow in (("--allow-change", "epochs"), ()):
+        r = cli("train", *SYN, "--epochs", "4", "--out", out, "--resume", *allow)
+        assert r.returncode == 0 and (out / "result.json").read_text() == extended, r.stderr
+    _one_line_error(cli("train", *SYN, "--epochs", "3", "--out", out, "--resume", "--allow-change", "epochs"), "never")
+    _one_line_error(cli("train", *SYN, "--epochs", "2", "--out", out, "--resume"), "epochs=4 there vs 2 now")
 
 
 def test_table_refuses_a_folder_of_other_runs(mnist_root, tmp_path, cli):

@@ -145,6 +145,8 @@ class RunFolder:
             raise NeuralpathError(
                 f"{self.path} already holds {what}; pass --resume to continue or reuse it, or pick " "another --out"
             )
+        if self.finished:  # config.json keeps the first request; a run extended since has its result's epochs
+            old = {**old, "epochs": self.result().get("epochs", old.get("epochs"))}
         diff = config_diff(old, config, defaults)
         bad = {k: v for k, v in diff.items() if k not in allow_change}
         if bad:

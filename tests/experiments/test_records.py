@@ -25,10 +25,11 @@ def test_budget_curve_from_records(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 10000 |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == "120" and cells[3] == "53.72" and cells[4] == "52.79" and cells[6] == "104", row
+    assert cells[8] == "55.25", row  # FLNPF on the ReLU net's best gates, 120 epochs (session 9)
     budget.plot(recs, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     doc = (REPO / "docs" / "RESULTS.md").read_text()
-    assert "passes FRNPF-II for good at **epoch 104**" in doc
+    assert "passes FRNPF-II for good at **epoch 104**" in doc and "FLNPF ends at **55.25%**" in doc
 
 
 def test_dlgn_table_from_records(tmp_path):
