@@ -120,6 +120,13 @@ def mean_std(vals):
     return statistics.fmean(vals), statistics.pstdev(vals)
 
 
+def fmt_mean_std(vals, scale: float = 1.0) -> str:
+    """'mean ± std' of the values that are not None, times ``scale`` (100: fractions as percent), to 2 decimals;
+    '—' when there are none."""
+    m, s = mean_std([scale * v for v in vals if v is not None])
+    return "—" if m is None else f"{m:.2f} ± {s:.2f}"
+
+
 def savefig(fig, path):
     import matplotlib.pyplot as plt
 

@@ -156,7 +156,7 @@ def report(recs, b, budget, label, relu_best) -> str:
         lines.append(f"| {k} | {gates} | {bm:.2f} ± {bs:.2f} | {clean} | {n} | {p} |")
     if len(stats) >= 2:
         d = stats[-1][1][0] - stats[0][1][0]
-        mono = all(b_[1][0] > a[1][0] for a, b_ in zip(stats, stats[1:]))
+        mono = _rises(stats)
         lines += [
             "",
             f"Stage {stats[-1][0]} vs stage 0: {d:+.2f} points (means over seeds); the stage means "
@@ -164,12 +164,17 @@ def report(recs, b, budget, label, relu_best) -> str:
         ]
     if len(stats) >= 3 and stats[0][0] == 0:  # the learnt gates alone: stage 1 on
         d1 = stats[-1][1][0] - stats[1][1][0]
-        mono1 = all(b_[1][0] > a[1][0] for a, b_ in zip(stats[1:], stats[2:]))
+        mono1 = _rises(stats[1:])
         lines.append(
             f"Learnt gates only (stage {stats[1][0]} to {stats[-1][0]}): {d1:+.2f} points; the means "
             + ("rise at every stage." if mono1 else "do not rise at every stage.")
         )
     return "\n".join(lines) + "\n"
+
+
+def _rises(stats) -> bool:
+    """Whether the stage means (``stage_stats`` rows) rise at every step."""
+    return all(b[1][0] > a[1][0] for a, b in zip(stats, stats[1:]))
 
 
 def plot(recs, budget, relu_best, path):

@@ -28,6 +28,7 @@ from ..train import FitOptions, RunData, RunSpec, fit
 from .common import (
     Env,
     budget_settings,
+    fmt_mean_std,
     krr_on_npk,
     mean_std,
     present,
@@ -199,8 +200,7 @@ def collect(out) -> list:
 
 
 def _ms(vals):
-    m, s = mean_std([100 * v for v in vals])
-    return "—" if m is None else f"{m:.2f} ± {s:.2f}"
+    return fmt_mean_std(vals, 100)
 
 
 def report(recs, budget, b) -> str:

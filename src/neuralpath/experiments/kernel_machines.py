@@ -23,7 +23,7 @@ from ..kernels.npk import npk
 from ..kernels.ntk import ntk
 from ..regimes import build_regime
 from ..train import PAPER_DEFAULTS, TrainConfig, net_kwargs, resolve_device, train
-from .common import Env, add, done_keys, label_axes, mean_std, publish, savefig, subplots
+from .common import Env, add, done_keys, fmt_mean_std, label_axes, mean_std, publish, savefig, subplots
 
 BUDGETS = {
     "quick": dict(n_train=10000, n_test=2000, epochs=3, methods=("krr", "svm")),
@@ -289,11 +289,7 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
             f"{a['alignment_2000']:.3f} / {b['alignment_2000']:.3f} | {100 * nets[rr]:.2f} |"
         )
     if len(diffs) > 1:
-
-        def ms(vals):
-            m, sd = mean_std(vals)
-            return f"{m:.2f} ± {sd:.2f}"
-
+        ms = fmt_mean_std
         g = {k: [100 * r["test_acc"] for r in recs if r["gates"] == k] for k in ("initial", "trained")}
         al = {k: [r["alignment_2000"] for r in recs if r["gates"] == k] for k in ("initial", "trained")}
         lines.append(

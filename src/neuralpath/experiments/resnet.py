@@ -104,8 +104,7 @@ def collect(out) -> list:
 
 def report(recs, budget, b, label) -> str:
     def ms(vals):
-        m, s = mean_std([100 * v for v in vals if v is not None])
-        return "—" if m is None else f"{m:.2f} ± {s:.2f}"
+        return common.fmt_mean_std(vals, 100)
 
     lines = [
         f"# A CIFAR ResNet in the paper's regimes (budget `{budget}`: width {b['width']}, blocks {b['blocks']}, "
