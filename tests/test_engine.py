@@ -174,7 +174,7 @@ def test_stack_rejects_mixed_settings(tmp_path):
     b = TrainConfig(regime="dlnpf", **dict(KW, lr=1e-2))
     with pytest.raises(NeuralpathError, match="must share lr"):
         train_many([a, b], [tmp_path / "a", tmp_path / "b"], tmp_path / "e.pt")
-    c = TrainConfig(regime="relu", **dict(KW, arch="gconv"))
+    c = TrainConfig(regime="relu", **dict(KW, arch="gconv", width=None, depth=6))
     with pytest.raises(NeuralpathError, match="must share arch"):
         train_many([a, c], [tmp_path / "a", tmp_path / "c"], tmp_path / "e.pt")
 

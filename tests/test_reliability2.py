@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -664,3 +665,77 @@ def test_dataset_seed_must_be_a_non_negative_integer():
     a = datasets.load("synthetic", "train", limit=5, seed=np.int64(3))
     b = datasets.load("synthetic", "train", limit=5, seed=3)
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    "kw, needle",
+    [
+        (dict(arch="gconv", width=32), "width=32 is read by arch 'fc' and 'resnet' only"),
+        (dict(arch="vconv", depth=4), "depth=4 is read by arch 'fc' only"),
+        (dict(arch="resnet", depth=3), "depth=3 is read by arch 'fc' only"),
+        (dict(arch="fc", channels=[8]), "channels=/hidden= are read by arch 'vconv' and 'gconv' only"),
+        (dict(arch="resnet", regime="dlnpf", gating="linear"), "arch 'resnet' is trained with the paper's gating"),
+        (dict(arch="resnet", bias=False), "bias=False"),
+    ],
+    ids=["gconv-width", "vconv-depth", "resnet-depth", "fc-channels", "resnet-gating", "resnet-bias"],
+)
+def test_settings_the_architecture_would_not_read_are_refused(kw, needle):
+    """Session 10: `train --arch gconv --width 32` (or --depth 4) trained the paper's GCONV, and a ResNet dropped
+    gating/value_input/bias, without a word. 128 (what every resolved config records as width) still passes."""
+    with pytest.raises(NeuralpathError, match=re.escape(needle)):
+        TrainConfig(dataset="synthetic", **kw).resolved()
+    assert TrainConfig(arch="gconv", width=128).resolved().width == 128
+
+
+def test_reproduce_table_width_is_refused_for_fc_rows(cli, tmp_path):
+    """Session 10: `reproduce table --rows fc-adam --width 0.5` trained the paper's 6x128 without a word."""
+    _one_line_error(
+        cli("reproduce", "table", "--rows", "fc-adam", "--width", "0.5", "--out", tmp_path / "R"), "fully connected"
+    )
+    assert not (tmp_path / "R").exists()
+
+
+def test_a_frozen_soft_gate_network_is_not_cached_as_bits():
+    """Session 10: a soft-gate network with its feature network frozen (a DLNPF net frozen after training) had its
+    gates cached as bits g > 0 by the engine's stack, i.e. every gate 1: the stack trained another network. Soft
+    gates are now recomputed per batch; the stack's output equals the network's own (float64)."""
+    from neuralpath.nets import FCDGN, ConvDGN
+    from neuralpath.stacks import make_stack
+
+    torch.manual_seed(0)
+    nets = [
+        FCDGN(in_dim=20, width=16, depth=3, gate="soft").double().freeze_features(),
+        ConvDGN("gconv", channels=(4,), hidden=(8,), image_size=8, gate="soft").double().freeze_features(),
+    ]
+    for net in nets:
+        x = torch.randn(10, *net.input_shape, dtype=torch.float64)
+        st = make_stack([net, net])
+        st.cache_frozen_gates(x, [torch.arange(10)] * 2)
+        assert st.cached_gates_nbytes() == 0
+        out = st.forward(torch.stack([x, x]), torch.arange(10).repeat(2, 1))
+        with torch.no_grad():
+            torch.testing.assert_close(out.detach()[1], net(x), rtol=0, atol=1e-12)
+
+
+def test_report_collect_leaves_unfinished_runs_out(tmp_path, cli):
+    """Session 10: `report collect` copied the metrics of runs still training (no result.json) beside finished
+    ones, so docs/results could hold a half-trained run read as a record; it now leaves them out and says so."""
+    src = tmp_path / "exp"
+    for run, done in (("a", True), ("b", False)):
+        (src / "runs" / run).mkdir(parents=True)
+        (src / "runs" / run / "config.json").write_text("{}")
+        (src / "runs" / run / "metrics.jsonl").write_text('{"epoch": 1}\n')
+        if done:
+            (src / "runs" / run / "result.json").write_text("{}")
+    r = cli("report", "collect", src, tmp_path / "out")
+    assert r.returncode == 0 and "1 unfinished run(s) left out" in r.stdout, r.stdout + r.stderr
+    assert (tmp_path / "out" / "runs" / "a" / "metrics.jsonl").is_file()
+    assert not (tmp_path / "out" / "runs" / "b").exists()
+
+
+def test_reproduce_flags_the_chosen_experiment_would_not_read(cli, tmp_path):
+    """Session 10: `reproduce dlgn --cifar --sets sd-i` (or --budget quick) started the CIFAR run and ignored the
+    flag; `reproduce budget --limit-test 0` was refused only after its first point had begun."""
+    _one_line_error(cli("reproduce", "dlgn", "--cifar", "--sets", "sd-i", "--out", tmp_path / "R"), "--sets is for")
+    _one_line_error(cli("reproduce", "budget", "--limit-test", "0", "--out", tmp_path / "R"), "--limit-test=0")
+    assert not (tmp_path / "R").exists()

@@ -551,6 +551,18 @@ def reproduce_dlgn(budget, sets, cifar, epochs, seeds, device, out):
     if cifar:
         from .errors import check_positive_int
 
+        ctx = click.get_current_context()
+        given = [
+            f"--{k}" for k in ("budget", "sets") if ctx.get_parameter_source(k) != click.core.ParameterSource.DEFAULT
+        ]
+        if given:  # the CIFAR run has its own settings (CPU conv budget): these would be ignored
+            from .errors import NeuralpathError
+
+            one = len(given) == 1
+            raise NeuralpathError(
+                f"{' and '.join(given)} {'is' if one else 'are'} for the oblique-tree runs; --cifar would ignore "
+                f"{'it' if one else 'them'}: drop {'it' if one else 'them'}"
+            )
         for flag, v in (("--seeds", seeds), ("--epochs", epochs)):
             if v is not None:
                 check_positive_int(flag, v)
@@ -743,9 +755,13 @@ def report_collect(source, dest):
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise NeuralpathError(f"DEST {dest} is {source} or inside it; give a folder elsewhere (e.g. docs/results/X)")
     keep = {"config.json", "metrics.jsonl", "result.json"}
+    # a run still training (config.json, no result.json yet) is left out: its records would be read as finished
+    unfinished = {
+        c.parent for c in src.rglob("config.json") if c.parent != src and not (c.parent / "result.json").is_file()
+    }
     n = 0
     for p in sorted(src.rglob("*")):
-        if not p.is_file() or p.name.startswith("."):
+        if not p.is_file() or p.name.startswith(".") or p.parent in unfinished:
             continue
         top = p.parent == src
         if p.name in keep or (top and p.suffix in (".jsonl", ".md", ".png", ".json")):
@@ -754,7 +770,8 @@ def report_collect(source, dest):
             with atomic_path(q) as tmp:  # a reader of DEST never sees half a file
                 shutil.copyfile(p, tmp)
             n += 1
-    click.echo(f"{n} record files copied from {src} to {dst}")
+    left = f"; {len(unfinished)} unfinished run(s) left out (no result.json yet)" if unfinished else ""
+    click.echo(f"{n} record files copied from {src} to {dst}{left}")
 
 
 @report.command("table")

@@ -71,6 +71,12 @@ def unpack_bits(p: torch.Tensor, shape, dtype) -> torch.Tensor:
     return bits.view(b, -1)[:, :m].to(dtype).view(b, *shape)
 
 
+def _gates_are_bits(net) -> bool:
+    """True when every gate of ``net`` is 0 or 1 (hard gates, no max-pool routing or leaky slope): only then can its
+    frozen gates be kept as bits. A frozen *soft*-gate network (e.g. a DLNPF net frozen after training) is not."""
+    return getattr(net, "gate_kind", "hard") == "hard" and getattr(net, "gate_cache_ok", True)
+
+
 class LoopStack:
     """R deep gated networks of any architecture, each run forward in turn; one autograd graph, one backward."""
 
@@ -114,8 +120,8 @@ class LoopStack:
     def cache_frozen_gates(self, x: torch.Tensor, rows_per_run, batch: int = 64):
         """Compute, once, the gates of every frozen run on its training rows ``x[rows_per_run[r]]``, bit-packed."""
         for r, net in enumerate(self.nets):
-            if self.kinds[r] != FROZEN or not getattr(net, "gate_cache_ok", True):
-                continue  # (max-pool routing and leaky gates are not 0/1 bits: those nets recompute their gates)
+            if self.kinds[r] != FROZEN or not _gates_are_bits(net):
+                continue  # (soft gates, max-pool routing and leaky gates are not 0/1 bits: recomputed per batch)
             rows = rows_per_run[r]
             rowmap = torch.full((len(x),), -1, dtype=torch.long, device=x.device)
             rowmap[rows] = torch.arange(len(rows), device=x.device)

@@ -95,6 +95,7 @@ class TrainConfig:
         check_choice("regime", c.regime, REGIMES)
         check_choice("optimizer", c.optimizer, ("adam", "sgd"))
         check_choice("dataset", c.dataset, datasets.NAMES)
+        _check_arch_settings(c)
         lr, ep = PAPER_DEFAULTS[("gconv" if c.arch == "resnet" else c.arch, c.optimizer)]
         c.lr = lr if c.lr is None else float(c.lr)
         c.epochs = ep if c.epochs is None else c.epochs
@@ -152,6 +153,29 @@ class TrainConfig:
         if not re.fullmatch(r"cuda:\d+", str(c.device)):  # cuda:N picks one GPU of several
             check_choice("device", c.device, ("auto", "cpu", "cuda"))
         return c
+
+
+def _check_arch_settings(c: TrainConfig):
+    """Refuse a setting the chosen architecture would not read (the run would silently train another network)."""
+    conv = c.arch in ("vconv", "gconv")
+    # 128 is what resolved() writes into every run's config (conv runs' config.json included), so it passes
+    if conv and c.width not in (None, 128):
+        raise NeuralpathError(
+            f"width={c.width!r} is read by arch 'fc' and 'resnet' only; a {c.arch} network's widths are channels= "
+            "and hidden= (TrainConfig), or a multiplier of the paper's widths: reproduce table --width MULT"
+        )
+    if c.arch != "fc" and c.depth != 6:
+        raise NeuralpathError(
+            f"depth={c.depth!r} is read by arch 'fc' only; {c.arch!r} has its own depth "
+            + ("(blocks=)" if c.arch == "resnet" else "(channels= and hidden=)")
+        )
+    if not conv and (c.channels or c.hidden):
+        raise NeuralpathError(f"channels=/hidden= are read by arch 'vconv' and 'gconv' only (arch is {c.arch!r})")
+    if c.arch == "resnet" and (c.gating != "relu" or c.value_input != "x" or not c.bias):
+        raise NeuralpathError(
+            "arch 'resnet' is trained with the paper's gating (gating='relu', value_input='x') and biases; "
+            f"got gating={c.gating!r}, value_input={c.value_input!r}, bias={c.bias!r}"
+        )
 
 
 def resolve_device(name: str) -> torch.device:

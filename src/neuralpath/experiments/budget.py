@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from ..errors import NeuralpathError
+from ..errors import NeuralpathError, check_positive_int
 from ..runfolder import RunFolder
 from ..train import TrainConfig, train_many
 from .common import Env, publish, pyplot, savefig, write_jsonl
@@ -71,6 +71,8 @@ def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, env: Env | None 
     env = env or Env()
     if grid not in GRIDS:
         raise NeuralpathError(f"--grid {grid!r} is not known; choose one of {', '.join(GRIDS)}")
+    if limit_test is not None:  # checked before the first point starts (its settings are resolved per point)
+        check_positive_int("--limit-test", limit_test)
     out = Path(out)
     t0 = time.time()
     for w, n, epochs, with_flnpf in GRIDS[grid]:

@@ -89,6 +89,10 @@ def row_settings(row, budget, epochs=None, limit_train=None, limit_test=None, wi
             check_positive_int(f"--{k.replace('_', '-')}", v)
     if width is not None and (isinstance(width, bool) or not isinstance(width, int | float) or not 0 < width <= 1):
         raise NeuralpathError(f"--width {width!r} must be a multiplier in (0, 1] of the paper's conv widths")
+    if width is not None and arch == "fc":  # FC rows keep the paper's 6x128: the multiplier would be ignored
+        raise NeuralpathError(
+            f"--width multiplies the conv rows' widths only; row {row!r} is fully connected: run it without --width"
+        )
     st: dict[str, Any] = dict(
         arch=arch,
         optimizer=opt,
