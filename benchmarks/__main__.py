@@ -21,6 +21,7 @@
     python -m benchmarks convnpk_scale  GCONV NPK pairs/s at n = 1,000 vs its overlap GEMMs at the GEMM rate
     python -m benchmarks resnetnpk NPK of 1,000 inputs through a ResNet-18-sized CIFAR ResNet, vs its overlaps
     python -m benchmarks thpstep  GCONV optimiser steps under the process's THP_MEM_ALLOC_ENABLE (run it with 0 and 1)
+    python -m benchmarks dlnpfvariants  DLNPF step: eager vs grouped feature+value convs vs torch.compile, vs ReLU
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 
@@ -899,6 +900,86 @@ def bench_convratio(args):
     return dict(bench="convratio", arch=arch, width=1.0, rounds=rounds, median=med)
 
 
+def _paired_dlnpf_forward(net, x):
+    """A DLNPF conv net's forward with its feature and value networks as one convolution per layer: the first layer
+    one conv with both networks' filters, the others a grouped conv (groups = 2) over [feature, value] channels.
+    Same values as ``net(x)``; a trial design for the DLNPF step (not used by the library)."""
+    import torch.nn.functional as F
+
+    x = net._prepare(x)
+    beta, eps, pad = net.beta, net.eps, net.kernel_size // 2
+    fl, vl = net.feature_layers, net.value_layers
+
+    def wb(l):
+        b = None if fl[l].bias is None else torch.cat([fl[l].bias, vl[l].bias])
+        return torch.cat([fl[l].weight, vl[l].weight]), b
+
+    q = F.conv2d(x, *wb(0), padding=pad)
+    zf = zv = x
+    for l in range(net.n_conv):
+        c = fl[l].weight.shape[0]
+        qf, qv = q[:, :c], q[:, c:]
+        zf, zv = torch.relu(qf), qv * ((1 + eps) * torch.sigmoid(beta * qf))
+        if l + 1 < net.n_conv:
+            q = F.conv2d(torch.cat([zf, zv], 1), *wb(l + 1), padding=pad, groups=2)
+    zf, zv = net.transition(net.n_conv, zf), net.transition(net.n_conv, zv)
+    for l in range(net.n_conv, net.depth - 1):
+        qf = fl[l](zf)
+        zv, zf = vl[l](zv) * ((1 + eps) * torch.sigmoid(beta * qf)), torch.relu(qf)
+    return vl[-1](net.transition(net.depth - 1, zv))
+
+
+def bench_dlnpfvariants(args):
+    """Session 10: two designs tried for the DLNPF step, full-width conv net (``--arch``, default gconv), Adam,
+    batch 32, interleaved rounds as convratio: the library's DLNPF step; its feature and value convolutions as one
+    grouped convolution per layer (``_paired_dlnpf_forward``); ``torch.compile`` (inductor) of the DLNPF and of the
+    ReLU forward. Ratios to the eager ReLU step of the same round."""
+    import torch.nn.functional as F
+
+    from neuralpath.experiments.budget import conv_widths
+
+    arch = args.arch or "gconv"
+    torch.manual_seed(0)
+    x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
+    ch, hid = conv_widths(1.0)
+    kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
+    relu, dl = build_regime("relu", arch, 0, None, **kw)[0], build_regime("dlnpf", arch, 0, None, **kw)[0]
+    with torch.no_grad():
+        err = float((_paired_dlnpf_forward(dl, x[:8]) - dl(x[:8])).abs().max())
+
+    def stepper(net, fwd):
+        opt = make_optimizer("adam", [p for p in net.parameters() if p.requires_grad], 1e-4)
+
+        def step():
+            idx = torch.randint(0, len(x), (32,))
+            loss = F.cross_entropy(fwd(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        return step
+
+    steps = {
+        "relu": stepper(relu, relu),
+        "dlnpf": stepper(dl, dl),
+        "dlnpf_grouped": stepper(dl, lambda z: _paired_dlnpf_forward(dl, z)),
+        "relu_compiled": stepper(relu, torch.compile(relu)),
+        "dlnpf_compiled": stepper(dl, torch.compile(dl)),
+    }
+    t0 = time.perf_counter()
+    for st in steps.values():  # warm-up (and compilation)
+        st()
+        st()
+    warm_s = time.perf_counter() - t0
+    rounds = []
+    for _ in range(args.repeat):
+        t = {k: timeit(lambda st=st: [st() for _ in range(3)], 1, 0) / 3 for k, st in steps.items()}
+        rounds.append(dict(t, **{f"{k}_over_relu": t[k] / t["relu"] for k in steps if k != "relu"}))
+        print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
+    med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
+    return dict(bench="dlnpfvariants", arch=arch, grouped_max_abs_diff=err, warmup_s=warm_s, rounds=rounds, median=med)
+
+
 def main():
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     p.add_argument(
@@ -923,6 +1004,7 @@ def main():
             "resnetnpk",
             "thpstep",
             "convratio",
+            "dlnpfvariants",
         ],
     )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")

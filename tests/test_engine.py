@@ -323,3 +323,42 @@ def test_load_run_round_trips_every_regime(tmp_path, arch):
         assert acc == pytest.approx(run.result["best_test_acc"], abs=1e-12), regime
         assert run.config["regime"] == regime
         assert getattr(run.net, "features_frozen", False) == (regime in ("flnpf", "frnpf-ii", "frnpf-di"))
+
+
+@pytest.mark.slow  # compiling (inductor) takes about a minute per process on 2 cores
+def test_compiled_dlnpf_trains_as_eager_and_resumes_bit_exactly(tmp_path):
+    """compile=True (DLNPF conv runs): the same training as eager within float32 rounding, and a run extended from
+    its saved state ends bit-identical to one trained straight through (the compiled code is deterministic)."""
+    kw = dict(
+        arch="gconv", regime="dlnpf", dataset="synthetic", optimizer="adam", lr=3e-3, device="cpu", limit_train=64,
+        channels=[4, 6], hidden=[8], extra={"shape": [3, 8, 8]},
+    )  # fmt: skip
+    with pytest.raises(NeuralpathError, match="compile=True is for DLNPF runs"):
+        TrainConfig(**dict(kw, regime="relu", compile=True)).resolved()
+    from torch._dynamo.utils import counters
+
+    counters.clear()
+    straight = train(TrainConfig(epochs=2, compile=True, **kw), tmp_path / "c", progress=False)
+    assert counters["stats"]["unique_graphs"] >= 1  # the forward was compiled, not silently run eager
+    train(TrainConfig(epochs=2, **kw), tmp_path / "e", progress=False)
+    train(TrainConfig(epochs=1, compile=True, **kw), tmp_path / "x", progress=False)
+    ext = train(
+        TrainConfig(epochs=2, compile=True, **kw), tmp_path / "x", resume=True, allow_change=["epochs"], progress=False
+    )
+    a, b, c = (torch.load(tmp_path / d / "last.pt", weights_only=False) for d in ("c", "e", "x"))
+    for k, v in a["model"].items():
+        if torch.is_tensor(v):
+            assert torch.equal(v, c["model"][k]), k  # extended == straight through, bit for bit
+            torch.testing.assert_close(v, b["model"][k], rtol=1e-4, atol=1e-5)  # compiled ~ eager
+    assert ext["final_test_acc"] == straight["final_test_acc"]
+
+
+def test_compile_is_refused_where_it_would_do_nothing(cli, tmp_path):
+    """compile applies to DLNPF conv runs only: elsewhere it would be a silent no-op (or an FC stack's), so it is
+    refused, in the API and in `reproduce table --compile` with an FC row."""
+    for kw in (dict(arch="gconv", regime="relu"), dict(arch="fc", regime="dlnpf")):
+        with pytest.raises(NeuralpathError, match="compile=True is for DLNPF runs of vconv/gconv"):
+            TrainConfig(compile=True, **kw).resolved()
+    r = cli("reproduce", "table", "--rows", "fc-adam", "--compile", "--out", tmp_path / "R")
+    assert r.returncode == 1 and "--compile compiles the DLNPF runs of conv rows" in r.stderr
+    assert not (tmp_path / "R").exists()

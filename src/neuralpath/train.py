@@ -87,6 +87,7 @@ class TrainConfig:
     relu_checkpoint: str | None = None
     per_rank_batch: bool = False  # torchrun: batch_size per process (default: the global batch, shared out)
     bf16: bool = False  # bfloat16 autocast for the training step (off: the paper's float32)
+    compile: bool = False  # DLNPF conv runs: torch.compile (inductor) of the training forward (docs/PERFORMANCE.md)
     extra: dict = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
@@ -171,6 +172,11 @@ def _check_arch_settings(c: TrainConfig):
         )
     if not conv and (c.channels or c.hidden):
         raise NeuralpathError(f"channels=/hidden= are read by arch 'vconv' and 'gconv' only (arch is {c.arch!r})")
+    if c.compile and (c.regime != "dlnpf" or not conv):
+        raise NeuralpathError(
+            f"compile=True is for DLNPF runs of vconv/gconv (where it was measured to help; docs/PERFORMANCE.md), "
+            f"not regime {c.regime!r} of arch {c.arch!r}; drop it"
+        )
     if c.arch == "resnet" and (c.gating != "relu" or c.value_input != "x" or not c.bias):
         raise NeuralpathError(
             "arch 'resnet' is trained with the paper's gating (gating='relu', value_input='x') and biases; "
@@ -378,6 +384,7 @@ class RunSpec:
     folder: RunFolder | None = None
     config: dict = field(default_factory=dict)
     label: str = "run"
+    compile: bool = False  # torch.compile its training forward (a run whose feature network trains, run one by one)
 
 
 FRESH_BEST = {
@@ -466,6 +473,8 @@ def fit(
     for r in runs:
         r.net.to(device)
     stack = make_stack([r.net for r in runs], fast=opts.fast).to(device)
+    if any(r.compile for r in runs):
+        stack.compile_runs([r.compile for r in runs])
     eval_batch = opts.eval_batch or (1000 if all(isinstance(r.net, FCDGN) for r in runs) else 32)
     params = stack.parameters()
     opt: Any = make_optimizer(opts.optimizer, params, opts.lr)
@@ -730,6 +739,7 @@ def run_spec(cfg: TrainConfig, data: RunData, out=None) -> RunSpec:
         folder=RunFolder(out) if out else None,
         config=identity(cfg),
         label=f"{cfg.regime} {cfg.arch} seed {cfg.seed}",
+        compile=cfg.compile,
     )
 
 

@@ -125,7 +125,7 @@ def _clean_source_differs(rdir, seed) -> bool:
     return r["best_even_epoch"] != r["best_epoch"]
 
 
-def run_row(row, st, seeds, out, env: Env, *, stacked=True, regimes=None):
+def run_row(row, st, seeds, out, env: Env, *, stacked=True, regimes=None, compile_dlnpf=False):
     """Train the 5 regimes (or the subset ``regimes``) x ``seeds`` of one row with settings ``st``
     (:func:`row_settings`). Phase 1: ReLU, FRNPF-II, FRNPF-DI, DLNPF. Phase 2: FLNPF on the same seed's ReLU gates
     from its best test epoch (the authors' protocol), and, where the ReLU run's best epoch on the even test half
@@ -139,6 +139,7 @@ def run_row(row, st, seeds, out, env: Env, *, stacked=True, regimes=None):
         c = TrainConfig(
             regime=regime.removesuffix("-clean"), seed=seed, data_root=env.data_root, device=env.device, **common
         )
+        c.compile = compile_dlnpf and regime == "dlnpf"
         if regime.startswith("flnpf"):
             src = "best_even.pt" if regime.endswith("-clean") else "best.pt"
             c.relu_checkpoint = str(rdir / f"relu-s{seed}" / src)
@@ -382,10 +383,22 @@ def plot(summary, rows, path):
     plt.close(fig)
 
 
-def run(out, rows=None, seeds=2, budget="quick", *, overrides=None, stacked=True, regimes=None, env=None) -> str:
+def run(
+    out,
+    rows=None,
+    seeds=2,
+    budget="quick",
+    *,
+    overrides=None,
+    stacked=True,
+    regimes=None,
+    compile_dlnpf=False,
+    env=None,
+) -> str:
     """Train and report ``rows`` x the five regimes (or ``regimes``) x ``seeds`` under ``budget``; ``overrides``
     changes the budget's epochs, limit_train, limit_test or width (dict); ``stacked=False`` trains one run at a
-    time. Writes records, table.md and table.png under ``out``; returns the markdown."""
+    time; ``compile_dlnpf``: torch.compile the DLNPF runs' training forward (conv rows). Writes records, table.md
+    and table.png under ``out``; returns the markdown."""
     env = env or Env()
     overrides = dict(overrides or {})
     for k in overrides:
@@ -405,13 +418,18 @@ def run(out, rows=None, seeds=2, budget="quick", *, overrides=None, stacked=True
             raise NeuralpathError(f"seeds={seeds!r} must be >= 1")
         seeds = list(range(seeds))
     check_choice("budget", budget, BUDGETS)
+    if compile_dlnpf and ("dlnpf" not in regimes or any(ROWS[r][0] == "fc" for r in rows)):
+        raise NeuralpathError(
+            "--compile compiles the DLNPF runs of conv rows: give conv rows only (FC stacks are batched already) "
+            "and keep dlnpf in --regimes"
+        )
     settings = {row: row_settings(row, budget, **overrides) for row in rows}  # every request checked before any work
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     for row in rows:
         env.log(f"row {row}: {len(regimes)} regimes x {len(seeds)} seeds ({budget} budget)")
-        run_row(row, settings[row], seeds, out, env, stacked=stacked, regimes=regimes)
+        run_row(row, settings[row], seeds, out, env, stacked=stacked, regimes=regimes, compile_dlnpf=compile_dlnpf)
     recs = [r for r in collect(out) if r["row"] in rows and r["seed"] in seeds]
     summary = summarise(recs, rows)
     return publish(
