@@ -739,3 +739,25 @@ def test_reproduce_flags_the_chosen_experiment_would_not_read(cli, tmp_path):
     _one_line_error(cli("reproduce", "dlgn", "--cifar", "--sets", "sd-i", "--out", tmp_path / "R"), "--sets is for")
     _one_line_error(cli("reproduce", "budget", "--limit-test", "0", "--out", tmp_path / "R"), "--limit-test=0")
     assert not (tmp_path / "R").exists()
+
+
+def test_kernel_ridge_reselects_its_ridge_on_every_fit_and_checks_its_settings():
+    """Session 10: a KernelRidge() fitted twice kept the ridge it had selected on the first data (fit overwrote
+    lam), so a refit on another kernel used the wrong one; lam=-1 or nan were blamed on the kernel, lams=() and
+    select_n=0 ended in Python/PyTorch errors."""
+    torch.manual_seed(0)
+    X = torch.randn(200, 5, dtype=torch.float64)
+    y = (X[:, 0] > 0).long()
+    K1, K2 = X @ X.T, (X @ X.T + 1) ** 3
+    fresh = KernelRidge().fit(K2, y).lam
+    kr = KernelRidge().fit(K1, y)
+    assert kr.lam != fresh  # the two kernels select different ridges: the check below can fail
+    assert kr.fit(K2, y).lam == fresh
+    for kw, needle in (
+        (dict(lam=-1.0), "lam=-1.0 must be a finite number >= 0"),
+        (dict(lam=float("nan")), "lam=nan"),
+        (dict(lams=()), "lams=() must be one or more"),
+        (dict(select_n=0), "select_n=0 must be an integer >= 2"),
+    ):
+        with pytest.raises(NeuralpathError, match=re.escape(needle)):
+            KernelRidge(**kw)

@@ -10,6 +10,8 @@ is ever formed.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -113,7 +115,19 @@ class KernelRidge:
     90% and scored on 10% of a random subset of at most ``select_n`` training points (bounding the selection's cost)."""
 
     def __init__(self, lam: float | None = None, lams=(1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0), select_n: int = 3000):
+        def ridge_ok(v):
+            return not isinstance(v, bool) and isinstance(v, int | float) and math.isfinite(v) and v >= 0
+
+        if lam is not None and not ridge_ok(lam):
+            raise NeuralpathError(f"KernelRidge: lam={lam!r} must be a finite number >= 0 (or None: select it)")
+        lams = tuple(lams)
+        if lam is None and (not lams or not all(ridge_ok(v) for v in lams)):
+            raise NeuralpathError(f"KernelRidge: lams={lams!r} must be one or more finite numbers >= 0")
+        if isinstance(select_n, bool) or not isinstance(select_n, int) or select_n < 2:
+            raise NeuralpathError(f"KernelRidge: select_n={select_n!r} must be an integer >= 2")
         self.lam, self.lams, self.select_n = lam, lams, select_n
+        self._select = lam is None  # every fit selects lam anew (a refit on other data must not reuse the last one)
+        self.holdout_acc: float | None = None
 
     def _solve(self, K, Y, lam):
         scale = K.diagonal().mean().item() or 1.0
@@ -133,7 +147,7 @@ class KernelRidge:
         if len(y) < 2 or int(y.min()) < 0:
             raise NeuralpathError("KernelRidge.fit: needs at least 2 training points with labels 0..k-1")
         self.k = int(y.max()) + 1
-        if self.lam is None:
+        if self._select:
             n = min(len(y), self.select_n)
             perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:n]
             hold, fit = perm[: max(1, n // 10)], perm[max(1, n // 10) :]
