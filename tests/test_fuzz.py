@@ -189,6 +189,53 @@ def test_conv_ntk_methods_agree(seed, n, soft):
     torch.testing.assert_close(a, a.T, rtol=1e-12, atol=1e-12)
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    conv=st.booleans(),
+    kinds=st.lists(
+        st.tuples(
+            st.sampled_from(["tied", "hard", "soft"]),
+            st.sampled_from(["relu", "linear", "shallow"]),
+            st.sampled_from(["x", "ones"]),
+            st.booleans(),  # frozen feature network
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    bias=st.booleans(),
+    seed=st.integers(0, 10_000),
+)
+def test_stacks_compute_each_network_as_given(conv, kinds, bias, seed):
+    """Session 10: the engine's stacks (FCStack when the nets allow it, LoopStack always) against each network's
+    own forward, on training batches (cached frozen gates) and shared inputs, for any mix of tied, hard and soft nets,
+    gating networks, value inputs and frozen features (float64). Found the frozen soft-gate cache bug."""
+    from neuralpath.stacks import make_stack
+
+    _count("stack")
+    g = torch.Generator().manual_seed(seed)
+    shape = dict(arch="gconv", in_channels=2, channels=(3,), hidden=(4,), image_size=4) if conv else dict(in_dim=6)
+    nets = []
+    for gate, gating, value_input, frozen in kinds:
+        kw = dict(tied=True) if gate == "tied" else dict(gate=gate, gating=gating, value_input=value_input)
+        net = (ConvDGN if conv else FCDGN)(out_dim=3, bias=bias, generator=g, **shape, **kw).double()
+        with torch.no_grad():
+            for m in list(net.value_layers) + list(net.feature_layers):
+                if m.bias is not None:
+                    m.bias.normal_(0, 0.3, generator=g)
+        nets.append(net.freeze_features() if frozen and gate != "tied" else net)
+    x = torch.randn(9, *nets[0].input_shape, dtype=torch.float64, generator=g)
+    rows = [torch.randperm(9, generator=g)[:6] for _ in nets]
+    for fast in (True, False):
+        stack = make_stack(nets, fast=fast)
+        stack.cache_frozen_gates(x, rows)
+        sel = torch.stack([r[:4] for r in rows])
+        out, shared = stack.forward(x[sel], sel).detach(), stack.forward_shared(x).detach()
+        with torch.no_grad():
+            for r, net in enumerate(nets):
+                torch.testing.assert_close(out[r], net(x[sel[r]]), rtol=1e-10, atol=1e-10)
+                torch.testing.assert_close(shared[r], net(x), rtol=1e-10, atol=1e-10)
+
+
 def test_fuzz_counts(capsys):
     # runs last in this module: the numbers quoted in docs/RELIABILITY.md
     with capsys.disabled():
