@@ -95,7 +95,8 @@ def test_reproduce_kernels(mnist_root, cli, tmp_path):
 def test_reproduce_kernels_on_several_relu_runs(cli, tmp_path):
     """`reproduce kernels --relu-run A,B`: the NPK of each run's initial and best-epoch gates + KRR on one subset,
     a row per run and mean +- std over the runs; the trained record matches KRR on the NPK of the run's best.pt
-    computed here; a run of another regime is refused naming it; a second invocation resumes (nothing recomputed)."""
+    computed here; a run of another regime is refused naming it; a second invocation resumes (nothing recomputed);
+    a run named twice and records of other sizes are refused."""
     from neuralpath import checkpoints, datasets
     from neuralpath.kernels.machines import accuracy, fit_predict
     from neuralpath.kernels.npk import npk
@@ -135,3 +136,9 @@ def test_reproduce_kernels_on_several_relu_runs(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     r = cli("reproduce", "kernels", "--relu-run", f"{runs[0]},{bad}", "--out", tmp_path / "k2")
     assert r.returncode == 1 and "needs a finished ReLU run folder" in r.stderr and "Traceback" not in r.stderr
+    # session 10: a run named twice counted twice in the mean +- std; records of other sizes were read as these
+    r = cli("reproduce", "kernels", "--relu-run", f"{runs[0]},{runs[0]}/.", "--out", tmp_path / "k3")
+    assert r.returncode == 1 and "twice" in r.stderr and not (tmp_path / "k3" / "kernels-run.jsonl").exists()
+    r = cli("reproduce", "kernels", "--relu-run", runs[0], "--n-train", "50", "--n-test", "40", "--out", out)
+    assert r.returncode == 1 and "holds records made with --n-train 60 --n-test 40" in r.stderr
+    assert len(read_jsonl(out / "kernels-run.jsonl")) == 4

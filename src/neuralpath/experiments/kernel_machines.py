@@ -206,8 +206,12 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
     relu_runs = [relu_runs] if isinstance(relu_runs, str | Path) else list(relu_runs)
     if not relu_runs:
         raise NeuralpathError("--relu-run: name at least one finished ReLU run folder")
-    runs = []
+    runs, seen = [], {}
     for rr in relu_runs:
+        key = Path(rr).resolve()
+        if key in seen:  # it would count twice in the mean +- std
+            raise NeuralpathError(f"--relu-run names {seen[key]} twice (as {seen[key]} and {rr}); name each run once")
+        seen[key] = rr
         f = RunFolder(rr)
         cfg_d = f.config()
         if not f.finished or cfg_d is None or cfg_d.get("regime") != "relu":
@@ -231,6 +235,16 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
     xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)
     xte, yte = datasets.load(cfg0.dataset, "test", root=env.data_root, limit=n_test, seed=0)
     rec_path = out / "kernels-run.jsonl"
+    other = [
+        r
+        for r in (read_jsonl(rec_path) if rec_path.exists() else [])
+        if (r["n_train"], r["n_test"]) != (n_train, n_test)
+    ]
+    if other:  # the report states one pair of sizes for every run: records of other sizes would be read as these
+        raise NeuralpathError(
+            f"{out} holds records made with --n-train {other[0]['n_train']} --n-test {other[0]['n_test']}; "
+            f"this request is --n-train {n_train} --n-test {n_test}: pick another --out or the same sizes"
+        )
     have = done_keys(rec_path, lambda r: (r["run"], r["gates"]))
     dev = resolve_device(env.device)
     for rr, f, cfg in runs:
