@@ -114,7 +114,7 @@ def run(
     for depth, width in ((11, 64), (6, 128), (3, 320), (6, 64), (6, 256)):
         counts = []
         for s in range(3 if b["pairs"] >= 10 else 1):
-            net = seeded_fc(width, depth, 10, 100 + s, tied=True).double()
+            net = seeded_fc(width, depth, 10, 100 + s, in_dim=x.shape[1], tied=True).double()  # the probe's inputs
             counts += [regions_along_segment(net, x[i], x[j]) for i, j in diff[:10]]
         m, sd = mean_std(counts)
         anchor.append(
