@@ -274,3 +274,5 @@ def test_shared_cifar_jpeg_copy(tmp_path):
     x, y = datasets.load("cifar10", "test", root=tmp_path)
     assert x.shape == (10000, 3, 32, 32) and y.bincount().tolist() == [1000] * 10
     assert abs(x[:, 0].mean().item() - 0.49) < 0.02
+    [rec] = datasets.info("cifar10", tmp_path)  # train and test come from the one archive: listed once
+    assert rec["status"] == "present" and len(rec["files"]) == len(set(rec["files"])) == 1, rec

@@ -312,7 +312,8 @@ def info(name: str | None = None, root=None) -> list:
             rec["status"] = "generated on the fly"
         else:
             try:
-                rec["files"] = [str(p) for s in SPLITS for p in _source_files(nm, s, root)]
+                # train and test may come from one file (the CIFAR-10 archive): list it once
+                rec["files"] = list(dict.fromkeys(str(p) for s in SPLITS for p in _source_files(nm, s, root)))
                 rec["status"] = "present"
             except FileNotFoundError as e:
                 rec["status"] = f"missing: {e}"
