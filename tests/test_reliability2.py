@@ -761,3 +761,15 @@ def test_kernel_ridge_reselects_its_ridge_on_every_fit_and_checks_its_settings()
     ):
         with pytest.raises(NeuralpathError, match=re.escape(needle)):
             KernelRidge(**kw)
+
+
+def test_kernel_dtype_names_and_half_precision():
+    """Session 10: `npk(net, x, dtype="float64")` ended in PyTorch's 'Invalid device string' (the name reached
+    `.to()`); float16/bfloat16 kernels were attempted. Names are accepted; other dtypes are one-line errors."""
+    net = npx.FCDGN(in_dim=5, width=8, depth=3, out_dim=2)
+    x = torch.randn(4, 5)
+    for f in (npx.npk, npx.ntk, npx.npf):
+        assert f(net, x, dtype="float64").dtype == torch.float64
+        with pytest.raises(NeuralpathError, match="kernels compute in float32 or float64"):
+            f(net, x, dtype=torch.float16)
+    torch.testing.assert_close(npx.npk(net, x, dtype="float64"), npx.npk(net.double(), x.double()))

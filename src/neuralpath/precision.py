@@ -25,6 +25,23 @@ def exact():
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = mm, cd
 
 
+KERNEL_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def kernel_dtype(dtype):
+    """The dtype a kernel computes in: None (the network's own), torch.float32/float64 or their names."""
+    if dtype is None or dtype in KERNEL_DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in KERNEL_DTYPES:
+        return KERNEL_DTYPES[dtype.removeprefix("torch.")]
+    from .errors import NeuralpathError
+
+    raise NeuralpathError(
+        f"dtype={dtype!r}: kernels compute in float32 or float64; pass torch.float64 (or 'float64'), or None for "
+        "the network's own dtype"
+    )
+
+
 def autocast(device: torch.device, bf16: bool):
     """bfloat16 autocast for a training step when asked, else nothing."""
     if not bf16:

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from ..nets.rules import rule, transition
+from ..precision import kernel_dtype
 from .gram import gram
 
 if TYPE_CHECKING:
@@ -53,6 +54,7 @@ NORMALIZE = (None, "trace", "cosine")
 
 
 def _as_dtype(net: DGN, dtype):
+    dtype = kernel_dtype(dtype)
     p = next(net.parameters())
     if dtype is None or dtype == p.dtype:
         return net
@@ -357,7 +359,7 @@ class KernelOptions(TypedDict, total=False):
 
     diag: bool
     method: str
-    dtype: torch.dtype | None
+    dtype: torch.dtype | str | None  # None: the network's own; "float32" / "float64" accepted
     block: int
     progress: bool
 
@@ -397,7 +399,10 @@ def npk(
     normalize: None (the kernel itself), 'trace' (H / trace H, symmetric case only) or 'cosine'
     (H(x,x') / sqrt(H(x,x) H(x',x'))). dtype: compute and return in this dtype (e.g. torch.float64).
     block/out/progress: see :func:`neuralpath.kernels.gram.gram` (out streams into a .npy memmap).
+    dtype None computes in the network's own dtype (inputs are cast to it): a float32 network gives a float32 kernel
+    even for float64 inputs.
     """
+    dtype = kernel_dtype(dtype)
     check_choice("normalize", normalize, NORMALIZE)
     check_choice("method", method, METHODS)
     from ..dlgn import DLGNVT

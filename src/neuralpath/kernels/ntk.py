@@ -37,7 +37,7 @@ from torch.func import functional_call, jacrev, jvp, vjp, vmap
 from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from ..nets.rules import rule, transition
-from ..precision import exact
+from ..precision import exact, kernel_dtype
 from .gram import gram
 from .npk import KernelOptions, _as_dtype, _check_inputs
 
@@ -279,6 +279,7 @@ def ntk(
     """
     check_choice("params", params, PARAMS)
     check_choice("method", method, METHODS)
+    dtype = kernel_dtype(dtype)
     x1, x2 = _check_inputs(net, x1, x2)
     if diag:  # K(x_i, x_i) (traced): linear in n for the structured method, so the NTK can be cosine-normalised
         if x2 is not None or out is not None or not trace:
