@@ -219,10 +219,10 @@ def test_gates_of_a_run_on_other_inputs_than_mnist(cli, tmp_path):
     """Session 10: `reproduce gates --run` of an FC run on another input size (synthetic here; an FC run on CIFAR-10
     likewise) measured every epoch and then failed in the Hanin-Rolnick anchor, whose nets assumed 784 inputs."""
     run = tmp_path / "syn"
-    r = cli("train", "--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "2", "--save-every", "1",
-            "--out", run)  # fmt: skip
+    r = cli("train", "--dataset", "synthetic", "--width", "8", "--depth", "3", "--epochs", "1", "--save-every", "1",
+            "--limit-train", "100", "--out", run)  # fmt: skip
     assert r.returncode == 0, r.stderr[-500:]
-    r = cli("reproduce", "gates", "--run", run, "--pairs", "2", "--out", tmp_path / "g")
+    r = cli("reproduce", "gates", "--run", run, "--pairs", "1", "--out", tmp_path / "g")
     assert r.returncode == 0, r.stderr[-800:]
     recs = [json.loads(x) for x in (tmp_path / "g" / "gates.jsonl").read_text().splitlines()]
-    assert [x["epoch"] for x in recs if not x.get("anchor")] == [0, 1, 2] and any(x.get("anchor") for x in recs)
+    assert [x["epoch"] for x in recs if not x.get("anchor")] == [0, 1] and any(x.get("anchor") for x in recs)

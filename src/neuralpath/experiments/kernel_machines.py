@@ -231,9 +231,6 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
     if n_train < 2:
         raise NeuralpathError(f"--n-train {n_train}: a kernel machine needs at least 2 training points")
     out = Path(out)
-    t0 = time.time()
-    xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)
-    xte, yte = datasets.load(cfg0.dataset, "test", root=env.data_root, limit=n_test, seed=0)
     rec_path = out / "kernels-run.jsonl"
     other = [
         r
@@ -245,6 +242,9 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
             f"{out} holds records made with --n-train {other[0]['n_train']} --n-test {other[0]['n_test']}; "
             f"this request is --n-train {n_train} --n-test {n_test}: pick another --out or the same sizes"
         )
+    t0 = time.time()
+    xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)
+    xte, yte = datasets.load(cfg0.dataset, "test", root=env.data_root, limit=n_test, seed=0)
     have = done_keys(rec_path, lambda r: (r["run"], r["gates"]))
     dev = resolve_device(env.device)
     for rr, f, cfg in runs:
