@@ -120,7 +120,7 @@ CLI_BAD = [
     (["reproduce", "table", "--budget", "huge"], "budget"),
     (["reproduce", "nu", "--budget", "huge"], "budget"),
     (["reproduce", "continuous", "--arch", "mlp"], "arch"),
-    (["data", "fetch", "imagenet"], "imagenet"),
+    (["data", "fetch", "imagenet"], "data set NAME='imagenet'"),  # the argument named, not a --dataset flag
 ]
 
 

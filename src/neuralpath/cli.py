@@ -81,6 +81,9 @@ def data():
 def data_fetch(name, root, mirrors):
     """Download (or find locally) a data set and verify its checksums."""
     from . import datasets
+    from .errors import check_choice
+
+    check_choice("data set NAME", name, datasets.NAMES)  # the argument, not --dataset (which this command lacks)
 
     rep = datasets.fetch(
         name, root, mirrors=list(mirrors) or None, progress=sys.stderr.isatty(), log=lambda m: click.echo(m, err=True)
