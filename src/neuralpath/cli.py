@@ -478,8 +478,7 @@ def _table(
     regimes = None if regimes is None else _commas("--regimes", regimes, "relu,flnpf")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     kw = dict(rows=rows, seeds=seeds, budget=budget, overrides=overrides, stacked=stacked, regimes=regimes)
-    if compile_:
-        kw["compile_dlnpf"] = True
+    kw.update(compile_dlnpf=compile_)
     _echo_run(table.run, out, data_root=data_root, device=device, **kw)
 
 
@@ -855,7 +854,7 @@ def kernel_fit(
     check_choice("method", method, ("krr", "svm"))
     from .errors import NeuralpathError
 
-    if n_train is not None and n_train == 1:
+    if n_train == 1:
         raise NeuralpathError("--n-train 1: a kernel machine needs at least 2 training points")
     if out and Path(out).is_dir():
         raise NeuralpathError(f"--out {out} is a folder; give a JSON-lines file to append the record to")

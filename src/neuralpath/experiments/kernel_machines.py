@@ -232,11 +232,8 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
         raise NeuralpathError(f"--n-train {n_train}: a kernel machine needs at least 2 training points")
     out = Path(out)
     rec_path = out / "kernels-run.jsonl"
-    other = [
-        r
-        for r in (read_jsonl(rec_path) if rec_path.exists() else [])
-        if (r["n_train"], r["n_test"]) != (n_train, n_test)
-    ]
+    old = read_jsonl(rec_path) if rec_path.exists() else []
+    other = [r for r in old if (r["n_train"], r["n_test"]) != (n_train, n_test)]
     if other:  # the report states one pair of sizes for every run: records of other sizes would be read as these
         raise NeuralpathError(
             f"{out} holds records made with --n-train {other[0]['n_train']} --n-test {other[0]['n_test']}; "
@@ -245,7 +242,7 @@ def run_on_run(out, relu_runs, n_train=3000, n_test=1000, env: Env | None = None
     t0 = time.time()
     xtr, ytr = datasets.load(cfg0.dataset, "train", root=env.data_root, limit=n_train, seed=0)
     xte, yte = datasets.load(cfg0.dataset, "test", root=env.data_root, limit=n_test, seed=0)
-    have = done_keys(rec_path, lambda r: (r["run"], r["gates"]))
+    have = {(r["run"], r["gates"]) for r in old}
     dev = resolve_device(env.device)
     for rr, f, cfg in runs:
         for gates in ("initial", "trained"):
