@@ -34,14 +34,14 @@ BUDGETS = {
 
 
 def run(
-    out,
-    budget="quick",
-    arch=None,
-    seeds=None,
-    stages=None,
-    step=None,
-    stage_epochs=None,
-    limit_train=None,
+    out: str | Path,
+    budget: str = "quick",
+    arch: str | None = None,
+    seeds: int | None = None,
+    stages: int | None = None,
+    step: int | None = None,
+    stage_epochs: int | None = None,
+    limit_train: int | None = None,
     env: Env | None = None,
 ) -> str:
     """ReLU nets (one per seed, one stack) keep their best-so-far checkpoint every ``step`` epochs; then every stage

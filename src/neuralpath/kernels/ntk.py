@@ -258,8 +258,8 @@ def ntk(net: DGN | ModuleDGN, x1, x2=None, *, out: str | Path, **options: Unpack
 
 def ntk(
     net: Any,
-    x1,
-    x2=None,
+    x1: torch.Tensor,
+    x2: torch.Tensor | None = None,
     *,
     diag: bool = False,
     params: str = "value",

@@ -37,9 +37,9 @@ class ConvDGN(DGN):
         eps: float = 0.1,
         init: str = "glorot",
         init_scale: float = math.sqrt(2.0),
-        generator: torch.Generator | None = None,
         gating: str = "relu",
         value_input: str = "x",
+        generator: torch.Generator | None = None,
     ):
         super().__init__()
         check_choice("arch", arch, ARCHS)
