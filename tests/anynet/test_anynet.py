@@ -114,6 +114,16 @@ def _models():
         "resnet": lambda: _randomize_bn(UserResNet(c=1)),
         "cnn-maxpool": user_cnn,
         "concat": Concat,
+        # a Linear on an (n, C, H, W) map acts on the last axis at every (C, H) position; its bias is per output
+        # feature (the path enumeration once broadcast it as a per-channel bias and crashed)
+        "linear-per-position": lambda: nn.Sequential(
+            nn.Conv2d(3, 2, 3, padding=1),
+            nn.ReLU(),
+            nn.Linear(4, 5),
+            nn.ReLU(),
+            nn.Flatten(),
+            nn.Linear(2 * 4 * 5, 2),
+        ),
         "mlp": lambda: nn.Sequential(
             nn.Flatten(),
             nn.Linear(48, 6),

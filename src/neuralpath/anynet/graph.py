@@ -4,7 +4,7 @@ Every node of the traced graph becomes one :class:`Op` of a small set whose path
 
 | op | from | units and edges |
 |---|---|---|
-| linear | nn.Linear | weight edges in -> out; a bias unit |
+| linear | nn.Linear (on the last axis, at every leading position) | weight edges in -> out; a bias unit |
 | conv | nn.Conv2d (any stride, padding, dilation, groups; zeros) | weight edges in the window and group; a bias |
 | gate | nn.ReLU, F.relu, .relu(), nn.LeakyReLU, F.leaky_relu | gated by G_x in {0, 1} (leaky: {alpha, 1}) |
 | maxpool | nn.MaxPool2d, F.max_pool2d | the edge PyTorch's backward routes through (first on ties) is open |

@@ -145,7 +145,10 @@ def enumerate_paths(dgn):
                 new = [_join(sets[src_op], src, dst, w, torch.ones_like(w), none(len(src)), n_in)]
                 if m.bias is not None:
                     b = m.bias.detach().to(dt)
-                    per = b.reshape(-1, *([1] * (len(op.shape) - 1))).expand(op.shape).reshape(-1)
+                    # a conv's bias is per channel (the first per-example axis); a Linear's per output feature (the
+                    # last axis: a Linear on (n, ..., d) acts at every leading position)
+                    lead = (-1, *([1] * (len(op.shape) - 1))) if k == "conv" else (-1,)
+                    per = b.reshape(lead).expand(op.shape).reshape(-1)
                     new.append(_bias_paths(per, dt))
                 sets[i] = _Paths.cat(new)
             elif k == "bn":
