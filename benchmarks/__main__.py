@@ -880,7 +880,9 @@ def bench_convratio(args):
     """The engine issue's ratio goals for one conv net (default: VCONV at the paper's widths, single runs): frozen /
     ReLU and DLNPF / ReLU per-step time, measured as ``--repeat`` interleaved rounds (ReLU, frozen, DLNPF, 3 steps
     each, after one warm-up round), so every ratio has a baseline from the same minute; the median over rounds is
-    the figure (single invocations of convstep differed by up to 25% per cell)."""
+    the figure (single invocations of convstep differed by up to 25% per cell). Each round also measures the
+    large-GEMM rate (best of 3 products of 2048^3) and each step's matrix-product FLOPs against it, so the rate goal
+    (every regime >= 50% of the GEMM rate at the paper's widths) gets the same interleaved medians."""
     from neuralpath.experiments.budget import conv_widths
 
     arch = args.arch or "vconv"
@@ -888,16 +890,28 @@ def bench_convratio(args):
     x, y = torch.rand(512, 3, 32, 32), torch.randint(0, 10, (512,))
     ch, hid = conv_widths(1.0)
     kw = dict(in_shape=(3, 32, 32), channels=ch, hidden=hid)
-    steps = {reg: _stack_step(reg, arch, 1, kw, x, y) for reg in ("relu", "frnpf-ii", "dlnpf")}
+    regs = ("relu", "frnpf-ii", "dlnpf")
+    steps = {reg: _stack_step(reg, arch, 1, kw, x, y) for reg in regs}
+    flops = {reg: _conv_step_flops(arch, ch, hid, reg) for reg in regs}
     for st in steps.values():
         st()
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     rounds = []
     for _ in range(args.repeat):
+        gemm = 2 * 2048**3 / min(timeit(lambda: a @ b, 1, 0) for _ in range(3)) / 1e9
         t = {reg: timeit(lambda st=st: [st() for _ in range(3)], 1, 0) / 3 for reg, st in steps.items()}
-        rounds.append(dict(t, frozen_over_relu=t["frnpf-ii"] / t["relu"], dlnpf_over_relu=t["dlnpf"] / t["relu"]))
+        rounds.append(
+            dict(
+                t,
+                frozen_over_relu=t["frnpf-ii"] / t["relu"],
+                dlnpf_over_relu=t["dlnpf"] / t["relu"],
+                large_gemm_gflops=gemm,
+                **{f"{reg}_of_gemm": flops[reg] / t[reg] / 1e9 / gemm for reg in regs},
+            )
+        )
         print(json.dumps(rounds[-1]), file=sys.stderr, flush=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    return dict(bench="convratio", arch=arch, width=1.0, rounds=rounds, median=med)
+    return dict(bench="convratio", arch=arch, width=1.0, step_gflop=flops, rounds=rounds, median=med)
 
 
 def _paired_dlnpf_forward(net, x):
