@@ -460,6 +460,8 @@ def test_report_collect_refuses_a_destination_inside_its_source(tmp_path, cli):
 def test_kernel_fit_names_its_own_flag_when_too_many_inputs(cli):
     r = cli("kernel", "fit", "--dataset", "synthetic", "--kernel", "npk", "--n-train", "100000", "--n-test", "10")
     _one_line_error(r, "--n-train 100,000")
+    r = cli("kernel", "fit", "--dataset", "synthetic", "--n-train", "0", "--n-test", "10")
+    _one_line_error(r, "--n-train 0 must be")  # (session 11: was named --num-inputs, a flag kernel fit lacks)
 
 
 def test_relu_checkpoint_outside_flnpf_is_refused(tmp_path):

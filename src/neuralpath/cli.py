@@ -290,7 +290,7 @@ def _kernel_setup(
     arch, regime = arch or "fc", regime or "relu"
     width, depth, seed = 128 if width is None else width, 6 if depth is None else depth, seed or 0
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise NeuralpathError(f"--num-inputs {n!r} must be a positive integer")
+        raise NeuralpathError(f"{n_flag} {n!r} must be a positive integer")
     if module:
         from .anynet import from_module
 
