@@ -362,3 +362,24 @@ def test_compile_is_refused_where_it_would_do_nothing(cli, tmp_path):
     r = cli("reproduce", "table", "--rows", "fc-adam", "--compile", "--out", tmp_path / "R")
     assert r.returncode == 1 and "--compile compiles the DLNPF runs of conv rows" in r.stderr
     assert not (tmp_path / "R").exists()
+
+
+def test_a_run_continues_only_on_the_copy_of_the_data_it_started_on(tmp_path):
+    """A run started on one copy of a data set (e.g. CIFAR-10's JPEG copy) and resumed or extended where another
+    copy is found (the official files fetched into the same --data-root since) would mix the two and report the
+    second's label: refused before anything is touched; the same copy continues."""
+    import dataclasses
+    import json
+
+    cfg = TrainConfig(regime="relu", seed=0, **dict(KW, epochs=1))
+    base = RunData.load(cfg.resolved())
+    a = dataclasses.replace(base, label="copy A")
+    train_many([cfg], [tmp_path / "r"], tmp_path / "st.pt", data=a, progress=False)
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"] == "copy A"
+    longer = dataclasses.replace(cfg, epochs=2)
+    b = dataclasses.replace(base, label="copy B")
+    with pytest.raises(NeuralpathError, match="was trained on copy A; the data found now is copy B"):
+        train_many([longer], [tmp_path / "r"], tmp_path / "st.pt", data=b, progress=False, allow_change=("epochs",))
+    assert (tmp_path / "r" / "result.json").is_file()  # the finished run's record was not removed
+    res = train_many([longer], [tmp_path / "r"], tmp_path / "st.pt", data=a, progress=False, allow_change=("epochs",))
+    assert res[0]["epochs"] == 2 and res[0]["data"] == "copy A"

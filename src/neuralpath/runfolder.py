@@ -26,8 +26,9 @@ from .errors import NeuralpathError
 from .io import read_jsonl, write_json, write_text
 
 # config keys that do not change what a run computes: where its data lives, the device and process count (the
-# global batch is the same under torchrun), extra snapshots
-NOT_IDENTITY = ("device", "data_root", "save_every", "world_size")
+# global batch is the same under torchrun), extra snapshots. ("data", the label of the copy a run started on, e.g.
+# 'CIFAR-10 (JPEG copy)', is checked on its own by train_many: folders written before it was recorded lack it.)
+NOT_IDENTITY = ("device", "data_root", "save_every", "world_size", "data")
 CHANGEABLE = ("epochs",)
 
 
