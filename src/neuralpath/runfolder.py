@@ -1,6 +1,7 @@
 """A run folder: the one place that knows its files, who owns it, and whether a request may reuse it.
 
-    config.json      the run's identity (its full training config), written when the run starts
+    config.json      the run's identity (its full training config), written when the run starts, and the copy of
+                     the data it started on (``data``, e.g. 'CIFAR-10 (JPEG copy)': it must continue on that copy)
     metrics.jsonl    one record per finished epoch
     best.pt          model of the best test epoch (the authors' protocol; the FLNPF source)
     best_even.pt     model of the best epoch on the even half of the test set (the clean FLNPF source)
