@@ -375,7 +375,8 @@ def test_a_run_continues_only_on_the_copy_of_the_data_it_started_on(tmp_path):
     base = RunData.load(cfg.resolved())
     a = dataclasses.replace(base, label="copy A")
     train_many([cfg], [tmp_path / "r"], tmp_path / "st.pt", data=a, progress=False)
-    assert json.loads((tmp_path / "r" / "config.json").read_text())["data"] == "copy A"
+    assert json.loads((tmp_path / "r" / "data.json").read_text()) == {"data": "copy A"}
+    TrainConfig(**json.loads((tmp_path / "r" / "config.json").read_text()))  # config.json stays a TrainConfig
     longer = dataclasses.replace(cfg, epochs=2)
     b = dataclasses.replace(base, label="copy B")
     with pytest.raises(NeuralpathError, match="was trained on copy A; the data found now is copy B"):

@@ -1,7 +1,7 @@
 """A run folder: the one place that knows its files, who owns it, and whether a request may reuse it.
 
-    config.json      the run's identity (its full training config), written when the run starts, and the copy of
-                     the data it started on (``data``, e.g. 'CIFAR-10 (JPEG copy)': it must continue on that copy)
+    config.json      the run's identity (its full training config), written when the run starts
+    data.json        the copy of the data it started on (e.g. 'CIFAR-10 (JPEG copy)'): it continues on that copy only
     metrics.jsonl    one record per finished epoch
     best.pt          model of the best test epoch (the authors' protocol; the FLNPF source)
     best_even.pt     model of the best epoch on the even half of the test set (the clean FLNPF source)
@@ -27,9 +27,8 @@ from .errors import NeuralpathError
 from .io import read_jsonl, write_json, write_text
 
 # config keys that do not change what a run computes: where its data lives, the device and process count (the
-# global batch is the same under torchrun), extra snapshots. ("data", the label of the copy a run started on, e.g.
-# 'CIFAR-10 (JPEG copy)', is checked on its own by train_many: folders written before it was recorded lack it.)
-NOT_IDENTITY = ("device", "data_root", "save_every", "world_size", "data")
+# global batch is the same under torchrun), extra snapshots
+NOT_IDENTITY = ("device", "data_root", "save_every", "world_size")
 CHANGEABLE = ("epochs",)
 
 
@@ -76,10 +75,17 @@ class RunFolder:
     def records(self) -> list:
         return read_jsonl(self.file("metrics.jsonl"))
 
-    def start(self, config: dict):
+    def start(self, config: dict, data: str = ""):
         self.path.mkdir(parents=True, exist_ok=True)
-        write_json(self.file("config.json"), config)
+        write_json(self.file("config.json"), config)  # (exactly a TrainConfig's fields: TrainConfig(**it) works)
+        if data:
+            write_json(self.file("data.json"), {"data": data})
         write_text(self.file("metrics.jsonl"), "")
+
+    def data(self) -> str | None:
+        """The label of the data copy the run started on (None for folders written before it was recorded)."""
+        p = self.file("data.json")
+        return json.loads(p.read_text()).get("data") if p.exists() else None
 
     def truncate(self, epoch: int):
         """Keep the metric records of epochs <= ``epoch`` (a resumed run redoes the later ones)."""

@@ -502,8 +502,7 @@ def fit(
     elif main:
         for r in runs:
             if r.folder is not None:
-                cfg = dict(r.config, data=data.label) if data.label else dict(r.config)
-                r.folder.start(dict(cfg, world_size=world) if world > 1 else cfg)
+                r.folder.start(dict(r.config, world_size=world) if world > 1 else r.config, data=data.label)
     xtr = data.x_train.to(device)
     ytr = data.y_train.to(device)
     tr_idx = torch.stack([r.train_idx for r in runs]).to(device)  # (R, n): rows of the full training split
@@ -810,7 +809,7 @@ def train_many(
         extend = [i for i in todo if modes[i] == "extend"]
         label = data.label if data is not None else datasets.source_label(base.dataset, base.data_root)
         for i in todo:  # a run continues on the copy of the data it started on (e.g. not the JPEG copy, then the
-            before = (folders[i].config() or {}).get("data")  # official CIFAR-10 found in the same --data-root)
+            before = folders[i].data()  # official CIFAR-10 found in the same --data-root)
             if modes[i] != "new" and before and label and before != label:
                 raise NeuralpathError(
                     f"{folders[i].path} was trained on {before}; the data found now is {label}: point --data-root "
