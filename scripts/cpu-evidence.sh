@@ -32,7 +32,7 @@ lane_b() {
   $NP reproduce resnet --budget cpu --out runs/resnet                  # any-network: a small ResNet on CIFAR-10
   # continuous NPF learning on GCONV (the CIFAR-10 evidence comes before fc-sgd; moved here from lane a in session 7)
   $NP reproduce continuous --budget cpu --out runs/continuous-cpu
-  $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd
+  $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd   # done in session 11
 }
 
 case "${1:-}" in
