@@ -807,17 +807,18 @@ def train_many(
             failed = False
             return [results[i] for i in range(len(cfgs))]
         extend = [i for i in todo if modes[i] == "extend"]
-        label = data.label if data is not None else datasets.source_label(base.dataset, base.data_root)
-        for i in todo:  # a run continues on the copy of the data it started on (e.g. not the JPEG copy, then the
-            before = folders[i].data()  # official CIFAR-10 found in the same --data-root)
-            if modes[i] != "new" and before and label and before != label:
+        data = data if data is not None else RunData.load(base)
+        # a run continues on the copy of the data it started on (not the JPEG copy of CIFAR-10, then the official
+        # files fetched into the same --data-root since): checked before an extended run's result is removed
+        for i in todo:
+            before = folders[i].data()
+            if modes[i] != "new" and before and data.label and before != data.label:
                 raise NeuralpathError(
-                    f"{folders[i].path} was trained on {before}; the data found now is {label}: point --data-root "
-                    "at the copy it trained on, or pick another --out"
+                    f"{folders[i].path} was trained on {before}; the data found now is {data.label}: point "
+                    "--data-root at the copy it trained on, or pick another --out"
                 )
         for i in extend:  # a finished run asked for more epochs: continue from its state
             folders[i].file("result.json").unlink()
-        data = data if data is not None else RunData.load(base)
         specs = [run_spec(cfgs[i], data, outs[i]) for i in todo]
         for i, s in zip(todo, specs):
             s.folder = folders[i]
