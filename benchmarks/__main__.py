@@ -203,6 +203,8 @@ def bench_convnpk_scale(args):
         net = npx.ConvDGN("gconv", channels=ch, hidden=hid, tied=True)
         from neuralpath.kernels.npk import featurize
 
+        # a first small kernel compiles the fused tile passes (kernels/fused.py), so the timing below excludes it
+        t_warm = timeit(lambda: npx.npk(net, x[:64]), 1, warmup=0)
         t = timeit(lambda: npx.npk(net, x), 1, warmup=0)
         # the features the NPK itself makes (bit-packed hard gates), timed and dropped block by block
         t_feat = timeit(lambda: [len(featurize(net, x[i : i + 256], compact=True)) for i in range(0, n, 256)], 1, 0)
@@ -213,6 +215,8 @@ def bench_convnpk_scale(args):
             dict(
                 width=mult,
                 seconds=t,
+                warmup_s=t_warm,  # 64 inputs, the first call: the compile of the fused passes (cached on disk after)
+                fused=os.environ.get("NEURALPATH_FUSED", "auto"),
                 featurize_s=t_feat,  # the model's forward pass and the position-major copies, once per input
                 pairs_per_s=pairs / t,
                 gemm_bound_s=bound,

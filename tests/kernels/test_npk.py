@@ -239,3 +239,49 @@ def test_bit_packed_conv_gates_give_the_same_kernel(monkeypatch):
     unpacked = npk_module._unpack_pm(npk_module._pack_pm(g), torch.float64)
     assert unpacked.shape == (6, 3, 16) and unpacked[:, :, 11:].sum().item() == 0
     assert torch.equal(unpacked[:, :, :11], npk_module._pm(g.double()))
+
+
+@pytest.mark.parametrize(
+    "arch, kw",
+    [
+        ("gconv", dict(channels=(3, 9, 8), hidden=(5,), tied=True)),  # bits, 9 channels padded to 16
+        ("vconv", dict(channels=(4, 6), hidden=(5, 4), tied=True, bias=False, kernel_size=5)),  # bits, a 5 x 5 window
+        ("gconv", dict(channels=(4, 6), hidden=(5,), gate="soft")),  # float gates (DLNPF-style soft gates)
+    ],
+)
+def test_compiled_tile_passes_equal_the_tensor_op_loop(monkeypatch, arch, kw):
+    """The conv tile loop with one compiled pass per layer (kernels/fused.py, zero-bordered buffers, per-row GEMMs)
+    against the tensor-op loop, float64, symmetric and rectangular kernels over several tiles of unequal shapes."""
+    net = randomize_biases(npx.ConvDGN(arch, in_channels=2, out_dim=3, image_size=6, **kw)).double()
+    x = torch.rand(40, 2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x2 = torch.rand(21, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    got = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("NEURALPATH_FUSED", mode)
+        got[mode] = npx.npk(net, x, block=16), npx.npk(net, x, x2, block=16)
+    for a, b in zip(got["1"], got["0"]):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item()
+    assert not torch.equal(got["1"][0], got["0"][0])  # the compiled passes ran (another order of the window sums)
+
+
+def test_compiled_tile_passes_fall_back_with_a_warning(monkeypatch):
+    """Where the compiled passes do not compile (no C++ compiler), the tensor-op loop runs, after one warning."""
+    from neuralpath.kernels import fused
+
+    def broken(*a, **k):
+        raise RuntimeError("no compiler")
+
+    net = npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(3,), hidden=(4,), image_size=6, tied=True).double()
+    x = torch.rand(20, 2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    monkeypatch.setenv("NEURALPATH_FUSED", "0")
+    want = npx.npk(net, x, block=16)
+    monkeypatch.setenv("NEURALPATH_FUSED", "1")
+    monkeypatch.setattr(fused, "window", lambda *a: (broken, broken))
+    fused.window_ops.cache_clear()
+    try:
+        with pytest.warns(UserWarning, match="compiled NPK tile passes unavailable"):
+            got = npx.npk(net, x, block=16)
+    finally:
+        fused.window_ops.cache_clear()
+    assert torch.equal(got, want)

@@ -42,6 +42,7 @@ from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from ..nets.rules import rule, transition
 from ..precision import kernel_dtype
+from . import fused
 from .gram import gram
 
 if TYPE_CHECKING:
@@ -269,6 +270,86 @@ def _box_pm_inplace(t, spare, h, w, k, bias=0.0):
 
 
 def _pair_conv(hw, e1, e2, steps, bufs=None):
+    """The conv tile loop: the compiled one (:func:`_pair_conv_fused`) for large tiles on the CPU where it compiles,
+    else :func:`_pair_conv_ops`."""
+    x1, x2 = e1["x_pm"], e2["x_pm"]
+    convs = [k for _, kind, k, _ in steps if kind == "conv"]
+    first_flat = next((i for i, s in enumerate(steps) if s[0] in ("flatten", "gap")), len(steps))
+    fusable = (
+        x1.device.type == "cpu"
+        and all(kind == "conv" for _, kind, _, _ in steps[:first_flat])
+        and first_flat < len(steps)
+        and fused.wanted(hw[0] * hw[1] * x1.shape[1] * x2.shape[1])
+    )
+    if fusable:
+        pad = max(k // 2 for k in convs)
+        ops = {k: fused.window_ops(hw[0], hw[1], k, pad, x1.dtype) for k in set(convs)}
+        if all(o is not None for o in ops.values()):
+            return _pair_conv_fused(hw, pad, ops, e1, e2, steps, {} if bufs is None else bufs)
+    return _pair_conv_ops(hw, e1, e2, steps, bufs)
+
+
+def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs):
+    """The conv tile loop with one compiled pass per conv layer (kernels/fused.py): the tile T lives in a
+    zero-bordered buffer (H + 2 pad, W + 2 pad, a, b); per layer the overlap GEMMs write the interior of the other
+    buffer (one batched GEMM per row of positions), then (window sum of T + bias) * overlap is written over it and the
+    two buffers swap. Same arithmetic as :func:`_pair_conv_ops` (the same 1/k^2 and 1/C folding)."""
+    h, w = hw
+    x1, x2 = e1["x_pm"], e2["x_pm"]
+    a, b_ = x1.shape[1], x2.shape[1]
+    shape = (h + 2 * pad, w + 2 * pad, a, b_)
+    if "tp" not in bufs or tuple(bufs["tp"].shape) != shape or bufs["tp"].dtype != x1.dtype:
+        # edge tiles change the shape: views of two flat buffers sized for the largest tile (a fresh pair-sized
+        # tensor costs page faults worth several passes), zeroed once per change of shape (the borders stay zero)
+        size = math.prod(shape)
+        flat = bufs.get("flat")
+        if flat is None or flat[0].numel() < size or flat[0].dtype != x1.dtype:
+            flat = bufs["flat"] = (x1.new_empty(size), x1.new_empty(size))
+        bufs["tp"], bufs["op"] = (f[:size].view(shape).zero_() for f in flat)
+    tp, op = bufs["tp"], bufs["op"]
+    inner = tp[pad : pad + h, pad : pad + w]
+    xa, xb = x1.view(h, w, a, -1), x2.view(h, w, b_, -1)
+    if x1.shape[2] <= 4:  # sum_c x x' per position; a GEMM with K = 3 runs far below the BLAS rate here
+        torch.mul(xa[:, :, :, None, 0], xb[:, :, None, :, 0], out=inner)
+        for c in range(1, x1.shape[2]):
+            inner.addcmul_(xa[:, :, :, None, c], xb[:, :, None, :, c])
+    else:
+        for i in range(h):
+            torch.bmm(xa[i], xb[i].transpose(1, 2), out=inner[i])
+    log_s, t = 0.0, None
+    for l, (trans, kind, k, b) in enumerate(steps):
+        if trans in ("flatten", "gap"):  # the borders are zero: the sum over the buffer is the sum over positions
+            n_pos = h * w
+            t = tp.sum((0, 1)).div_(n_pos)
+            log_s += math.log(n_pos)
+            if trans == "gap":
+                t.div_(n_pos**2)
+        if kind == "conv":  # never the last layer (checked by the caller)
+            log_s += math.log(k * k)
+            bias = b * math.exp(-log_s) * k * k if b else 0.0
+            width = e1["chans"][l] if "chans" in e1 else e1["g_pm"][l].shape[2]
+            g1, g2 = _conv_gates_pm(e1, l, bufs, 1), _conv_gates_pm(e2, l, bufs, 2)
+            g1, g2 = g1.view(h, w, a, -1), g2.view(h, w, b_, -1)
+            for i in range(h):
+                row = op[pad + i, pad : pad + w]
+                torch.baddbmm(row, g1[i], g2[i].transpose(1, 2), beta=0.0, alpha=1.0 / (k * k * width), out=row)
+            ops[k][0](tp, op, torch.tensor(bias, dtype=tp.dtype))
+            tp, op = op, tp
+            log_s += math.log(width)
+            continue
+        assert t is not None
+        if b:
+            t.add_(b * math.exp(-log_s))
+        if l == len(steps) - 1:
+            break
+        g2 = e2["scaled"][l] * e2["scaled"][l].shape[1]  # the unscaled gates
+        t.mul_(e1["scaled"][l] @ g2.T)
+        log_s += math.log(g2.shape[1])
+    bufs["tp"], bufs["op"] = tp, op
+    return t, log_s
+
+
+def _pair_conv_ops(hw, e1, e2, steps, bufs=None):
     """The conv tile loop, position-major: T (H*W, a, b) and one spare buffer of its size, both kept in ``bufs``
     from tile to tile (a fresh 256 MB tensor costs page faults worth several passes over it); per conv layer a
     separable box sum (the bias fused into its middle copy), one batched GEMM over positions for the channel-summed
