@@ -29,11 +29,15 @@ def test_budget_curve_from_records(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| 0.125 | 10000 |"))  # x1/8, 150 epochs (session 10)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["150", "46.72", "47.56", "-0.84", "—"], row
+    row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 5000 |"))  # x1/4, 5,000 images (sessions 10-12)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["100", "43.71", "48.37", "-4.66", "—"], row
     budget.plot(recs, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     doc = (REPO / "docs" / "RESULTS.md").read_text()
     assert "passes FRNPF-II for good at **epoch 104**" in doc and "FLNPF ends at **55.25%**" in doc
     assert "| gap ReLU − FRNPF-II (points) | −4.66 | −6.11 | −4.82 | −3.77 | −2.24 | −1.34 | −0.84 |" in doc
+    assert "| gap ReLU − FRNPF-II (points) | −7.27 | −9.85 | −8.17 | −5.86 | −5.81 | −4.66 |" in doc
 
 
 def test_dlgn_table_from_records(tmp_path):
