@@ -246,12 +246,15 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
     while time.time() < deadline and not partial.exists():
         time.sleep(0.05)
     time.sleep(0.5)
-    p.send_signal(signal.SIGTERM)  # SIGTERM and SIGINT unwind: the partial file is removed
+    p.send_signal(signal.SIGTERM)  # SIGTERM and SIGINT unwind: the partial is removed, or kept with a journal
     assert p.wait(60) != 0
-    assert not partial.exists() and not out.exists()
+    journal = tmp_path / ".K.npy.partial.json"
+    assert not out.exists()
+    assert not partial.exists() or json.loads(journal.read_text())["done"] >= 1  # the same command would resume
     partial.write_bytes(b"stale")  # as a SIGKILL would leave it
     r = cli("kernel", "npk", "--num-inputs", "20", "--data-root", mnist_root, "--out", out)
     assert r.returncode == 0 and not partial.exists() and np.load(out).shape == (20, 20)
+    assert not journal.exists()  # another kernel at the same name: the stale partial and journal are discarded
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["dataset"] == "mnist" and len(side["indices"]) == 20 and len(side["labels"]) == 20
     x, y = datasets.load("mnist", "train", root=mnist_root)

@@ -2,8 +2,13 @@
 budget, or recomputed per tile) give the kernel of a direct computation, symmetric or not, and the kept path
 featurises every input once."""
 
+import json
+
+import numpy as np
+import pytest
 import torch
 
+import neuralpath as npx
 from neuralpath.kernels.gram import gram
 
 
@@ -27,3 +32,86 @@ def test_both_feature_paths_give_the_direct_kernel():
             assert (K - direct).abs().max().item() <= 1e-14
             inputs = len(x1) + (0 if other is None else len(other))
             assert (sum(seen) == inputs) == (per_input is not None), (per_input, sum(seen), inputs)
+
+
+def test_an_interrupted_stream_resumes_after_its_finished_tiles(tmp_path, monkeypatch):
+    """A stream to a file with an identity keeps its partial file and journal when interrupted; the same call
+    continues after the journal's tiles (they are not computed again) and gives the uninterrupted kernel exactly;
+    other inputs or another identity start afresh."""
+    from neuralpath.kernels import gram as G
+
+    monkeypatch.setattr(G, "JOURNAL_SECONDS", 0.0)
+    x = torch.rand(50, 7, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    out = tmp_path / "K.npy"
+    calls = []
+
+    def pair(a, b, fail_at=None):
+        calls.append(1)
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt
+        return a @ b.T
+
+    kw = dict(block=16, out=out, dtype=torch.float64, progress=False)  # 4 row blocks: 10 tiles of the upper triangle
+
+    def direct(v):  # the same tiles computed in memory in one go
+        return G.gram(lambda u: u, lambda a, b: a @ b.T, v, **dict(kw, out=None)).numpy()
+
+    with pytest.raises(KeyboardInterrupt):
+        G.gram(lambda v: v, lambda a, b: pair(a, b, fail_at=4), x, identity="k1", **kw)
+    partial, journal = tmp_path / ".K.npy.partial.npy", tmp_path / ".K.npy.partial.json"
+    assert not out.exists() and partial.exists() and json.loads(journal.read_text())["done"] == 3
+    calls.clear()
+    G.gram(lambda v: v, pair, x, identity="k1", **kw)
+    assert len(calls) == 7 and not partial.exists() and not journal.exists()
+    assert np.array_equal(np.load(out), direct(x))
+    for other in (dict(x=x + 1, identity="k1"), dict(x=x, identity="k2")):  # a partial of another kernel: discarded
+        out.unlink()
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            G.gram(lambda v: v, lambda a, b: pair(a, b, fail_at=4), x, identity="k1", **kw)
+        calls.clear()
+        G.gram(lambda v: v, pair, other["x"], identity=other["identity"], **kw)
+        assert len(calls) == 10 and np.array_equal(np.load(out), direct(other["x"]))
+    out.unlink()  # without an identity nothing is kept
+    calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        G.gram(lambda v: v, lambda a, b: pair(a, b, fail_at=4), x, **kw)
+    assert not partial.exists() and not journal.exists()
+
+
+def test_a_stream_identity_covers_weights_buffers_and_options():
+    from neuralpath.kernels.gram import identity_of
+
+    net = npx.FCDGN(in_dim=4, width=3, depth=3, out_dim=2)
+    a = identity_of(net, kernel="npk")
+    assert a == identity_of(net, kernel="npk") and a != identity_of(net, kernel="ntk")
+    with torch.no_grad():
+        next(net.parameters())[0, 0] += 1e-7
+    assert identity_of(net, kernel="npk") != a
+
+
+def test_npk_streams_resume_and_equal_an_uninterrupted_stream(tmp_path, monkeypatch):
+    from neuralpath.kernels import gram as G
+    from neuralpath.kernels import npk as N
+
+    monkeypatch.setattr(G, "JOURNAL_SECONDS", 0.0)
+    net = npx.FCDGN(in_dim=6, width=5, depth=3, out_dim=2).double()
+    x = torch.rand(40, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    want = np.load(npx.npk(net, x, block=16, out=tmp_path / "A.npy"))
+    real, n = N.npk_pair, []
+
+    def flaky(*a, **k):
+        n.append(1)
+        if len(n) == 3 and fail:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    fail = True
+
+    monkeypatch.setattr(N, "npk_pair", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        npx.npk(net, x, block=16, out=tmp_path / "B.npy")
+    assert json.loads((tmp_path / ".B.npy.partial.json").read_text())["done"] == 2
+    n.clear()
+    fail = False
+    assert np.array_equal(np.load(npx.npk(net, x, block=16, out=tmp_path / "B.npy")), want) and len(n) == 4

@@ -444,7 +444,7 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
     """NPK of a ModuleDGN through the blocked Gram engine (or its diagonal, ``diag=True``). ``scaled=True`` returns
     H * exp(-s) for the network's fixed log-scale s (the same for every pair): ratios such as the cosine
     normalisation never overflow."""
-    from ..kernels.gram import gram
+    from ..kernels.gram import gram, tiling
 
     if dtype is not None and dtype != next(dgn.parameters()).dtype:
         import copy
@@ -467,7 +467,7 @@ def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None,
     with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
         units = sum(math.prod(op.shape) for op in dgn.ops if op.kind == "gate")
         per_input = 2 * (units + math.prod(x1.shape[1:])) * torch.empty((), dtype=dt).element_size()
-        tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
+        tiles = tiling(dgn, block=block, out=out, dtype=dt, progress=progress, kernel="npk", scaled=scaled)
         return gram(lambda x: featurize(dgn, x), pair, x1, x2, desc="NPK", feature_bytes_per_input=per_input, **tiles)
 
 

@@ -9,6 +9,10 @@
   name and renamed when complete;
 - before any work it refuses, with a size estimate, a result that fits neither in memory (no ``out``) nor on the
   output's disk;
+- a stream to ``out`` with an ``identity`` (the caller's description of what it computes: the network's weights and
+  the options; the engine adds the inputs) resumes: every ``JOURNAL_SECONDS`` the finished tiles are made durable
+  (fsync) and counted in a journal beside the partial file, and a later call with the same identity, inputs, tile
+  size and dtype continues after them (a partial of anything else is discarded). Single process only;
 - with torch.distributed initialised, tiles are split among ranks (round robin): with ``out`` each rank writes its
   tiles into the one shared .npy file and rank 0 renames it after a barrier (the ranks must share a file system);
   in memory, each rank fills its tiles of a zero matrix and one all-reduce (sum) gives every rank the whole kernel.
@@ -19,8 +23,11 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +47,40 @@ def _avail_memory() -> int:
     except OSError:
         pass
     return 8 << 30
+
+
+JOURNAL_SECONDS = 30.0  # how often a resumable stream records its finished tiles
+
+
+def identity_of(net, **options) -> str:
+    """A digest of a network's parameters and buffers (names, dtypes, shapes, values) and of ``options``: what a
+    resumable kernel stream is a stream of, besides its inputs."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{type(net).__module__}.{type(net).__qualname__}|{sorted(options.items())!r}".encode())
+    for name, t in list(net.named_parameters()) + list(net.named_buffers()):
+        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def tiling(net, *, block, out, dtype, progress, **what) -> dict:
+    """How the Gram engine tiles and where it writes, for a kernel of ``net``: a stream to ``out`` gets the identity
+    that makes it resumable (``what``: the kernel's name and options)."""
+    ident = identity_of(net, **what) if out is not None else None
+    return dict(block=block, out=out, dtype=dtype, progress=progress, identity=ident)
+
+
+def _input_digest(identity, x1, x2, block, dtype) -> str:
+    h = hashlib.blake2b(identity.encode(), digest_size=16)
+    h.update(f"|{block}|{dtype}|".encode())
+    for x in (x1, x2):
+        if x is None:
+            h.update(b"|symmetric|")
+            continue
+        t = torch.as_tensor(x).detach().cpu().contiguous()
+        h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _dist():
@@ -66,6 +107,9 @@ class _TileWriter:
         for r in range(tile.shape[0]):
             pos = self.offset + ((rows.start + r) * self.n2 + cols.start) * self.itemsize
             os.pwrite(self.fd, tile[r].tobytes(), pos)
+
+    def sync(self):
+        os.fsync(self.fd)
 
     def close(self):
         os.fsync(self.fd)
@@ -122,6 +166,7 @@ def _gram(
     feature_bytes_per_input: int | None = None,
     desc: str = "kernel",
     memory_limit: int | None = None,
+    identity: str | None = None,
 ):
     sym = x2 is None
     x2_ = x1 if sym else x2
@@ -133,7 +178,7 @@ def _gram(
     rank, world = _dist()
     if feature_budget is None:
         feature_budget = max(1 << 30, _avail_memory() // 4)
-    job = dict(
+    job: dict[str, Any] = dict(
         featurize=featurize,
         pair=pair,
         x1=x1,
@@ -153,6 +198,8 @@ def _gram(
         return _fill(K.numpy(), K, **job)
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial.npy")
+    journal = out.with_name(f".{out.name}.partial.json")
+    key = _input_digest(identity, x1, x2, block, dtype) if identity is not None and world == 1 else None
     lock = None
     if rank == 0:
         from filelock import FileLock, Timeout
@@ -164,9 +211,12 @@ def _gram(
             raise NeuralpathError(
                 f"{out} is being written by another neuralpath process; wait for it or pick " "another --out"
             ) from None
+    keep = False  # a resumable partial with a journal survives an interruption (the journal counts durable tiles)
     try:
-        if rank == 0:
-            tmp.unlink(missing_ok=True)  # a stale partial of a killed run of the same name
+        start = _resume_point(tmp, journal, key, (n1, n2))
+        if rank == 0 and start == 0:
+            tmp.unlink(missing_ok=True)  # a stale partial of a killed run of the same name, or of another kernel
+            journal.unlink(missing_ok=True)
             if need > 1 << 30 and progress is not False:
                 import sys
 
@@ -174,22 +224,39 @@ def _gram(
             np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")), shape=(n1, n2)
             ).flush()
+        elif start and progress is not False:
+            import sys
+
+            print(f"{desc}: resuming {out} after {start} finished tiles", file=sys.stderr)
         if world > 1:
             torch.distributed.barrier()
         target = _TileWriter(tmp, n2, itemsize)
+        log = _Journal(target, journal, key) if key is not None else None
         try:
-            _fill(target, None, **job)
+            _fill(target, None, start=start, checkpoint=log, **job)
+        except BaseException:
+            if log is not None and log.done > start:  # keep what is finished: the same call continues after it
+                log.flush()
+            keep = journal.exists()
+            if keep and progress is not False:
+                import sys
+
+                done = json.loads(journal.read_text())["done"]
+                print(f"{desc}: stopped; {done} finished tiles kept in {tmp}: the same call continues", file=sys.stderr)
+            raise
         finally:
             target.close()
         if world > 1:
             torch.distributed.barrier()
         if rank == 0:
             os.replace(tmp, out)
+            journal.unlink(missing_ok=True)
         if world > 1:
             torch.distributed.barrier()
     except BaseException:
-        if rank == 0:
+        if rank == 0 and not keep:
             tmp.unlink(missing_ok=True)  # nothing half-written stays behind (SIGINT/SIGTERM arrive as exceptions)
+            journal.unlink(missing_ok=True)
         raise
     finally:
         if lock is not None:
@@ -197,6 +264,42 @@ def _gram(
             with contextlib.suppress(OSError):
                 os.unlink(lock.lock_file)
     return out
+
+
+def _resume_point(tmp, journal, key, shape) -> int:
+    """How many tiles of a resumable stream are already in its partial file (0: start afresh)."""
+    if key is None or not tmp.exists() or not journal.exists():
+        return 0
+    try:
+        j = json.loads(journal.read_text())
+        arr = np.load(tmp, mmap_mode="r")
+    except (OSError, ValueError):
+        return 0
+    if j.get("key") != key or tuple(arr.shape) != shape:
+        return 0
+    return int(j.get("done", 0))
+
+
+class _Journal:
+    """Called by _fill after each finished tile with the count so far: at most every JOURNAL_SECONDS (at the end,
+    and by :meth:`flush` when a stream is interrupted) the tiles written so far are made durable (fsync), then
+    counted in the journal, written to a temporary name and renamed."""
+
+    def __init__(self, target, path, key):
+        self.target, self.path, self.key = target, path, key
+        self.done, self.last = 0, time.monotonic()
+
+    def __call__(self, done, final=False):
+        self.done = done
+        if final or time.monotonic() - self.last >= JOURNAL_SECONDS:
+            self.flush()
+
+    def flush(self):
+        self.target.sync()
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps({"key": self.key, "done": self.done}))
+        os.replace(tmp, self.path)
+        self.last = time.monotonic()
 
 
 def _fill(
@@ -216,7 +319,11 @@ def _fill(
     desc,
     rank,
     world,
+    start=0,
+    checkpoint=None,
 ):
+    """Compute and write the tiles (this rank's share); the first ``start`` of them are already written (a resumed
+    stream); ``checkpoint(done)`` is told after each one."""
     from tqdm import tqdm
 
     n1, n2 = len(x1), len(x2_)
@@ -232,9 +339,9 @@ def _fill(
         if not sym or bj >= bi
     ]
     mine = tiles[rank::world]
-    bar = tqdm(total=len(mine), desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(mine), initial=start, desc=desc, disable=not progress, leave=False)
     f1_idx, f1 = None, None
-    for bi, bj in mine:
+    for done, (bi, bj) in enumerate(mine[start:], start + 1):
         i0, j0 = bi * block, bj * block
         if cache1 is not None and cache2 is not None:
             a, b = cache1[bi], cache2[bj]
@@ -251,6 +358,8 @@ def _fill(
         if sym and bi != bj:
             target[j0 : j0 + tile.shape[1], i0 : i0 + tile.shape[0]] = tile.T
         bar.update(1)
+        if checkpoint is not None:
+            checkpoint(done, final=done == len(mine))
     bar.close()
     if K is not None and world > 1:
         torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.SUM)

@@ -43,7 +43,7 @@ from ..nets.base import DGN
 from ..nets.rules import rule, transition
 from ..precision import kernel_dtype
 from . import fused
-from .gram import gram
+from .gram import gram, tiling
 
 if TYPE_CHECKING:
     from ..anynet.dgn import ModuleDGN
@@ -549,7 +549,7 @@ def npk(
         compact = net.tied or net.gate_kind == "hard"  # 0/1 gates: keep them as bits
         gate_units = n_units - x1[:1].numel()
         per_input = 2 * x1[:1].numel() * item + (gate_units // 8 + 1 if compact else 2 * gate_units * item)
-    tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
+    tiles = tiling(net, block=block, out=out, dtype=dt, progress=progress, kernel="npk")
     K = gram(
         lambda x: featurize(net, x, compact=compact),
         pair,

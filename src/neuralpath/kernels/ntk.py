@@ -38,7 +38,7 @@ from ..errors import NeuralpathError, check_choice
 from ..nets.base import DGN
 from ..nets.rules import rule, transition
 from ..precision import exact, kernel_dtype
-from .gram import gram
+from .gram import gram, tiling
 from .npk import KernelOptions, _as_dtype, _check_inputs
 
 if TYPE_CHECKING:
@@ -322,7 +322,8 @@ def ntk(
             return _pair_structured(f1, f2, trace=False)
         one = _featurize(net, x1[:1], params, biases)  # what one input's features occupy: the Gram engine keeps
         per_input = sum(t.numel() * t.element_size() for e in one for t in e[1:3] if torch.is_tensor(t))  # all if fit
-        tiles = dict(block=block, out=out, dtype=dt, progress=progress)  # how the Gram engine tiles, where it writes
+        what = dict(kernel="ntk", params=params, biases=biases)  # what a resumable stream is a stream of
+        tiles = tiling(net, block=block, out=out, dtype=dt, progress=progress, **what)
         return gram(
             lambda x: _featurize(net, x, params, biases),
             lambda a, b: _pair_structured(a, b, True),
