@@ -33,6 +33,15 @@ lane_b() {
   # continuous NPF learning on GCONV (the CIFAR-10 evidence comes before fc-sgd; moved here from lane a in session 7)
   $NP reproduce continuous --budget cpu --out runs/continuous-cpu
   $NP reproduce table --rows fc-sgd --seeds 5 --budget paper --out runs/paper-fc-sgd   # done in session 11
+  # the 50,000 x 50,000 CIFAR-10 NPK of the cpu-budget GCONV ReLU net (seed 0), 10 GB; the stream resumes after a
+  # stop (session 12: ~2.1 h on both cores at the compiled tile pass's rate, ~5 h on this lane's one thread)
+  K=runs/npk50k/gconv-relu-s0-train50k.npy
+  if [ ! -f $K ]; then
+    echo "npk50k: start $(date -u +%FT%TZ)"
+    /usr/bin/time -v $NP kernel npk --checkpoint runs/table-cpu/runs/gconv-adam/relu-s0 --dataset cifar10 \
+      --split train --num-inputs 50000 --out $K
+    echo "npk50k: end $(date -u +%FT%TZ)"
+  fi
 }
 
 case "${1:-}" in
