@@ -767,8 +767,9 @@ def report():
 @click.argument("source")
 @click.argument("dest")
 def report_collect(source, dest):
-    """Copy the small records of an experiment folder (config.json, metrics.jsonl, result.json of every run; the
-    experiment's .jsonl/.md/.png files) into DEST, leaving checkpoints and data behind: what docs/results holds."""
+    """Copy the small records of an experiment folder (config.json, data.json, metrics.jsonl, result.json of every
+    run; the experiment's .jsonl/.md/.png files) into DEST, leaving checkpoints and data behind: what docs/results
+    holds."""
     import shutil
     from pathlib import Path
 
@@ -780,7 +781,7 @@ def report_collect(source, dest):
         raise FileNotFoundError(f"{source}: no such experiment folder")
     if dst.resolve() == src.resolve() or src.resolve() in dst.resolve().parents:
         raise NeuralpathError(f"DEST {dest} is {source} or inside it; give a folder elsewhere (e.g. docs/results/X)")
-    keep = {"config.json", "metrics.jsonl", "result.json"}
+    keep = {"config.json", "data.json", "metrics.jsonl", "result.json"}  # data.json: which copy of the data
     # a run still training (config.json, no result.json yet) is left out: its records would be read as finished
     unfinished = {
         c.parent for c in src.rglob("config.json") if c.parent != src and not (c.parent / "result.json").is_file()
