@@ -245,16 +245,19 @@ def test_bit_packed_conv_gates_give_the_same_kernel(monkeypatch):
     "arch, kw",
     [
         ("gconv", dict(channels=(3, 9, 8), hidden=(5,), tied=True)),  # bits, 9 channels padded to 16
-        ("vconv", dict(channels=(4, 6), hidden=(5, 4), tied=True, bias=False, kernel_size=5)),  # bits, a 5 x 5 window
+        # bits, a 5 x 5 window, 5 input channels (the input's product as per-row GEMMs)
+        ("vconv", dict(in_channels=5, channels=(4, 6), hidden=(5, 4), tied=True, bias=False, kernel_size=5)),
         ("gconv", dict(channels=(4, 6), hidden=(5,), gate="soft")),  # float gates (DLNPF-style soft gates)
     ],
 )
 def test_compiled_tile_passes_equal_the_tensor_op_loop(monkeypatch, arch, kw):
     """The conv tile loop with one compiled pass per layer (kernels/fused.py, zero-bordered buffers, per-row GEMMs)
     against the tensor-op loop, float64, symmetric and rectangular kernels over several tiles of unequal shapes."""
-    net = randomize_biases(npx.ConvDGN(arch, in_channels=2, out_dim=3, image_size=6, **kw)).double()
-    x = torch.rand(40, 2, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    x2 = torch.rand(21, 2, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    kw = {"in_channels": 2, **kw}
+    net = randomize_biases(npx.ConvDGN(arch, out_dim=3, image_size=6, **kw)).double()
+    c = kw["in_channels"]
+    x = torch.rand(40, c, 6, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    x2 = torch.rand(21, c, 6, 6, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     got = {}
     for mode in ("0", "1"):
         monkeypatch.setenv("NEURALPATH_FUSED", mode)
