@@ -115,3 +115,40 @@ def test_npk_streams_resume_and_equal_an_uninterrupted_stream(tmp_path, monkeypa
     n.clear()
     fail = False
     assert np.array_equal(np.load(npx.npk(net, x, block=16, out=tmp_path / "B.npy")), want) and len(n) == 4
+
+
+def test_heap_allocations_are_set_for_the_outermost_kernel_and_restored(monkeypatch):
+    """Inside the engine glibc serves large allocations from the heap (no mmap, no trimming); on leaving, its
+    defaults are restored and the free memory given back; a kernel inside a kernel leaves the outer setting alone;
+    NEURALPATH_HEAP=0 changes nothing."""
+    from neuralpath.kernels import gram as G
+
+    calls = []
+
+    class FakeLibc:
+        def mallopt(self, param, value):
+            calls.append(("mallopt", param, value))
+
+        def malloc_trim(self, pad):
+            calls.append(("trim", pad))
+
+    monkeypatch.setattr(G, "_glibc", lambda: FakeLibc())
+    x = torch.rand(5, 3, dtype=torch.float64)
+
+    def pair(a, b):  # a kernel computed inside the pair function of another
+        G.gram(lambda v: v, lambda u, w: u @ w.T, a, dtype=torch.float64)
+        return a @ b.T
+
+    K = G.gram(lambda v: v, pair, x, block=2, dtype=torch.float64)
+    assert torch.allclose(K, x @ x.T, rtol=0, atol=1e-15)
+    assert calls == [
+        ("mallopt", -4, 0),
+        ("mallopt", -1, -1),
+        ("mallopt", -4, 65536),
+        ("mallopt", -1, 128 * 1024),
+        ("trim", 0),
+    ]
+    calls.clear()
+    monkeypatch.setenv("NEURALPATH_HEAP", "0")
+    G.gram(lambda v: v, lambda a, b: a @ b.T, x)
+    assert calls == []

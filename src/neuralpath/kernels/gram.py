@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -147,9 +148,50 @@ def check_size(n1: int, n2: int, itemsize: int, out=None, memory_limit: int | No
 
 def gram(featurize, pair, x1, x2=None, **kw) -> Any:
     """Blocked Gram matrix; see the module docstring. Returns a tensor, or the out path when ``out`` is given.
-    Computed without TF32 on GPUs (:func:`neuralpath.precision.exact`)."""
-    with exact():
+    Computed without TF32 on GPUs (:func:`neuralpath.precision.exact`), with large allocations served from the heap
+    (:func:`heap_allocations`)."""
+    with exact(), heap_allocations():
         return _gram(featurize, pair, x1, x2, **kw)
+
+
+@contextlib.contextmanager
+def heap_allocations():
+    """With glibc (Linux): large allocations come from the process heap instead of a fresh mmap each, so a tile's
+    pair-sized tensors reuse memory that is already mapped (a fresh 256 MB tensor costs page faults worth several
+    passes over it; docs/PERFORMANCE.md, session 12); on leaving, the default is restored and the freed memory given
+    back to the system. The price: the process's peak memory grows (freed blocks of other sizes stay mapped; 4.2 ->
+    6.4 GiB for the ResNet-18 NPK of 1,000 inputs). ``NEURALPATH_HEAP=0`` turns it off. Elsewhere nothing changes."""
+    libc = _glibc()
+    if libc is None or os.environ.get("NEURALPATH_HEAP") == "0" or _HEAP_DEPTH[0]:
+        yield
+        return
+    m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, -1)  # read as size_t: never trim the heap while inside
+    _HEAP_DEPTH[0] += 1
+    try:
+        yield
+    finally:
+        _HEAP_DEPTH[0] -= 1
+        libc.mallopt(m_mmap_max, 65536)
+        libc.mallopt(m_trim_threshold, 128 * 1024)
+        libc.malloc_trim(0)
+
+
+_HEAP_DEPTH = [0]  # a kernel computed inside another keeps the outer setting
+
+
+@functools.cache
+def _glibc():
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
 
 
 def _gram(
