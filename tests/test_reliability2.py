@@ -778,3 +778,13 @@ def test_kernel_dtype_names_and_half_precision():
         with pytest.raises(NeuralpathError, match="kernels compute in float32 or float64"):
             f(net, x, dtype=torch.float16)
     torch.testing.assert_close(npx.npk(net, x, dtype="float64"), npx.npk(net.double(), x.double()))
+
+
+@pytest.mark.parametrize("var, value", [("NEURALPATH_FUSED", "yes"), ("NEURALPATH_HEAP", "2")])
+def test_kernel_environment_switches_refuse_unknown_values(monkeypatch, var, value):
+    """The kernels' two environment switches take 0/1 (and auto); anything else is a one-line error naming the
+    variable, not a silent default."""
+    monkeypatch.setenv(var, value)
+    net = npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(3,), hidden=(4,), image_size=6, tied=True)
+    with pytest.raises(NeuralpathError, match=f"{var}='{value}': use one of"):
+        npx.npk(net, torch.rand(20, 2, 6, 6), block=16)

@@ -16,3 +16,14 @@ def check_positive_int(name: str, value):
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise NeuralpathError(f"{name}={value!r} must be a positive integer")
     return value
+
+
+def env_choice(name: str, choices: tuple[str, ...], default: str) -> str:
+    """The value of environment variable ``name``, one of ``choices`` (``default`` when unset or empty); anything
+    else is a one-line error naming the variable and what it takes."""
+    import os
+
+    v = os.environ.get(name, "").strip() or default
+    if v not in choices:
+        raise NeuralpathError(f"environment variable {name}={v!r}: use one of {', '.join(choices)} (or leave it unset)")
+    return v

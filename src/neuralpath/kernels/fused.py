@@ -17,17 +17,18 @@ relative); float64 agrees to 1e-12.
 from __future__ import annotations
 
 import functools
-import os
 import warnings
 
 import torch
+
+from ..errors import env_choice
 
 MIN_VALUES = 1 << 22  # pair-position values per tile (16 MB in float32) from which fusing pays for its compile
 
 
 def wanted(values: int) -> bool:
     """Whether a tile of ``values`` pair-position values should take the compiled passes (if they compile)."""
-    mode = os.environ.get("NEURALPATH_FUSED", "auto")
+    mode = env_choice("NEURALPATH_FUSED", ("auto", "0", "1"), "auto")
     return mode == "1" or (mode != "0" and values >= MIN_VALUES)
 
 

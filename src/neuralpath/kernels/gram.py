@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import NeuralpathError
+from ..errors import NeuralpathError, env_choice
 from ..precision import exact
 
 
@@ -162,7 +162,7 @@ def heap_allocations():
     back to the system. The price: the process's peak memory grows (freed blocks of other sizes stay mapped; 4.2 ->
     6.4 GiB for the ResNet-18 NPK of 1,000 inputs). ``NEURALPATH_HEAP=0`` turns it off. Elsewhere nothing changes."""
     libc = _glibc()
-    if libc is None or os.environ.get("NEURALPATH_HEAP") == "0" or _HEAP_DEPTH[0]:
+    if env_choice("NEURALPATH_HEAP", ("1", "0"), "1") == "0" or libc is None or _HEAP_DEPTH[0]:
         yield
         return
     m_trim_threshold, m_mmap_max = -1, -4  # mallopt parameters (malloc.h)
@@ -293,6 +293,7 @@ def _gram(
         if rank == 0:
             os.replace(tmp, out)
             journal.unlink(missing_ok=True)
+            journal.with_name(journal.name + ".tmp").unlink(missing_ok=True)  # left by a kill inside a journal write
         if world > 1:
             torch.distributed.barrier()
     except BaseException:
