@@ -359,6 +359,11 @@ def _side(dataset, data_root, split, idx, y, net, **extra):
     }
 
 
+def _kernel_progress():
+    """A bar on a terminal; on a log file (nohup, a batch job) a line every ten minutes (kernels/gram.py)."""
+    return True if sys.stderr.isatty() else "log"
+
+
 def _write_sidecar(out, side):
     from pathlib import Path
 
@@ -385,7 +390,7 @@ def kernel_npk(block, out, normalize, **kw):
     check_choice("--normalize", normalize, (None, "none", "trace", "cosine"))
     net, x, side = _kernel_setup(**kw)
     if normalize in (None, "none"):
-        path = npk(net, x, block=block, out=out, progress=sys.stderr.isatty())
+        path = npk(net, x, block=block, out=out, progress=_kernel_progress())
     else:
         from .io import save_npy
 
@@ -408,7 +413,7 @@ def kernel_ntk(block, out, params, **kw):
 
     check_choice("--params", params, PARAMS)
     net, x, side = _kernel_setup(**kw)
-    path = ntk(net, x, params=params, block=block, out=out, progress=sys.stderr.isatty())
+    path = ntk(net, x, params=params, block=block, out=out, progress=_kernel_progress())
     from . import distributed
 
     if distributed.is_main():

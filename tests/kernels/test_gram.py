@@ -152,3 +152,19 @@ def test_heap_allocations_are_set_for_the_outermost_kernel_and_restored(monkeypa
     monkeypatch.setenv("NEURALPATH_HEAP", "0")
     G.gram(lambda v: v, lambda a, b: a @ b.T, x)
     assert calls == []
+
+
+def test_progress_log_prints_lines_not_a_bar(monkeypatch, capsys):
+    """progress="log" (the CLI's choice when stderr is not a terminal): plain lines with tiles done, rate and time
+    left, at most every LOG_SECONDS and at the end."""
+    from neuralpath.kernels import gram as G
+
+    x = torch.rand(40, 3, dtype=torch.float64)
+    monkeypatch.setattr(G, "LOG_SECONDS", 1e9)
+    G.gram(lambda v: v, lambda a, b: a @ b.T, x, block=16, progress="log", desc="NPK")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "NPK: 6 of 6 tiles (100.0%)" in err and "\r" not in err
+    monkeypatch.setattr(G, "LOG_SECONDS", 0.0)
+    G.gram(lambda v: v, lambda a, b: a @ b.T, x, block=16, progress="log", desc="NPK")
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 6 and "1 of 6 tiles" in lines[0] and "h left" in lines[0]

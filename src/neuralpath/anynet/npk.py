@@ -440,7 +440,9 @@ def featurize(dgn, x):
         return Feat(x, [t.detach() for t in g], pools)
 
 
-def npk_module(dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress=False, scaled=False):
+def npk_module(
+    dgn, x1, x2=None, *, diag=False, dtype=None, block=256, out=None, progress: bool | str = False, scaled=False
+):
     """NPK of a ModuleDGN through the blocked Gram engine (or its diagonal, ``diag=True``). ``scaled=True`` returns
     H * exp(-s) for the network's fixed log-scale s (the same for every pair): ratios such as the cosine
     normalisation never overflow."""

@@ -203,7 +203,7 @@ def _gram(
     block: int = 1024,
     out=None,
     dtype=torch.float32,
-    progress: bool = False,
+    progress: bool | str = False,
     feature_budget: int | None = None,
     feature_bytes_per_input: int | None = None,
     desc: str = "kernel",
@@ -345,6 +345,38 @@ class _Journal:
         self.last = time.monotonic()
 
 
+LOG_SECONDS = 600.0  # how often progress="log" prints a line
+
+
+class _ProgressLines:
+    """progress="log": a line on stderr every LOG_SECONDS (tiles done, rate, time left) for runs whose stderr is a
+    log file rather than a terminal, where a bar would be one endless line of carriage returns."""
+
+    def __init__(self, desc, start, total):
+        self.desc, self.start, self.total, self.t0 = desc, start, total, time.monotonic()
+        self.last = self.t0
+
+    def __call__(self, done):
+        now = time.monotonic()
+        if now - self.last < LOG_SECONDS and done != self.total:
+            return
+        import sys
+
+        self.last = now
+        rate = (done - self.start) / max(now - self.t0, 1e-9)
+        left = (self.total - done) / rate if rate > 0 else float("inf")
+        print(
+            f"{_now()} {self.desc}: {done:,} of {self.total:,} tiles ({100 * done / self.total:.1f}%), "
+            f"{rate * 60:.1f} tiles/min, about {left / 3600:.1f} h left",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S")
+
+
 def _fill(
     target,
     K,
@@ -382,7 +414,8 @@ def _fill(
         if not sym or bj >= bi
     ]
     mine = tiles[rank::world]
-    bar = tqdm(total=len(mine), initial=start, desc=desc, disable=not progress, leave=False)
+    bar = tqdm(total=len(mine), initial=start, desc=desc, disable=progress is not True, leave=False)
+    log = _ProgressLines(desc, start, len(mine)) if progress == "log" else None
     f1_idx, f1 = None, None
     for done, (bi, bj) in enumerate(mine[start:], start + 1):
         i0, j0 = bi * block, bj * block
@@ -401,6 +434,8 @@ def _fill(
         if sym and bi != bj:
             target[j0 : j0 + tile.shape[1], i0 : i0 + tile.shape[0]] = tile.T
         bar.update(1)
+        if log is not None:
+            log(done)
         if checkpoint is not None:
             checkpoint(done, final=done == len(mine))
     bar.close()

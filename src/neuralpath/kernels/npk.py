@@ -442,7 +442,7 @@ class KernelOptions(TypedDict, total=False):
     method: str
     dtype: torch.dtype | str | None  # None: the network's own; "float32" / "float64" accepted
     block: int
-    progress: bool
+    progress: bool | str  # True: a bar; "log": a line every ten minutes (kernels/gram.py)
 
 
 class NpkOptions(KernelOptions, total=False):
@@ -470,7 +470,7 @@ def npk(
     dtype=None,
     block: int = 1024,
     out=None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Any:
     """Neural path kernel H(x1, x2) = <phi_x1, phi_x2>.
 

@@ -269,7 +269,7 @@ def ntk(
     dtype=None,
     block: int = 256,
     out=None,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> Any:
     """Empirical NTK of a DGN, (n1, n2) traced over outputs (trace=False: (n1, n2, k, k)).
 
