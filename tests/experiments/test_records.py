@@ -32,12 +32,16 @@ def test_budget_curve_from_records(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 5000 |"))  # x1/4, 5,000 images (sessions 10-12)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["100", "43.71", "48.37", "-4.66", "—"], row
+    row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 20000 |"))  # x1/4, 20,000 images (session 12)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["40", "52.73", "52.99", "-0.26", "—"], row
     budget.plot(recs, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     doc = (REPO / "docs" / "RESULTS.md").read_text()
     assert "passes FRNPF-II for good at **epoch 104**" in doc and "FLNPF ends at **55.25%**" in doc
     assert "| gap ReLU − FRNPF-II (points) | −4.66 | −6.11 | −4.82 | −3.77 | −2.24 | −1.34 | −0.84 |" in doc
     assert "| gap ReLU − FRNPF-II (points) | −7.27 | −9.85 | −8.17 | −5.86 | −5.81 | −4.66 |" in doc
+    assert "| gap ReLU − FRNPF-II (points) | −6.97 | −6.64 | −6.61 | −4.39 | −1.98 | −0.26 |" in doc
 
 
 def test_dlgn_table_from_records(tmp_path):
