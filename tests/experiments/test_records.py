@@ -1,6 +1,7 @@
 """The committed records under docs/results regenerate the tables in docs/RESULTS.md (no training): the report step
 works from records alone, and the numbers quoted in the docs are the records' numbers."""
 
+import json
 import shutil
 
 import pytest
@@ -241,3 +242,16 @@ def test_kernels_gconv_from_records(tmp_path):
     assert diffs == [1.7, 2.8, 3.7]
     doc = (REPO / "docs" / "RESULTS.md").read_text()
     assert all(v in doc for v in got.values()) and "+1.70, +2.80, +3.70" in doc
+
+
+def test_committed_training_run_configs_are_train_configs():
+    """Every committed training run's config.json is exactly a TrainConfig (what resume, load_run and the tables
+    read); the nu and DLGN-benchmark experiments keep their own settings files. Session 12 found nine fc-sgd folders
+    whose config had gained a key."""
+    from neuralpath.train import TrainConfig
+
+    own_schema = {"nu", "nu-paper", "dlgn"}
+    paths = [p for p in RESULTS.rglob("config.json") if p.relative_to(RESULTS).parts[0] not in own_schema]
+    assert len(paths) > 100
+    for p in paths:
+        TrainConfig(**json.loads(p.read_text()))
