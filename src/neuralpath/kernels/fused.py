@@ -34,40 +34,34 @@ def wanted(values: int) -> bool:
 
 @functools.cache
 def window_ops(h: int, w: int, k: int, pad: int, dtype: torch.dtype):
-    """:func:`window`'s compiled pair, checked on a tiny probe (which also compiles it); None where it does not
+    """:func:`window`'s compiled pass, checked on a tiny probe (which also compiles it); None where it does not
     compile, after one warning."""
-    ops = window(h, w, k, pad)
+    op = window(h, w, k, pad)
     try:
         shape = (h + 2 * pad, w + 2 * pad, 2, 3)  # a, b = 2, 3: sizes the compiled code keeps symbolic
-        ops[0](torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), torch.zeros((), dtype=dtype))
+        op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), torch.zeros((), dtype=dtype))
     except Exception as e:  # noqa: BLE001 - any compiler failure means: use the tensor-op loop
         warnings.warn(
             f"neuralpath: compiled NPK tile passes unavailable ({type(e).__name__}: {e}); using tensor ops (slower)",
             stacklevel=3,
         )
         return None
-    return ops
+    return op
 
 
 @functools.cache
 def window(h: int, w: int, k: int, pad: int):
-    """Compiled (window_mul, window_into) for an H x W map with a k x k window, on buffers bordered by ``pad`` >= k//2
-    zeros: window_mul(t, o, bias) sets o's interior to (window sum of t + bias) * o's interior, window_into(t, o, bias)
-    to the window sum of t + bias. ``bias`` is a 0-dim tensor (a Python float would compile once per value)."""
+    """Compiled window_mul(t, o, bias) for an H x W map with a k x k window, on buffers bordered by ``pad`` >= k//2
+    zeros: sets o's interior to (window sum of t + bias) * o's interior. ``bias`` is a 0-dim tensor (a Python float
+    would compile once per value)."""
     off = pad - k // 2
 
-    def window_sum(t):
+    def window_mul(t, o, bias):
         s = t[off : off + h, off : off + w]
         for i in range(k):
             for j in range(k):
                 if i or j:
                     s = s + t[off + i : off + i + h, off + j : off + j + w]
-        return s
+        o[pad : pad + h, pad : pad + w].mul_(s + bias)
 
-    def window_mul(t, o, bias):
-        o[pad : pad + h, pad : pad + w].mul_(window_sum(t) + bias)
-
-    def window_into(t, o, bias):
-        o[pad : pad + h, pad : pad + w].copy_(window_sum(t) + bias)
-
-    return torch.compile(window_mul, dynamic=True), torch.compile(window_into, dynamic=True)
+    return torch.compile(window_mul, dynamic=True)

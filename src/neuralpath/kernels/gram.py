@@ -28,6 +28,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -59,9 +60,16 @@ def identity_of(net, **options) -> str:
     h = hashlib.blake2b(digest_size=16)
     h.update(f"{type(net).__module__}.{type(net).__qualname__}|{sorted(options.items())!r}".encode())
     for name, t in list(net.named_parameters()) + list(net.named_buffers()):
-        h.update(f"|{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        h.update(f"|{name}".encode())
+        _hash_tensor(h, t)
     return h.hexdigest()
+
+
+def _hash_tensor(h, t):
+    """Feed a tensor's dtype, shape and bytes to the digest ``h``."""
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def tiling(net, *, block, out, dtype, progress, **what) -> dict:
@@ -77,10 +85,8 @@ def _input_digest(identity, x1, x2, block, dtype) -> str:
     for x in (x1, x2):
         if x is None:
             h.update(b"|symmetric|")
-            continue
-        t = torch.as_tensor(x).detach().cpu().contiguous()
-        h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            _hash_tensor(h, x)
     return h.hexdigest()
 
 
@@ -113,7 +119,7 @@ class _TileWriter:
         os.fsync(self.fd)
 
     def close(self):
-        os.fsync(self.fd)
+        self.sync()
         os.close(self.fd)
 
 
@@ -260,15 +266,11 @@ def _gram(
             tmp.unlink(missing_ok=True)  # a stale partial of a killed run of the same name, or of another kernel
             journal.unlink(missing_ok=True)
             if need > 1 << 30 and progress is not False:
-                import sys
-
                 print(f"{desc}: writing a ({n1:,} x {n2:,}) kernel, {need / 2**30:.1f} GiB, to {out}", file=sys.stderr)
             np.lib.format.open_memmap(
                 tmp, mode="w+", dtype=np.dtype(str(dtype).removeprefix("torch.")), shape=(n1, n2)
             ).flush()
         elif start and progress is not False:
-            import sys
-
             print(f"{desc}: resuming {out} after {start} finished tiles", file=sys.stderr)
         if world > 1:
             torch.distributed.barrier()
@@ -279,11 +281,9 @@ def _gram(
         except BaseException:
             if log is not None and log.done > start:  # keep what is finished: the same call continues after it
                 log.flush()
-            keep = journal.exists()
-            if keep and progress is not False:
-                import sys
-
-                done = json.loads(journal.read_text())["done"]
+            keep = log is not None and journal.exists()
+            if log is not None and keep and progress is not False:
+                done = max(log.done, start)
                 print(f"{desc}: stopped; {done} finished tiles kept in {tmp}: the same call continues", file=sys.stderr)
             raise
         finally:
@@ -360,21 +360,16 @@ class _ProgressLines:
         now = time.monotonic()
         if now - self.last < LOG_SECONDS and done != self.total:
             return
-        import sys
-
         self.last = now
         rate = (done - self.start) / max(now - self.t0, 1e-9)
         left = (self.total - done) / rate if rate > 0 else float("inf")
         print(
-            f"{_now()} {self.desc}: {done:,} of {self.total:,} tiles ({100 * done / self.total:.1f}%), "
+            f"{time.strftime('%Y-%m-%d %H:%M:%S')} {self.desc}: {done:,} of {self.total:,} tiles "
+            f"({100 * done / self.total:.1f}%), "
             f"{rate * 60:.1f} tiles/min, about {left / 3600:.1f} h left",
             file=sys.stderr,
             flush=True,
         )
-
-
-def _now() -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _fill(

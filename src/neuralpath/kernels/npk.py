@@ -333,7 +333,7 @@ def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs):
             for i in range(h):
                 row = op[pad + i, pad : pad + w]
                 torch.baddbmm(row, g1[i], g2[i].transpose(1, 2), beta=0.0, alpha=1.0 / (k * k * width), out=row)
-            ops[k][0](tp, op, torch.tensor(bias, dtype=tp.dtype))
+            ops[k](tp, op, torch.tensor(bias, dtype=tp.dtype))
             tp, op = op, tp
             log_s += math.log(width)
             continue
