@@ -2,6 +2,7 @@
 kind; it resumes bit-identically after SIGKILL; FC stacks (batched products) equal the generic loop."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -375,7 +376,7 @@ def test_a_run_continues_only_on_the_copy_of_the_data_it_started_on(tmp_path):
     base = RunData.load(cfg.resolved())
     a = dataclasses.replace(base, label="copy A")
     train_many([cfg], [tmp_path / "r"], tmp_path / "st.pt", data=a, progress=False)
-    assert json.loads((tmp_path / "r" / "data.json").read_text()) == {"data": "copy A"}
+    assert json.loads((tmp_path / "r" / "data.json").read_text()) == {"data": "copy A", "digest": a.digest}
     TrainConfig(**json.loads((tmp_path / "r" / "config.json").read_text()))  # config.json stays a TrainConfig
     longer = dataclasses.replace(cfg, epochs=2)
     b = dataclasses.replace(base, label="copy B")
@@ -384,3 +385,35 @@ def test_a_run_continues_only_on_the_copy_of_the_data_it_started_on(tmp_path):
     assert (tmp_path / "r" / "result.json").is_file()  # the finished run's record was not removed
     res = train_many([longer], [tmp_path / "r"], tmp_path / "st.pt", data=a, progress=False, allow_change=("epochs",))
     assert res[0]["epochs"] == 2 and res[0]["data"] == "copy A"
+
+
+def test_runs_record_the_digest_of_their_data_and_warn_when_a_resume_sees_other_numbers(tmp_path):
+    """Two decodes of one copy can differ in a few pixels (another Pillow release): the run records the digest of
+    the tensors it started on, its threads and library versions, and an extended run on other numbers says so."""
+    import dataclasses
+    import json
+
+    import PIL
+
+    cfg = TrainConfig(regime="relu", seed=0, **dict(KW, epochs=1))
+    base = RunData.load(cfg.resolved())
+    same = RunData(base.x_train.clone(), base.y_train.clone(), base.x_test.clone(), base.y_test.clone(), base.label)
+    assert same.digest == base.digest and len(base.digest) == 32
+    x = base.x_train.clone()
+    x.view(-1)[7] = torch.nextafter(x.view(-1)[7], torch.tensor(math.inf, dtype=x.dtype))  # one ulp, one number
+    other = dataclasses.replace(base, x_train=x)
+    assert other.digest != base.digest
+    assert dataclasses.replace(base, y_test=base.y_test.flip(0)).digest != base.digest
+    logs = []
+    res = train_many([cfg], [tmp_path / "r"], tmp_path / "st.pt", data=base, progress=False, log=logs.append)
+    assert json.loads((tmp_path / "r" / "data.json").read_text())["digest"] == base.digest
+    assert res[0]["data_digest"] == base.digest and res[0]["threads"] == torch.get_num_threads()
+    assert res[0]["versions"]["pillow"] == PIL.__version__
+    longer = dataclasses.replace(cfg, epochs=2)
+    kw = dict(progress=False, allow_change=("epochs",), log=logs.append)
+    train_many([longer], [tmp_path / "r"], tmp_path / "st.pt", data=same, **kw)
+    assert not [m for m in logs if "digest" in m]  # the same numbers: nothing to say
+    res = train_many([dataclasses.replace(cfg, epochs=3)], [tmp_path / "r"], tmp_path / "st.pt", data=other, **kw)
+    warned = [m for m in logs if "digest" in m]
+    assert len(warned) == 1 and base.digest in warned[0] and other.digest in warned[0]
+    assert res[0]["epochs"] == 3 and res[0]["data_digest"] == other.digest

@@ -11,6 +11,15 @@ from pathlib import Path
 from .errors import NeuralpathError
 
 
+def hash_tensor(h, t):
+    """Feed a tensor's dtype, shape and bytes to the digest ``h`` (a hashlib object), without copying them."""
+    import torch
+
+    t = torch.as_tensor(t).detach().cpu().contiguous()
+    h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy())
+
+
 def _umask() -> int:
     old = os.umask(0)
     os.umask(old)

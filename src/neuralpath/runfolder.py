@@ -1,7 +1,8 @@
 """A run folder: the one place that knows its files, who owns it, and whether a request may reuse it.
 
     config.json      the run's identity (its full training config), written when the run starts
-    data.json        the copy of the data it started on (e.g. 'CIFAR-10 (JPEG copy)'): it continues on that copy only
+    data.json        the copy of the data it started on (e.g. 'CIFAR-10 (JPEG copy)'): it continues on that copy only;
+                     and the digest of the tensors decoded from it (a resume on other numbers is warned about)
     metrics.jsonl    one record per finished epoch
     best.pt          model of the best test epoch (the authors' protocol; the FLNPF source)
     best_even.pt     model of the best epoch on the even half of the test set (the clean FLNPF source)
@@ -75,17 +76,22 @@ class RunFolder:
     def records(self) -> list:
         return read_jsonl(self.file("metrics.jsonl"))
 
-    def start(self, config: dict, data: str = ""):
+    def start(self, config: dict, data: str = "", digest: str = ""):
         self.path.mkdir(parents=True, exist_ok=True)
         write_json(self.file("config.json"), config)  # (exactly a TrainConfig's fields: TrainConfig(**it) works)
         if data:
-            write_json(self.file("data.json"), {"data": data})
+            write_json(self.file("data.json"), {"data": data, "digest": digest} if digest else {"data": data})
         write_text(self.file("metrics.jsonl"), "")
 
     def data(self) -> str | None:
         """The label of the data copy the run started on (None for folders written before it was recorded)."""
         p = self.file("data.json")
         return json.loads(p.read_text()).get("data") if p.exists() else None
+
+    def data_digest(self) -> str | None:
+        """The digest of the tensors the run started on (None for folders written before it was recorded)."""
+        p = self.file("data.json")
+        return json.loads(p.read_text()).get("digest") if p.exists() else None
 
     def truncate(self, epoch: int):
         """Keep the metric records of epochs <= ``epoch`` (a resumed run redoes the later ones)."""

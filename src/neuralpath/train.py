@@ -24,6 +24,7 @@ are the entry points the CLI and the experiments use.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import math
 import platform
@@ -41,7 +42,7 @@ import torch.nn.functional as F
 
 from . import checkpoints, datasets, distributed, precision
 from .errors import NeuralpathError, check_choice, check_positive_int
-from .io import append_jsonl, write_json
+from .io import append_jsonl, hash_tensor, write_json
 from .nets import FCDGN
 from .regimes import ARCHS, REGIMES, build_regime
 from .runfolder import RunFolder
@@ -205,8 +206,18 @@ def versions() -> dict:
         "neuralpath": __version__,
         "torch": torch.__version__,
         "numpy": np.__version__,
+        "pillow": _pillow_version(),
         "python": platform.python_version(),
     }
+
+
+def _pillow_version() -> str | None:
+    """Pillow decodes the JPEG copy of CIFAR-10: another release can decode a few pixels differently."""
+    try:
+        import PIL
+    except ImportError:
+        return None
+    return PIL.__version__
 
 
 # -- data: resolved once per request -----------------------------------------------------------------------------
@@ -224,6 +235,16 @@ class RunData:
     @property
     def in_shape(self):
         return tuple(self.x_train.shape[1:])
+
+    @functools.cached_property
+    def digest(self) -> str:
+        """A digest of the four tensors (dtype, shape, bytes): two runs with equal digests saw the same numbers. Kept
+        in each run's data.json and result.json, so that a rerun that differs can tell a changed decode (another
+        Pillow, another copy) from a changed computation."""
+        h = hashlib.blake2b(digest_size=16)
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            hash_tensor(h, t)
+        return h.hexdigest()
 
     @property
     def num_classes(self) -> int:
@@ -502,7 +523,9 @@ def fit(
     elif main:
         for r in runs:
             if r.folder is not None:
-                r.folder.start(dict(r.config, world_size=world) if world > 1 else r.config, data=data.label)
+                r.folder.start(
+                    dict(r.config, world_size=world) if world > 1 else r.config, data=data.label, digest=data.digest
+                )
     xtr = data.x_train.to(device)
     ytr = data.y_train.to(device)
     tr_idx = torch.stack([r.train_idx for r in runs]).to(device)  # (R, n): rows of the full training split
@@ -643,6 +666,8 @@ def fit(
             versions=versions(),
             device=str(device),
             data=data.label,
+            data_digest=data.digest,
+            threads=torch.get_num_threads(),
             stack_of=R,
             seconds=time.time() - t_fit,
         )
@@ -816,6 +841,12 @@ def train_many(
                 raise NeuralpathError(
                     f"{folders[i].path} was trained on {before}; the data found now is {data.label}: point "
                     "--data-root at the copy it trained on, or pick another --out"
+                )
+            was = folders[i].data_digest()
+            if modes[i] != "new" and was and was != data.digest:  # same copy, other numbers: say so, go on
+                log(
+                    f"warning: {folders[i].path} started on data with digest {was}; the data decoded now has "
+                    f"{data.digest} (another Pillow or copy?): the run continues on the data of now"
                 )
         for i in extend:  # a finished run asked for more epochs: continue from its state
             folders[i].file("result.json").unlink()

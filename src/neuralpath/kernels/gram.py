@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import NeuralpathError, env_choice
+from ..io import hash_tensor
 from ..precision import exact
 
 
@@ -61,15 +62,8 @@ def identity_of(net, **options) -> str:
     h.update(f"{type(net).__module__}.{type(net).__qualname__}|{sorted(options.items())!r}".encode())
     for name, t in list(net.named_parameters()) + list(net.named_buffers()):
         h.update(f"|{name}".encode())
-        _hash_tensor(h, t)
+        hash_tensor(h, t)
     return h.hexdigest()
-
-
-def _hash_tensor(h, t):
-    """Feed a tensor's dtype, shape and bytes to the digest ``h``."""
-    t = torch.as_tensor(t).detach().cpu().contiguous()
-    h.update(f"|{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
 
 
 def tiling(net, *, block, out, dtype, progress, **what) -> dict:
@@ -86,7 +80,7 @@ def _input_digest(identity, x1, x2, block, dtype) -> str:
         if x is None:
             h.update(b"|symmetric|")
         else:
-            _hash_tensor(h, x)
+            hash_tensor(h, x)
     return h.hexdigest()
 
 
