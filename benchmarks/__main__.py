@@ -374,6 +374,29 @@ def _step_work(ens, batch=32):
     return flops, params, 7 * 4 * params
 
 
+def _step_gemms_s(ens, repeat, batch=32):
+    """Seconds of the matrix products of one FCEnsemble step alone, at their own shapes and layouts (what autograd
+    calls: forward ``baddbmm``, weight gradient ``x^T @ g``, input gradient ``g @ W^T`` for every layer but the
+    first), on random tensors: the step's GEMMs at the rate this BLAS reaches on them (batch-32 products run below
+    the large-GEMM rate), i.e. a bound that no change outside the products can beat."""
+    calls = []
+    for group in (ens.value, ens.soft):
+        for l, (w, _) in enumerate(group):
+            r, i, o = w.shape
+            x, g, b = torch.randn(r, batch, i), torch.randn(r, batch, o), torch.randn(r, 1, o)
+            wt = torch.randn(r, i, o)
+            calls.append(lambda b=b, x=x, wt=wt: torch.baddbmm(b, x, wt))
+            calls.append(lambda x=x, g=g: torch.bmm(x.transpose(1, 2), g))
+            if l > 0:
+                calls.append(lambda g=g, wt=wt: torch.bmm(g, wt.transpose(1, 2)))
+
+    def gemms():
+        for c in calls:
+            c()
+
+    return min(timeit(gemms, 20, warmup=2) for _ in range(max(repeat, 5)))
+
+
 def bench_roofline(args):
     """Lower bound on the fc-adam row at the paper's budget on this machine, from its measured peaks: the row's GEMM
     FLOPs at the rate of one large GEMM plus the Adam traffic at the measured memory bandwidth, beside the measured
@@ -404,6 +427,7 @@ def bench_roofline(args):
         t_adam = fastest(adam.step)
         adam_gbs = adam_bytes / t_adam / 1e9  # fused Adam alone can stream faster than the triad: take the faster
         bound = flops / (gemm_gflops * 1e9) + adam_bytes / (max(triad_gbs, adam_gbs) * 1e9)
+        t_gemms = _step_gemms_s(ens, args.repeat)
         phases.append(
             dict(
                 runs=len(regs),
@@ -415,6 +439,10 @@ def bench_roofline(args):
                 fused_adam_alone_gb_per_s=adam_gbs,
                 lower_bound_step_s=bound,
                 measured_over_bound=t / bound,
+                gemms_at_their_shapes_s=t_gemms,
+                gemms_at_their_shapes_gflops=flops / t_gemms / 1e9,
+                shape_bound_step_s=t_gemms + t_adam,
+                measured_over_shape_bound=t / (t_gemms + t_adam),
             )
         )
     # The alternative layout for the first layer: the five networks of one seed (ReLU, FRNPF-II, FRNPF-DI, DLNPF value
