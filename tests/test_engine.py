@@ -409,6 +409,7 @@ def test_runs_record_the_digest_of_their_data_and_warn_when_a_resume_sees_other_
     assert json.loads((tmp_path / "r" / "data.json").read_text())["digest"] == base.digest
     assert res[0]["data_digest"] == base.digest and res[0]["threads"] == torch.get_num_threads()
     assert res[0]["versions"]["pillow"] == PIL.__version__
+    assert res[0]["versions"]["cpu"].startswith(torch.backends.cpu.get_cpu_capability())
     longer = dataclasses.replace(cfg, epochs=2)
     kw = dict(progress=False, allow_change=("epochs",), log=logs.append)
     train_many([longer], [tmp_path / "r"], tmp_path / "st.pt", data=same, **kw)

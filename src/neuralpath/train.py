@@ -208,7 +208,22 @@ def versions() -> dict:
         "numpy": np.__version__,
         "pillow": _pillow_version(),
         "python": platform.python_version(),
+        "cpu": _cpu(),
     }
+
+
+def _cpu() -> str:
+    """The CPU's kernel level as torch dispatches it (e.g. 'AVX2', 'AVX512') and its model: float32 results of the
+    same code differ in rounding from one to another, and a long run's trajectory with them."""
+    level = torch.backends.cpu.get_cpu_capability()
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = dict(line.split(":", 1) for line in f.read().split("\n\n")[0].splitlines() if ":" in line)
+        info = {k.strip(): v.strip() for k, v in info.items()}
+        name, family, model = (info.get(k, "?") for k in ("model name", "cpu family", "model"))
+        return f"{level}; {name} family {family} model {model}"
+    except (OSError, ValueError):
+        return f"{level}; {platform.processor() or platform.machine()}"
 
 
 def _pillow_version() -> str | None:
