@@ -22,10 +22,24 @@ def mnist_root():
     return root
 
 
+@pytest.fixture(scope="session")
+def cifar_root():
+    """The development copy of CIFAR-10 (../shared/data's JPEG copy, found by the project's own fetch) in the default
+    data root; skips where it is absent (a clone without ../shared)."""
+    from neuralpath import datasets
+
+    root = datasets.default_root()
+    try:
+        datasets.fetch("cifar10", root, progress=False, log=lambda *_: None, mirrors=["http://127.0.0.1:9/none"])
+    except Exception as e:
+        pytest.skip(f"CIFAR-10 unavailable: {e}")
+    return root
+
+
 def pytest_collection_modifyitems(items):
-    """Tests that read real MNIST carry the 'data' mark (``-m "not data"`` runs the suite with no data at all)."""
+    """Tests that read real MNIST or CIFAR-10 carry the 'data' mark (``-m "not data"`` runs the suite with no data)."""
     for item in items:
-        if "mnist_root" in getattr(item, "fixturenames", ()):
+        if {"mnist_root", "cifar_root"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.data)
 
 

@@ -142,3 +142,25 @@ def test_reproduce_kernels_on_several_relu_runs(cli, tmp_path):
     r = cli("reproduce", "kernels", "--relu-run", runs[0], "--n-train", "50", "--n-test", "40", "--out", out)
     assert r.returncode == 1 and "holds records made with --n-train 60 --n-test 40" in r.stderr
     assert len(read_jsonl(out / "kernels-run.jsonl")) == 4
+
+
+def test_reproduce_budget_one_point_of_the_grid(cifar_root, cli, tmp_path):
+    """`reproduce budget --points NAME` trains that point of the grid only (ReLU and FRNPF-II stacked, then FLNPF
+    on the ReLU net's best gates where the grid says so) and reports every point found under --out; a name not in
+    the grid is refused in one line naming the grid's points, before any work."""
+    bad = cli("reproduce", "budget", "--grid", "tiny", "--points", "w0.5-n10000", "--out", tmp_path / "x")
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr
+    assert "w0.5-n10000 not in the tiny grid; its points are w0.125-n200" in bad.stderr
+    assert not (tmp_path / "x").exists()
+    args = ("--grid", "tiny", "--points", "w0.125-n200", "--limit-test", "100", "--data-root", cifar_root)
+    r = cli("reproduce", "budget", *args, "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = read_jsonl(tmp_path / "curve.jsonl")
+    assert sorted({(x["regime"], x["epoch"]) for x in recs}) == [
+        (g, e) for g in ("flnpf", "frnpf-ii", "relu") for e in (1, 2)
+    ]
+    assert {(x["width"], x["n_train"]) for x in recs} == {(0.125, 200)}
+    assert all(x["finished"] for x in recs) and _png(tmp_path / "budget.png")
+    assert json.loads((tmp_path / "runs" / "w0.125-n200" / "relu" / "data.json").read_text())["data"] == (
+        "CIFAR-10 (JPEG copy)"
+    )

@@ -67,15 +67,28 @@ def _name(w, n):
     return f"w{w:g}-n{n}"
 
 
-def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, env: Env | None = None) -> str:
+def run(out, grid="cpu", arch="gconv", seed=0, limit_test=None, points=None, env: Env | None = None) -> str:
+    """Train the grid's points (``points``: a comma-separated subset of their names, e.g. 'w0.5-n10000', in the
+    grid's order) and write the curve, table and plot of every point found under ``out``."""
     env = env or Env()
     if grid not in GRIDS:
         raise NeuralpathError(f"--grid {grid!r} is not known; choose one of {', '.join(GRIDS)}")
+    todo = GRIDS[grid]
+    if points is not None:
+        names = [_name(w, n) for w, n, _, _ in todo]
+        want = [p.strip() for p in str(points).split(",") if p.strip()]
+        bad = [p for p in want if p not in names]
+        if bad or not want:
+            raise NeuralpathError(
+                f"--points {points!r}: {', '.join(bad) or 'no point named'} not in the {grid} grid; its points are "
+                f"{', '.join(names)}"
+            )
+        todo = [pt for pt, nm in zip(todo, names) if nm in want]
     if limit_test is not None:  # checked before the first point starts (its settings are resolved per point)
         check_positive_int("--limit-test", limit_test)
     out = Path(out)
     t0 = time.time()
-    for w, n, epochs, with_flnpf in GRIDS[grid]:
+    for w, n, epochs, with_flnpf in todo:
         base = cifar_adam(
             arch, w, n, epochs, seed=seed, limit_test=limit_test, data_root=env.data_root, device=env.device
         )
