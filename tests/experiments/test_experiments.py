@@ -164,3 +164,16 @@ def test_reproduce_budget_one_point_of_the_grid(cifar_root, cli, tmp_path):
     assert json.loads((tmp_path / "runs" / "w0.125-n200" / "relu" / "data.json").read_text())["data"] == (
         "CIFAR-10 (JPEG copy)"
     )
+
+
+def test_reproduce_resnet_quick(cifar_root, cli, tmp_path):
+    """`reproduce resnet --budget quick` end to end on the JPEG copy: ReLU and FRNPF-II stacked, FLNPF on the ReLU
+    net's best gates, kernel ridge regression on the NPK of its initial and trained gates; records, table, plot."""
+    r = cli("reproduce", "resnet", "--budget", "quick", "--data-root", cifar_root, "--out", tmp_path)
+    assert r.returncode == 0, r.stdout + r.stderr
+    recs = read_jsonl(tmp_path / "resnet.jsonl")
+    assert sorted(x["regime"] for x in recs) == ["flnpf", "frnpf-ii", "krr-npk-initial", "krr-npk-trained", "relu"]
+    assert all(0.0 <= x["best_test_acc"] <= 1.0 for x in recs)
+    flnpf = json.loads((tmp_path / "runs" / "flnpf-s0" / "config.json").read_text())
+    assert flnpf["arch"] == "resnet" and flnpf["relu_checkpoint"].endswith("relu-s0/best.pt")
+    assert "| RELU |" in r.stdout and "CIFAR-10 (JPEG copy)" in r.stdout and _png(tmp_path / "resnet.png")
