@@ -92,7 +92,8 @@ class LoopStack:
 
     def compile_runs(self, flags):
         """``torch.compile`` (inductor) the training forward of the runs flagged, each a network whose feature network
-        trains (DLNPF): on this CPU its step went from 2.2-2.3x to 2.04-2.09x the ReLU step (docs/PERFORMANCE.md).
+        trains (DLNPF): GCONV's step went from 2.2-2.3x to 2.04-2.09x the ReLU step on a Zen 1, VCONV's from 2.15-2.21x
+        to 2.00-2.05x on a Zen 4 (docs/PERFORMANCE.md).
         Evaluation stays eager (its batch shapes would each compile again)."""
         for r, f in enumerate(flags):
             if f:
