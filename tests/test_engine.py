@@ -55,8 +55,12 @@ def _syn64():
 
 
 def _specs(arch, bias=True):
-    shape = dict(width=16, depth=3) if arch == "fc" else dict(channels=(4, 4), hidden=(8,))
+    shape = {"fc": dict(width=16, depth=3), "resnet": dict(width=2, blocks=(1,))}.get(
+        arch, dict(channels=(4, 4), hidden=(8,))
+    )
     kw = dict(in_shape=(3, 8, 8), out_dim=10, bias=bias, **shape)
+    if arch == "resnet":  # no bias option: its convolutions carry a bias unless batch norm follows them
+        kw.pop("bias")
     relu, _ = build_regime("relu", arch, 99, None, **kw)
     out = []
     for reg, s in KINDS:
@@ -75,9 +79,10 @@ def _max_rel(a, b):
     )
 
 
-@pytest.mark.parametrize("arch", ["fc", "vconv", "gconv"])
+@pytest.mark.parametrize(
+    "arch,bias", [(a, b) for a in ("fc", "vconv", "gconv") for b in (True, False)] + [("resnet", None)]
+)
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
-@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no-bias"])
 def test_stack_equals_runs_one_by_one(arch, optimizer, bias):
     """Every regime kind (tied ReLU, frozen FRNPF-II/DI and FLNPF with cached gates, soft DLNPF) in one stack, each
     with its own seed, data order and subset, trains exactly as it does alone (float64)."""
