@@ -83,15 +83,17 @@ class RunFolder:
             write_json(self.file("data.json"), {"data": data, "digest": digest} if digest else {"data": data})
         write_text(self.file("metrics.jsonl"), "")
 
+    def _data_record(self) -> dict:
+        p = self.file("data.json")
+        return json.loads(p.read_text()) if p.exists() else {}
+
     def data(self) -> str | None:
         """The label of the data copy the run started on (None for folders written before it was recorded)."""
-        p = self.file("data.json")
-        return json.loads(p.read_text()).get("data") if p.exists() else None
+        return self._data_record().get("data")
 
     def data_digest(self) -> str | None:
         """The digest of the tensors the run started on (None for folders written before it was recorded)."""
-        p = self.file("data.json")
-        return json.loads(p.read_text()).get("digest") if p.exists() else None
+        return self._data_record().get("digest")
 
     def truncate(self, epoch: int):
         """Keep the metric records of epochs <= ``epoch`` (a resumed run redoes the later ones)."""

@@ -670,6 +670,7 @@ def fit(
         distributed.barrier()
         return [f.result() if f else {} for f in folders]
     results = []
+    ver = versions()  # once per request (it reads /proc/cpuinfo)
     for r, run in enumerate(runs):
         recs = run.folder.records() if run.folder else []
         final = float(te_acc[r]) if te_acc is not None else (recs[-1]["test_acc"] if recs else None)
@@ -678,7 +679,7 @@ def fit(
             final_test_acc=final,
             epochs=opts.epochs,
             config=run.config,
-            versions=versions(),
+            versions=ver,
             device=str(device),
             data=data.label,
             data_digest=data.digest,
