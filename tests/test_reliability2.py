@@ -232,7 +232,7 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
         "kernel",
         "ntk",
         "--num-inputs",
-        "3000",
+        "6000",
         "--block",
         "64",
         "--data-root",
@@ -245,7 +245,7 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
     deadline = time.time() + 120
     while time.time() < deadline and not partial.exists():
         time.sleep(0.05)
-    time.sleep(0.5)
+    time.sleep(0.2)  # the whole kernel takes seconds even on a fast CPU (3,000 inputs finished within 0.5 s on Zen 4)
     p.send_signal(signal.SIGTERM)  # SIGTERM and SIGINT unwind: the partial is removed, or kept with a journal
     assert p.wait(60) != 0
     journal = tmp_path / ".K.npy.partial.json"
