@@ -230,9 +230,20 @@ def bench_convnpk_scale(args):
 
 def bench_resnetnpk(args):
     """NPK (cosine-normalised, float32) of n = 1,000 CIFAR-shaped inputs (``--n``) through a ResNet-18-sized CIFAR
-    ResNet (blocks 2, 2, 2, 2; widths 64-512; no batch norm), against the multiply-adds of its gate overlaps (every
-    ReLU's units, n^2/2 pairs x 2) at the large-GEMM rate of the same run; peak memory of the process."""
+    ResNet (blocks 2, 2, 2, 2; widths 64-512; no batch norm), against two bounds at the large-GEMM rate of the same
+    run, and the peak memory of the process.
+
+    - ``overlap_gemm_bound_s``: the multiply-adds of its gate overlaps, every ReLU's units once per pair (n(n+1)/2
+      pairs x 2 x units): the any-network issue's bound.
+    - ``work_bound_s``: the FLOPs the closed form cannot avoid, counted by torch's FLOP counter: the model's forward
+      pass once per input (the gates) plus the overlap GEMMs of one pair (every factored term of a residual sum is
+      one GEMM over a product of gates: the NPK of a ResNet sums over the sub-networks that keep or skip each block),
+      for the same n(n+1)/2 pairs. At n = 1,000 the forward pass alone is 2.0x the first bound's FLOPs, so no
+      implementation can be within 2x of it there (docs/PERFORMANCE.md)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from neuralpath.anynet import from_module
+    from neuralpath.anynet.npk import featurize, propagate
     from neuralpath.regimes import make_resnet
 
     n = args.n or 1000
@@ -241,9 +252,16 @@ def bench_resnetnpk(args):
     m = from_module(model, torch.zeros(2, 3, 32, 32))
     x = torch.rand(n, 3, 32, 32)
     units = sum(g[0].numel() for g in m.gates(x[:1]))
+    with FlopCounterMode(display=False) as fc_f:
+        f = featurize(m, x[:8])
+    with FlopCounterMode(display=False) as fc_p:
+        propagate(m, f, f)
+    forward_flops = fc_f.get_total_flops() / 8
+    pair_flops = fc_p.get_total_flops() / 64
     t = timeit(lambda: npx.npk(m, x, normalize="cosine"), 1, warmup=0)
     pairs = n * (n + 1) / 2
     bound = pairs * 2 * units / rate / 1e9
+    work = (n * forward_flops + pairs * pair_flops) / rate / 1e9
     return dict(
         bench="resnetnpk",
         n=n,
@@ -253,6 +271,10 @@ def bench_resnetnpk(args):
         large_gemm_gflops=rate,
         overlap_gemm_bound_s=bound,
         over_bound=t / bound,
+        forward_gflop_per_input=forward_flops / 1e9,
+        overlap_mflop_per_pair=pair_flops / 1e6,
+        work_bound_s=work,
+        over_work_bound=t / work,
         peak_rss_gib=peak_rss_gib(),
         thp_mem_alloc=os.environ.get("THP_MEM_ALLOC_ENABLE"),
     )

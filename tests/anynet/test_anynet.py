@@ -389,3 +389,33 @@ def test_npk_of_no_inputs_is_empty():
     d = from_module(m, torch.zeros(1, 3, 8, 8))
     for normalize in (None, "cosine"):
         assert npx.npk(d, torch.zeros(0, 3, 8, 8), normalize=normalize).shape == (0, 0)
+
+
+def test_buffer_pool_reuses_only_free_buffers_and_changes_no_value(monkeypatch):
+    """Pool: a buffer comes back only once no tensor shares its memory; with every pair tensor taken from the pool
+    (its size floor at 0) the kernel is bit-identical to fresh tensors throughout."""
+    from neuralpath.anynet import npk as anpk
+
+    pool = anpk.Pool()
+    assert pool.users is not None  # this PyTorch has the storage counter the pool relies on
+    like = torch.zeros((), dtype=F64)
+    pool.MIN_NUMEL = 0
+    pool.start(2, 2)
+    a = pool.take((3, 4), like)
+    b = pool.take((3, 4), like)
+    assert a.data_ptr() != b.data_ptr()  # a is still held
+    view = a[1:]
+    del a
+    c = pool.take((3, 4), like)
+    assert c.data_ptr() not in (view.data_ptr() - 4 * 8, b.data_ptr())  # a view keeps a's memory taken
+    del view, c
+    assert pool.take((3, 4), like) is not None and len(pool.bufs[((3, 4), F64, like.device)]) == 3
+    torch.manual_seed(0)
+    m = _randomize_bn(UserResNet(c=3), 2).double().eval()
+    x = torch.randn(21, 3, 6, 6, dtype=F64)
+    d = from_module(m, x[:2])
+    monkeypatch.setattr(anpk.Pool, "MIN_NUMEL", 0)
+    pooled = npx.npk(d, x, block=8), npx.npk(d, x[:5], x[5:], block=8)
+    monkeypatch.setattr(anpk, "_storage_users", lambda: None)  # every tensor fresh
+    fresh = npx.npk(d, x, block=8), npx.npk(d, x[:5], x[5:], block=8)
+    assert all(torch.equal(p, f) for p, f in zip(pooled, fresh))

@@ -70,15 +70,77 @@ class Feat:
         return v
 
 
+def _storage_users():
+    """A function giving how many tensors (and storage objects) share a tensor's memory, or None when this PyTorch
+    lacks the (private) counter: then :class:`Pool` hands out fresh tensors."""
+    f = getattr(torch._C, "_storage_Use_Count", None)
+    if f is None:  # pragma: no cover - other PyTorch versions
+        return None
+    try:
+        t = torch.empty(4)
+        v = t.view(2, 2)
+        if f(t.untyped_storage()._cdata) != 3:  # t, v and the temporary storage object
+            return None
+        del v
+        if f(t.untyped_storage()._cdata) != 2:
+            return None
+    except Exception:  # pragma: no cover
+        return None
+    return lambda x: f(x.untyped_storage()._cdata)
+
+
+class Pool:
+    """Pair-sized buffers reused by every tile of one kernel. A fresh pair-sized tensor costs its page faults here
+    (a 256 MB one ~50-100 ms, several passes' worth; docs/PERFORMANCE.md), and glibc's heap does not keep a tile's
+    freed blocks in a reusable order. A buffer is handed out as a view; it is free again once no tensor shares its
+    memory (PyTorch's storage use count), so the pool never holds more than the peak of one tile. Buffers of another
+    tile shape are kept for the two most recent tile shapes only (the last row and column of blocks differ)."""
+
+    MIN_NUMEL = 1 << 18  # smaller tensors come fresh: their allocation costs nothing worth tracking
+    KEEP = 2  # tile shapes whose buffers are kept
+
+    def __init__(self):
+        self.users = _storage_users()
+        self.groups: dict = {}  # (A, B) -> {(shape, dtype, device): [tensors]}, most recent last
+        self.bufs: dict = {}
+
+    def start(self, A, B):
+        self.bufs = self.groups.pop((A, B), None) or {}
+        self.groups[(A, B)] = self.bufs
+        while len(self.groups) > self.KEEP:
+            del self.groups[next(iter(self.groups))]
+
+    def take(self, shape, like):
+        """An uninitialised tensor of ``shape`` with ``like``'s dtype and device."""
+        shape = tuple(shape)
+        if self.users is None or math.prod(shape) < self.MIN_NUMEL:
+            return like.new_empty(shape)
+        key = (shape, like.dtype, like.device)
+        lst = self.bufs.setdefault(key, [])
+        for t in lst:
+            if self.users(t) <= 2:  # the pool's own tensor and the temporary storage object
+                return t.view(shape)
+        t = like.new_empty(shape)
+        lst.append(t)
+        return t.view(shape)
+
+
 class Ctx:
-    """The two feature blocks of a tile, its pair shape (A, B) (B = 1 for paired rows) and whether it is paired."""
+    """The two feature blocks of a tile, its pair shape (A, B) (B = 1 for paired rows), whether it is paired, and
+    the kernel's buffer pool."""
 
-    __slots__ = ("f1", "f2", "A", "B", "paired", "bufs")
+    __slots__ = ("f1", "f2", "A", "B", "paired", "bufs", "pool")
 
-    def __init__(self, f1, f2, paired):
+    def __init__(self, f1, f2, paired, pool=None):
         self.f1, self.f2, self.paired = f1, f2, paired
         self.A, self.B = f1.n, 1 if paired else f2.n
         self.bufs = {}
+        self.pool = pool if pool is not None else Pool()
+        self.pool.start(self.A, self.B)
+
+    def new(self, shape, like):
+        """A fresh-content (uninitialised) pair-sized tensor from the pool."""
+        return self.pool.take(shape, like)
 
     def scratch(self, name, shape, like):
         """A reusable buffer for a value consumed at once: fresh pair-sized tensors cost more here than the
@@ -136,7 +198,7 @@ def _full(s: Sig, cx) -> torch.Tensor:
     out: torch.Tensor | None = None
     for term in s.terms:
         v = _term_full(term, s.shape, cx)
-        out = v.expand(*s.shape, cx.A, cx.B).clone() if out is None else out.add_(v)
+        out = cx.new((*s.shape, cx.A, cx.B), v).copy_(v) if out is None else out.add_(v)
     assert out is not None, "a signal has at least one term"
     return out
 
@@ -178,14 +240,14 @@ def _chsum(s: Sig, groups, cx) -> torch.Tensor:
                     ov = torch.bmm(g1, g2.transpose(1, 2), out=cx.scratch("ov", (P, cx.A, cx.B), g1))
                     out.view(P, cx.A, cx.B).addcmul_(ov, t, value=term.coef)
                     continue
-                one = g1.new_zeros((1, 1, 1))  # ignored (beta = 0): the coefficient rides in the GEMM's alpha
-                ov = torch.baddbmm(one, g1, g2.transpose(1, 2), beta=0.0, alpha=term.coef).unsqueeze(0)
+                buf = cx.new((P, cx.A, cx.B), g1)  # beta = 0 ignores it as input; the coefficient rides in alpha
+                ov = torch.baddbmm(buf, g1, g2.transpose(1, 2), beta=0.0, alpha=term.coef, out=buf).unsqueeze(0)
                 v = ov.mul_(t)
                 v = v.reshape(v.shape[0], *term.src, *v.shape[-2:])
                 if term.post is not None:
                     v = term.post(v)
                 v = v.reshape(v.shape[0], *rest, *v.shape[-2:])
-                out = _acc(out, v, full)
+                out = _acc(out, v, full, cx)
                 continue
             elif groups == 1:
                 ov = (g1 * g2).sum(-1, keepdim=True).unsqueeze(0)
@@ -210,16 +272,16 @@ def _chsum(s: Sig, groups, cx) -> torch.Tensor:
             v = t.reshape(groups, c // groups, *t.shape[1:]).sum(1)
             if term.coef != 1.0:
                 v.mul_(term.coef)
-        out = _acc(out, v, full)
+        out = _acc(out, v, full, cx)
     assert out is not None, "a signal has at least one term"
     s.memo[groups] = out
     return out
 
 
-def _acc(out, v, full):
-    """out + v into a fresh full-size tensor (v is fresh: taken as out when it is full-size)."""
+def _acc(out, v, full, cx):
+    """out + v into a full-size tensor of its own (v is fresh: taken as out when it is full-size)."""
     if out is None:
-        return v if tuple(v.shape) == full else v.expand(full).clone()
+        return v if tuple(v.shape) == full else cx.new(full, v).copy_(v.expand(full))
     return out.add_(v)
 
 
@@ -241,8 +303,10 @@ def _box(v, k, stride, pad, dil, out_hw, cx=None, bias=0.0):
         taps.sort(key=lambda r: (r[0] != 0 or r[1] != n_out - 1))
         shp = list(v.shape)
         shp[ax] = n_out
-        # the first axis's sums are consumed at once by the second: a reused buffer when the caller has one
-        out = cx.scratch("box", shp, v) if (ax == 1 and cx is not None) else v.new_empty(shp)
+        if cx is None:
+            out = v.new_empty(shp)
+        else:  # the first axis's sums are consumed at once by the second
+            out = cx.scratch("box", shp, v) if ax == 1 else cx.new(shp, v)
         b = bias if ax == 2 else 0.0
         if not taps or taps[0][:2] != (0, n_out - 1):
             out.fill_(b)
@@ -309,9 +373,10 @@ def _pool_post(op, h, w, dtype, device):
     return post
 
 
-def propagate(dgn, f1, f2, paired: bool = False) -> tuple[torch.Tensor, float]:
-    """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale)."""
-    cx = Ctx(f1, f2, paired)
+def propagate(dgn, f1, f2, paired: bool = False, pool: Pool | None = None) -> tuple[torch.Tensor, float]:
+    """Scaled NPK block of a ModuleDGN: (H_tilde (a, b) or (a, 1) when paired, log_scale). ``pool``: the kernel's
+    buffers, reused from tile to tile (:class:`Pool`)."""
+    cx = Ctx(f1, f2, paired, pool)
     A, B = cx.A, cx.B
     dt, dev = f1.x.dtype, f1.x.device
     mods = dict(dgn.value.named_modules())
@@ -454,8 +519,10 @@ def npk_module(
         dgn = copy.deepcopy(dgn).to(dtype)
     dt = next(dgn.parameters()).dtype
 
+    pool = Pool()
+
     def pair(a, b):
-        t, ls = propagate(dgn, a, b)
+        t, ls = propagate(dgn, a, b, pool=pool)
         return t if scaled else _finish(t, ls, dt)
 
     if diag:
@@ -463,7 +530,7 @@ def npk_module(
             outs = []
             for i in range(0, len(x1), block):
                 f = featurize(dgn, x1[i : i + block])
-                t, ls = propagate(dgn, f, f, paired=True)
+                t, ls = propagate(dgn, f, f, paired=True, pool=pool)
                 outs.append((t[:, 0] if scaled else _finish(t[:, 0], ls, dt)).cpu())
             return torch.cat(outs)
     with torch.no_grad():  # bytes per input: its gates and input, and as much again for cached gate products
