@@ -141,11 +141,11 @@ SWEEP = [
     "--rows",
     "fc-sgd",
     "--epochs",
-    "2",
+    "4",  # the kill below lands within 10 ms of epoch 1 of 4: three epochs of margin on a fast CPU
     "--seeds",
     "2",
     "--limit-train",
-    "1500",
+    "2000",
     "--limit-test",
     "500",
 ]
@@ -175,7 +175,7 @@ def test_sweep_killed_then_restarted_and_two_sweeps_at_once(mnist_root, tmp_path
     while time.time() < deadline and not list((out / "runs" / "fc-sgd").glob("relu-s0/metrics.jsonl")):
         time.sleep(0.05)
     while time.time() < deadline and not (out / "runs" / "fc-sgd" / "relu-s0" / "metrics.jsonl").read_text():
-        time.sleep(0.05)
+        time.sleep(0.01)
     p.send_signal(signal.SIGKILL)
     p.wait()
     assert not (out / "runs" / "fc-sgd" / "relu-s0" / "result.json").exists()
@@ -186,4 +186,4 @@ def test_sweep_killed_then_restarted_and_two_sweeps_at_once(mnist_root, tmp_path
     for r in recs:  # the killed-and-resumed sweep gives the uninterrupted sweep's numbers
         assert r["best_test_acc"] == ref_recs[(r["regime"], r["seed"])]["best_test_acc"]
     for m in (out / "runs" / "fc-sgd").glob("*/metrics.jsonl"):
-        assert [json.loads(x)["epoch"] for x in m.read_text().splitlines()] == [1, 2]
+        assert [json.loads(x)["epoch"] for x in m.read_text().splitlines()] == [1, 2, 3, 4]
