@@ -191,7 +191,10 @@ def _gemm_rate():
 def bench_convnpk_scale(args):
     """Pairs per second of the GCONV NPK (float32) at n = 1,000 (``--n``), at the paper's width and at x1/4,
     against the multiply-adds of its per-position overlap GEMMs (n^2/2 pairs x HW x sum_l C_l x 2, plus the input's
-    HW x 3) at the large-GEMM rate measured in the same run."""
+    HW x 3) at the large-GEMM rate measured in the same run; ``work_bound_s`` adds the forward pass that makes the
+    gates (torch's FLOP counter, once per input), which the closed form cannot skip."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     from neuralpath.experiments.budget import conv_widths
 
     n = args.n or 1000
@@ -211,6 +214,10 @@ def bench_convnpk_scale(args):
         pairs = n * (n + 1) / 2
         flops = pairs * 2 * 1024 * (3 + sum(ch))
         bound = flops / rate / 1e9
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            net.gates(x[:8])
+        forward = fc.get_total_flops() / 8
+        work = (flops + n * forward) / rate / 1e9
         rows.append(
             dict(
                 width=mult,
@@ -222,6 +229,9 @@ def bench_convnpk_scale(args):
                 gemm_bound_s=bound,
                 over_bound=t / bound,
                 tiles_over_bound=(t - t_feat) / bound,  # the tile loop alone (what grows as n^2)
+                forward_gflop_per_input=forward / 1e9,
+                work_bound_s=work,
+                over_work_bound=t / work,
             )
         )
         print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
