@@ -32,7 +32,7 @@ GRIDS = {
         (0.125, 10000, 150, False),
         (0.25, 5000, 100, False),
         (0.25, 20000, 40, False),
-        (0.5, 10000, 20, False),
+        (0.5, 10000, 20, True),  # FLNPF added in session 14, after the ReLU and FRNPF-II runs had finished
     ],
     "cpu-main": [(0.25, 10000, 120, True)],  # the first point of the grid alone (the width and images of --budget cpu)
     "tiny": [(0.125, 200, 2, True)],
