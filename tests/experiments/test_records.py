@@ -36,6 +36,10 @@ def test_budget_curve_from_records(tmp_path):
     row = next(x for x in md.splitlines() if x.startswith("| 0.25 | 20000 |"))  # x1/4, 20,000 images (session 12)
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2:7] == ["40", "52.73", "52.99", "-0.26", "—"], row
+    row = next(x for x in md.splitlines() if x.startswith("| 0.5 | 10000 |"))  # x1/2, 20 epochs (sessions 13-14)
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[2:7] == ["20", "45.74", "50.53", "-4.79", "—"], row
+    assert cells[8] == "53.45", row  # FLNPF on that ReLU net's best gates, 20 epochs (session 14)
     budget.plot(recs, tmp_path / "b.png")
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     doc = (REPO / "docs" / "RESULTS.md").read_text()
