@@ -553,15 +553,24 @@ def reproduce_table(
 @click.option("--arch", default="gconv", show_default=True, help="gconv | vconv")
 @click.option("--limit-test", type=int, default=None, help="Evaluate on a stratified test subset (default: all).")
 @click.option("--points", default=None, help="Train only these points of the grid, e.g. w0.5-n10000 (comma-separated).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every run (another seed: another --out).")
 @_where("runs/budget")
-def reproduce_budget(grid, arch, limit_test, points, data_root, device, out):
+def reproduce_budget(grid, arch, limit_test, points, seed, data_root, device, out):
     """ReLU - FRNPF-II against training budget (width, images, epochs) on CIFAR-10: where the paper's order appears."""
     from .errors import check_choice
     from .experiments import budget
 
     check_choice("arch", arch, ("gconv", "vconv"))
     _echo_run(
-        budget.run, out, grid=grid, arch=arch, limit_test=limit_test, points=points, data_root=data_root, device=device
+        budget.run,
+        out,
+        grid=grid,
+        arch=arch,
+        limit_test=limit_test,
+        points=points,
+        seed=seed,
+        data_root=data_root,
+        device=device,
     )
 
 

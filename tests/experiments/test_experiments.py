@@ -153,9 +153,12 @@ def test_reproduce_budget_one_point_of_the_grid(cifar_root, cli, tmp_path):
     assert "w0.5-n10000 not in the tiny grid; its points are w0.125-n200" in bad.stderr
     assert not (tmp_path / "x").exists()
     args = ("--grid", "tiny", "--points", "w0.125-n200", "--limit-test", "100", "--data-root", cifar_root)
-    r = cli("reproduce", "budget", *args, "--out", tmp_path)
+    r = cli("reproduce", "budget", *args, "--seed", "3", "--out", tmp_path)
     assert r.returncode == 0, r.stdout + r.stderr
+    # the report names what the records hold (it said "GCONV ... seed 0" whatever --arch and seed were)
+    assert "(GCONV, Adam" in r.stdout and "subset of CIFAR-10 (JPEG copy), seed 3." in r.stdout, r.stdout
     recs = read_jsonl(tmp_path / "curve.jsonl")
+    assert {x["seed"] for x in recs} == {3} and {x["data"] for x in recs} == {"CIFAR-10 (JPEG copy)"}
     assert sorted({(x["regime"], x["epoch"]) for x in recs}) == [
         (g, e) for g in ("flnpf", "frnpf-ii", "relu") for e in (1, 2)
     ]

@@ -142,6 +142,7 @@ def collect(out) -> list:
                     "train_acc": m["train_acc"],
                     "seconds": m["seconds"],
                     "finished": f.finished,
+                    "data": f.data(),
                 }
             )
     write_jsonl(Path(out) / "curve.jsonl", recs)
@@ -178,13 +179,25 @@ def gaps(recs):
     return out
 
 
+def _labels(recs) -> tuple[str, str, str]:
+    """The architecture(s), seed(s) and data copy the records name (never a fixed label: ``run`` takes --arch and
+    --seed, and the data may be the JPEG copy or the official files)."""
+
+    def names(key, fmt):
+        vals = sorted({r[key] for r in recs if r.get(key) is not None}, key=str)
+        return ", ".join(fmt(v) for v in vals)
+
+    return names("arch", str.upper) or "GCONV", names("seed", str) or "?", names("data", str) or "CIFAR-10"
+
+
 def report(recs) -> str:
     gp = gaps(recs)
+    arch, seeds, data = _labels(recs)
     lines = [
-        "# ReLU - FRNPF-II against training budget (GCONV, Adam 3e-4, batch 32; best-so-far test accuracy)",
+        f"# ReLU - FRNPF-II against training budget ({arch}, Adam 3e-4, batch 32; best-so-far test accuracy)",
         "",
-        "Each row: a width multiplier of the paper's GCONV and a stratified training subset, seed 0. "
-        "'crosses' = first epoch from which ReLU stays ahead; '>= 5' = first epoch with a gap of 5 points.",
+        f"Each row: a width multiplier of the paper's {arch} and a stratified training subset of {data}, seed "
+        f"{seeds}. 'crosses' = first epoch from which ReLU stays ahead; '>= 5' = first epoch with a gap of 5 points.",
         "",
         "| width | images | epochs | ReLU % | FRNPF-II % | gap | crosses at epoch | gap >= 5 at epoch | FLNPF % |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -232,6 +245,7 @@ def plot(recs, path):
         ax.grid(alpha=0.3)
     axes[2].set_xscale("log")
     axes[1].legend(fontsize=7)
-    fig.suptitle("GCONV on CIFAR-10 (JPEG copy): when do learnt gates beat random gates?")
+    arch, seeds, data = _labels(recs)
+    fig.suptitle(f"{arch} on {data}, seed {seeds}: when do learnt gates beat random gates?")
     fig.tight_layout()
     savefig(fig, path)
