@@ -129,26 +129,17 @@ class Ctx:
     """The two feature blocks of a tile, its pair shape (A, B) (B = 1 for paired rows), whether it is paired, and
     the kernel's buffer pool."""
 
-    __slots__ = ("f1", "f2", "A", "B", "paired", "bufs", "pool")
+    __slots__ = ("f1", "f2", "A", "B", "paired", "pool")
 
     def __init__(self, f1, f2, paired, pool=None):
         self.f1, self.f2, self.paired = f1, f2, paired
         self.A, self.B = f1.n, 1 if paired else f2.n
-        self.bufs = {}
         self.pool = pool if pool is not None else Pool()
         self.pool.start(self.A, self.B)
 
     def new(self, shape, like):
-        """A fresh-content (uninitialised) pair-sized tensor from the pool."""
+        """An uninitialised pair-sized tensor from the pool (a value consumed at once frees its buffer for the next)."""
         return self.pool.take(shape, like)
-
-    def scratch(self, name, shape, like):
-        """A reusable buffer for a value consumed at once: fresh pair-sized tensors cost more here than the
-        arithmetic on them (page faults on every new allocation)."""
-        b = self.bufs.get(name)
-        if b is None or tuple(b.shape) != tuple(shape):
-            b = self.bufs[name] = like.new_empty(shape)
-        return b
 
 
 class Term:
@@ -237,7 +228,7 @@ def _chsum(s: Sig, groups, cx) -> torch.Tensor:
             P = g1.shape[0]
             if groups == 1 and not cx.paired:  # sum_c G1(c, p) G2(c, p): one GEMM per position
                 if out is not None and term.post is None:  # fused: out += coef * t * overlap, no new tensor
-                    ov = torch.bmm(g1, g2.transpose(1, 2), out=cx.scratch("ov", (P, cx.A, cx.B), g1))
+                    ov = torch.bmm(g1, g2.transpose(1, 2), out=cx.new((P, cx.A, cx.B), g1))
                     out.view(P, cx.A, cx.B).addcmul_(ov, t, value=term.coef)
                     continue
                 buf = cx.new((P, cx.A, cx.B), g1)  # beta = 0 ignores it as input; the coefficient rides in alpha
@@ -303,10 +294,7 @@ def _box(v, k, stride, pad, dil, out_hw, cx=None, bias=0.0):
         taps.sort(key=lambda r: (r[0] != 0 or r[1] != n_out - 1))
         shp = list(v.shape)
         shp[ax] = n_out
-        if cx is None:
-            out = v.new_empty(shp)
-        else:  # the first axis's sums are consumed at once by the second
-            out = cx.scratch("box", shp, v) if ax == 1 else cx.new(shp, v)
+        out = v.new_empty(shp) if cx is None else cx.new(shp, v)  # a pooled buffer is free again once consumed
         b = bias if ax == 2 else 0.0
         if not taps or taps[0][:2] != (0, n_out - 1):
             out.fill_(b)

@@ -126,7 +126,7 @@ def collect(out) -> list:
         c = f.config()
         if c is None:  # a folder whose run has not started
             continue
-        best = -1.0
+        best, data, finished = -1.0, f.data(), f.finished
         for m in f.records():
             best = max(best, m["test_acc"])
             recs.append(
@@ -141,8 +141,8 @@ def collect(out) -> list:
                     "best_so_far": best,
                     "train_acc": m["train_acc"],
                     "seconds": m["seconds"],
-                    "finished": f.finished,
-                    "data": f.data(),
+                    "finished": finished,
+                    "data": data,
                 }
             )
     write_jsonl(Path(out) / "curve.jsonl", recs)
