@@ -153,31 +153,53 @@ while True:  # elementwise work on one core: what 'the second core busy' means i
 
 def bench_npkload(args):
     """The FC NPK (n = 4,000, 6x128, tiles of 1,024) against the same-multiply-add GEMM, interleaved (GEMM, NPK,
-    GEMM, NPK, ...), with the second core quiet and then busy with elementwise work (a background process)."""
+    NPK with ``NEURALPATH_THREADS=fixed``, ...), with the second core quiet and then busy with elementwise work (a
+    background process). ``npk_s`` is the library's default (tiles on fewer threads while other processes keep cores
+    busy, kernels/gram.py ``CoreShare``); ``fixed_s`` keeps torch's thread count, as before session 15."""
     import subprocess
+
+    from neuralpath.kernels import gram
 
     n = args.n or 4000
     net, _ = build_regime("relu", "fc", 0, in_shape=(1, 28, 28))
     x = mnist(n)
     k = 784 + 5 * 128
     a, b = torch.randn(n, k), torch.randn(n, k)
+
+    def npk_with(mode):
+        os.environ["NEURALPATH_THREADS"] = mode
+        try:
+            return npx.npk(net, x, block=1024)
+        finally:
+            os.environ.pop("NEURALPATH_THREADS")
+
+    if not torch.equal(npk_with("auto"), npk_with("fixed")):
+        raise SystemExit("npkload: the kernel differs between adaptive and fixed thread counts")
     out = {}
     for mode in ("quiet", "loaded"):
         proc = subprocess.Popen([sys.executable, "-c", _LOAD]) if mode == "loaded" else None
         try:
             time.sleep(1.0 if proc else 0.0)
-            g, p = [], []
+            g, p, f, seen = [], [], [], []
             a @ b.T
-            npx.npk(net, x, block=1024)
+            npk_with("auto")
             for _ in range(args.repeat):
                 g.append(timeit(lambda: a @ b.T, 1, warmup=0))
-                p.append(timeit(lambda: npx.npk(net, x, block=1024), 1, warmup=0))
+                p.append(timeit(lambda: npk_with("auto"), 1, warmup=0))
+                seen.append(round(gram._CORES.others, 2))
+                f.append(timeit(lambda: npk_with("fixed"), 1, warmup=0))
         finally:
             if proc:
                 proc.kill()
                 proc.wait()
+        gm = statistics.median(g)
         out[mode] = dict(
-            gemm_s=statistics.median(g), npk_s=statistics.median(p), ratio=statistics.median(p) / statistics.median(g)
+            gemm_s=gm,
+            npk_s=statistics.median(p),
+            ratio=statistics.median(p) / gm,
+            fixed_s=statistics.median(f),
+            fixed_ratio=statistics.median(f) / gm,
+            others_cores=seen,  # the cores other processes kept busy, as the engine measured them after each call
         )
     return dict(bench="npkload", n=n, **out)
 

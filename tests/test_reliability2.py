@@ -780,10 +780,12 @@ def test_kernel_dtype_names_and_half_precision():
     torch.testing.assert_close(npx.npk(net, x, dtype="float64"), npx.npk(net.double(), x.double()))
 
 
-@pytest.mark.parametrize("var, value", [("NEURALPATH_FUSED", "yes"), ("NEURALPATH_HEAP", "2")])
+@pytest.mark.parametrize(
+    "var, value", [("NEURALPATH_FUSED", "yes"), ("NEURALPATH_HEAP", "2"), ("NEURALPATH_THREADS", "1")]
+)
 def test_kernel_environment_switches_refuse_unknown_values(monkeypatch, var, value):
-    """The kernels' two environment switches take 0/1 (and auto); anything else is a one-line error naming the
-    variable, not a silent default."""
+    """The kernels' environment switches take 0/1 (and auto; NEURALPATH_THREADS auto/fixed); anything else is a
+    one-line error naming the variable, not a silent default."""
     monkeypatch.setenv(var, value)
     net = npx.ConvDGN("gconv", in_channels=2, out_dim=3, channels=(3,), hidden=(4,), image_size=6, tied=True)
     with pytest.raises(NeuralpathError, match=f"{var}='{value}': use one of"):

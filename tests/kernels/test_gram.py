@@ -168,3 +168,141 @@ def test_progress_log_prints_lines_not_a_bar(monkeypatch, capsys):
     G.gram(lambda v: v, lambda a, b: a @ b.T, x, block=16, progress="log", desc="NPK")
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 6 and "1 of 6 tiles" in lines[0] and "h left" in lines[0]
+
+
+def test_core_share_counts_the_cores_other_processes_keep_busy():
+    """The thread count for the next tile: torch's count less the cores others kept busy over the last window
+    (rounded, at least one); this process's own CPU time never moves it; no reading leaves the count alone."""
+    from neuralpath.kernels.gram import CoreShare
+
+    readings = iter(
+        [
+            (0.0, 0.0, 0.0),  # first reading: no window yet
+            (0.05, 0.1, 0.05),  # inside the window: the last estimate holds
+            (0.2, 0.4, 0.2),  # 0.4 busy, 0.2 of it ours, over 0.2 s: one other core
+            (0.4, 0.8, 0.4),  # the same again
+            (0.6, 1.0, 0.6),  # every busy second ours (two threads): nobody else
+            (0.8, 1.26, 0.8),  # 0.06 others / 0.2 s = 0.3 of a core: rounds to none
+            None,  # /proc/stat unreadable
+        ]
+    )
+    cs = CoreShare()
+    cs.sample = lambda: next(readings)  # type: ignore[method-assign]
+    assert [cs.threads(2) for _ in range(7)] == [2, 2, 1, 1, 2, 2, 2]
+    assert CoreShare().threads(1) == 1
+    cs = CoreShare()
+    seq = iter([(0.0, 0.0, 0.0), (1.0, 4.4, 2.0)])  # 2.4 cores of others on an 8-thread process
+    cs.sample = lambda: next(seq)  # type: ignore[method-assign]
+    assert cs.threads(8) == 8 and cs.threads(8) == 6 and round(cs.others, 6) == 2.4
+
+
+def test_core_share_reads_the_busy_time_of_its_own_cpus(tmp_path, monkeypatch):
+    """Only this process's CPUs count, and only their busy columns (user, nice, system, irq, softirq, steal)."""
+    import os
+
+    from neuralpath.kernels import gram as G
+
+    if not hasattr(os, "sched_getaffinity"):
+        pytest.skip("no CPU affinity on this platform")
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 2})
+    stat = tmp_path / "stat"
+    stat.write_text(
+        "cpu  999 999 999 999 999 999 999 999 0 0\n"
+        "cpu0 100 1 10 5000 70 2 3 4 0 0\n"  # busy: 100 + 1 + 10 + 2 + 3 + 4 = 120 ticks (idle, iowait not)
+        "cpu1 900 900 900 900 900 900 900 900 0 0\n"  # not ours
+        "cpu2 50 0 5 4000 0 0 0 5 0 0\n"  # 60 ticks
+        "intr 12345\n"
+    )
+    cs = G.CoreShare()
+    cs.STAT = str(stat)
+    wall, busy, own = cs.sample()  # type: ignore[misc]
+    assert busy == pytest.approx(180 / os.sysconf("SC_CLK_TCK"))
+    cs.STAT = str(tmp_path / "missing")
+    assert cs.sample() is None and cs.threads(2) == 2
+
+
+def test_tiles_run_on_the_threads_core_share_gives_and_torch_count_comes_back(monkeypatch):
+    """With others busy the tiles (and the cached features) run on fewer threads; torch's count is restored after,
+    also when a tile fails; NEURALPATH_THREADS=fixed keeps it throughout; other values are refused in one line."""
+    from neuralpath.errors import NeuralpathError
+    from neuralpath.kernels import gram as G
+
+    class Busy(G.CoreShare):
+        def threads(self, n):
+            return max(1, n - 1)
+
+    monkeypatch.setattr(G, "_CORES", Busy())
+    seen = []
+
+    def pair(a, b):
+        seen.append(torch.get_num_threads())
+        return a @ b.T
+
+    x = torch.rand(9, 3, dtype=torch.float64)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        K = G.gram(lambda v: v, pair, x, block=4, dtype=torch.float64)
+        assert torch.equal(K, K.T) and seen == [1] * 6 and torch.get_num_threads() == 2
+        seen.clear()
+        monkeypatch.setenv("NEURALPATH_THREADS", "fixed")
+        G.gram(lambda v: v, pair, x, block=4, dtype=torch.float64)
+        assert seen == [2] * 6
+        monkeypatch.setenv("NEURALPATH_THREADS", "auto")
+
+        def broken(a, b):
+            raise RuntimeError("tile failed")
+
+        with pytest.raises(RuntimeError, match="tile failed"):
+            G.gram(lambda v: v, broken, x, block=4)
+        assert torch.get_num_threads() == 2
+        monkeypatch.setenv("NEURALPATH_THREADS", "3")
+        with pytest.raises(NeuralpathError, match="NEURALPATH_THREADS='3': use one of auto, fixed"):
+            G.gram(lambda v: v, pair, x, block=4)
+    finally:
+        torch.set_num_threads(before)
+
+
+class _Residual(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 4, 3, padding=1)
+        self.a = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.b = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.head = torch.nn.Linear(4 * 64, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.stem(x))
+        h = torch.relu(h + self.b(torch.relu(self.a(h))))
+        return self.head(h.flatten(1))
+
+
+def test_every_kernel_is_the_same_on_one_and_on_two_threads(monkeypatch):
+    """The premise of the adaptive thread count: a tile's values do not depend on it (float32, bit for bit) for the
+    FC and GCONV NPKs, the NTK and the any-network NPK of a small ResNet. Fails if the BLAS or a reduction
+    splits its work differently with the thread count; then CoreShare must go."""
+    from neuralpath import from_module
+
+    monkeypatch.setenv("NEURALPATH_THREADS", "fixed")  # each kernel on exactly the count set below
+    torch.manual_seed(0)
+    fc = npx.FCDGN(12, width=16, depth=3, tied=True)
+    conv = npx.ConvDGN("gconv", channels=(4, 4, 8, 8), hidden=(16, 16), tied=True)
+    model = _Residual()
+    xs, xi, xa = torch.rand(300, 12), torch.rand(40, 3, 32, 32), torch.rand(60, 3, 8, 8)
+    any_net = from_module(model, xa[:2])
+    jobs = {
+        "fc npk": lambda: npx.npk(fc, xs, block=128),
+        "fc ntk": lambda: npx.ntk(fc, xs[:90], block=32),
+        "gconv npk": lambda: npx.npk(conv, xi, block=16),
+        "any-network npk": lambda: npx.npk(any_net, xa, block=32),
+    }
+    before = torch.get_num_threads()
+    try:
+        for name, job in jobs.items():
+            torch.set_num_threads(1)
+            one = job()
+            torch.set_num_threads(2)
+            two = job()
+            assert torch.equal(one, two), name
+    finally:
+        torch.set_num_threads(before)

@@ -17,7 +17,11 @@
   tiles into the one shared .npy file and rank 0 renames it after a barrier (the ranks must share a file system);
   in memory, each rank fills its tiles of a zero matrix and one all-reduce (sum) gives every rank the whole kernel.
   Each entry is computed by exactly one rank with the same code as in one process, so the result is bit for bit
-  the single-process one.
+  the single-process one;
+- on a CPU that other processes keep busy, tiles run on fewer intra-op threads (:class:`CoreShare`): torch's
+  threads wait for each other at every operation, and a thread that shares its core with another process holds
+  the others up at each of a tile's many short GEMMs and passes (docs/PERFORMANCE.md, session 15).
+  ``NEURALPATH_THREADS=fixed`` keeps torch's thread count throughout.
 """
 
 from __future__ import annotations
@@ -366,6 +370,80 @@ class _ProgressLines:
         )
 
 
+class CoreShare:
+    """How many intra-op threads the next tile gets: torch's thread count less the cores that *other* processes
+    kept busy over the last ``WINDOW`` seconds or more, rounded (at least one). Linux only: the busy time of this
+    process's CPUs from ``/proc/stat`` (user, nice, system, irq, softirq, steal), less this process's own CPU time;
+    what the process itself does never moves the estimate, so the choice does not oscillate. Elsewhere, with one
+    thread, or with ``NEURALPATH_THREADS=fixed``, the count is left alone. The state is the module's (one meter per
+    process), so a kernel called right after another starts from the last estimate. Values do not depend on the
+    choice: the tests compare every kernel at one and at two threads bit for bit."""
+
+    WINDOW = 0.1  # seconds: 10 clock ticks per CPU at the usual 100 Hz, +-0.2 of a core at worst
+    STAT = "/proc/stat"
+
+    def __init__(self):
+        self.last: tuple[float, float, float] | None = None
+        self.others = 0.0  # cores other processes kept busy over the last window
+
+    def sample(self) -> tuple[float, float, float] | None:
+        """(wall clock, busy CPU seconds of this process's CPUs, this process's CPU seconds), or None."""
+        try:
+            cpus = {f"cpu{c}" for c in os.sched_getaffinity(0)}
+            busy = 0
+            with open(self.STAT) as f:
+                for line in f:
+                    parts = line.split()
+                    if parts and parts[0] in cpus:
+                        v = [int(t) for t in parts[1:9]]
+                        busy += v[0] + v[1] + v[2] + v[5] + v[6] + v[7]
+            return time.monotonic(), busy / _clock_ticks(), time.process_time()
+        except (OSError, ValueError, IndexError, AttributeError):
+            return None
+
+    def threads(self, n: int) -> int:
+        """The thread count for the next tile out of ``n`` (torch's own)."""
+        if n <= 1:
+            return n
+        now = self.sample()
+        if now is None:
+            return n
+        if self.last is not None and now[0] - self.last[0] < self.WINDOW:
+            return max(1, n - round(self.others))
+        if self.last is not None:
+            wall = now[0] - self.last[0]
+            self.others = max(0.0, (now[1] - self.last[1]) - (now[2] - self.last[2])) / wall
+        self.last = now
+        return max(1, n - round(self.others))
+
+
+@functools.cache
+def _clock_ticks() -> int:
+    return os.sysconf("SC_CLK_TCK")
+
+
+_CORES = CoreShare()
+
+
+@contextlib.contextmanager
+def _shared_cores():
+    """A function that sets the intra-op thread count for the next tile (see :class:`CoreShare`); torch's own
+    count is restored on leaving."""
+    n = torch.get_num_threads()
+    fixed = env_choice("NEURALPATH_THREADS", ("auto", "fixed"), "auto") == "fixed"
+
+    def next_tile():
+        k = n if fixed else _CORES.threads(n)
+        if k != torch.get_num_threads():
+            torch.set_num_threads(k)
+
+    try:
+        yield next_tile
+    finally:
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def _fill(
     target,
     K,
@@ -391,42 +469,49 @@ def _fill(
     from tqdm import tqdm
 
     n1, n2 = len(x1), len(x2_)
-    cache1 = cache2 = None
-    fb = feature_bytes_per_input
-    if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
-        cache1 = [featurize(x1[i : i + block]) for i in range(0, n1, block)]
-        cache2 = cache1 if sym else [featurize(x2_[j : j + block]) for j in range(0, n2, block)]
-    tiles = [
-        (bi, bj)
-        for bi in range((n1 + block - 1) // block)
-        for bj in range((n2 + block - 1) // block)
-        if not sym or bj >= bi
-    ]
-    mine = tiles[rank::world]
-    bar = tqdm(total=len(mine), initial=start, desc=desc, disable=progress is not True, leave=False)
-    log = _ProgressLines(desc, start, len(mine)) if progress == "log" else None
-    f1_idx, f1 = None, None
-    for done, (bi, bj) in enumerate(mine[start:], start + 1):
-        i0, j0 = bi * block, bj * block
-        if cache1 is not None and cache2 is not None:
-            a, b = cache1[bi], cache2[bj]
-        else:
-            if f1_idx != bi:
-                f1_idx, f1 = bi, featurize(x1[i0 : i0 + block])
-            a = f1
-            b = f1 if (sym and bi == bj) else featurize(x2_[j0 : j0 + block])
-        tile = pair(a, b).to(dtype).cpu().numpy()
-        if sym and bi == bj:  # BLAS does not promise a @ a.T symmetric to the last bit: mirror the upper triangle
-            iu = np.triu_indices(tile.shape[0], 1)
-            tile[(iu[1], iu[0])] = tile[iu]
-        target[i0 : i0 + tile.shape[0], j0 : j0 + tile.shape[1]] = tile
-        if sym and bi != bj:
-            target[j0 : j0 + tile.shape[1], i0 : i0 + tile.shape[0]] = tile.T
-        bar.update(1)
-        if log is not None:
-            log(done)
-        if checkpoint is not None:
-            checkpoint(done, final=done == len(mine))
+    with _shared_cores() as next_tile:
+
+        def featurize_at(x):  # the features cached before the tiles, on as many threads as a tile
+            next_tile()
+            return featurize(x)
+
+        cache1 = cache2 = None
+        fb = feature_bytes_per_input
+        if fb is not None and fb * (n1 + (0 if sym else n2)) <= feature_budget:
+            cache1 = [featurize_at(x1[i : i + block]) for i in range(0, n1, block)]
+            cache2 = cache1 if sym else [featurize_at(x2_[j : j + block]) for j in range(0, n2, block)]
+        tiles = [
+            (bi, bj)
+            for bi in range((n1 + block - 1) // block)
+            for bj in range((n2 + block - 1) // block)
+            if not sym or bj >= bi
+        ]
+        mine = tiles[rank::world]
+        bar = tqdm(total=len(mine), initial=start, desc=desc, disable=progress is not True, leave=False)
+        log = _ProgressLines(desc, start, len(mine)) if progress == "log" else None
+        f1_idx, f1 = None, None
+        for done, (bi, bj) in enumerate(mine[start:], start + 1):
+            next_tile()
+            i0, j0 = bi * block, bj * block
+            if cache1 is not None and cache2 is not None:
+                a, b = cache1[bi], cache2[bj]
+            else:
+                if f1_idx != bi:
+                    f1_idx, f1 = bi, featurize(x1[i0 : i0 + block])
+                a = f1
+                b = f1 if (sym and bi == bj) else featurize(x2_[j0 : j0 + block])
+            tile = pair(a, b).to(dtype).cpu().numpy()
+            if sym and bi == bj:  # BLAS does not promise a @ a.T symmetric to the last bit: mirror the upper triangle
+                iu = np.triu_indices(tile.shape[0], 1)
+                tile[(iu[1], iu[0])] = tile[iu]
+            target[i0 : i0 + tile.shape[0], j0 : j0 + tile.shape[1]] = tile
+            if sym and bi != bj:
+                target[j0 : j0 + tile.shape[1], i0 : i0 + tile.shape[0]] = tile.T
+            bar.update(1)
+            if log is not None:
+                log(done)
+            if checkpoint is not None:
+                checkpoint(done, final=done == len(mine))
     bar.close()
     if K is not None and world > 1:
         torch.distributed.all_reduce(K, op=torch.distributed.ReduceOp.SUM)
