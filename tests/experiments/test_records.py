@@ -49,6 +49,41 @@ def test_budget_curve_from_records(tmp_path):
     assert "| gap ReLU − FRNPF-II (points) | −6.97 | −6.64 | −6.61 | −4.39 | −1.98 | −0.26 |" in doc
 
 
+def test_budget_seeds_of_the_half_width_point_from_records(tmp_path):
+    """The x1/2, 10,000-image point's other seeds (docs/results/budget-seed*): each seed's row regenerates from its
+    records, and the means over all seeds quoted in RESULTS.md are those of the records."""
+    import statistics
+    from decimal import ROUND_HALF_UP, Decimal
+
+    from neuralpath.experiments import budget
+
+    folders = {0: "budget", **{int(d.name.removeprefix("budget-seed")): d.name for d in RESULTS.glob("budget-seed*")}}
+    if len(folders) < 2:
+        pytest.skip("no second seed committed")
+    best: dict[str, list[float]] = {"relu": [], "frnpf-ii": [], "flnpf": []}
+    for seed, name in sorted(folders.items()):
+        recs = [r for r in budget.collect(_copy(tmp_path, name)) if r["width"] == 0.5 and r["n_train"] == 10000]
+        assert {r["seed"] for r in recs} == {seed}, name
+        assert all(r["finished"] and r["data"] for r in recs), name
+        for regime, accs in best.items():
+            last = [r for r in recs if r["regime"] == regime]
+            assert len(last) == 20, (name, regime)  # 20 epochs each
+            accs.append(round(100 * last[-1]["best_so_far"], 2))
+        if seed:
+            md = budget.report(recs)
+            row = next(x for x in md.splitlines() if x.startswith("| 0.5 | 10000 |"))
+            cells = [c.strip() for c in row.strip("|").split("|")]
+            assert cells[3:5] == [f"{best['relu'][-1]:.2f}", f"{best['frnpf-ii'][-1]:.2f}"] and f"seed {seed}" in md
+    doc = (REPO / "docs" / "RESULTS.md").read_text()
+    n = len(folders)
+    for regime, accs in best.items():
+        exact = [Decimal(f"{a:.2f}") for a in accs]  # the percentages are multiples of 0.01 (10,000 test images)
+        mean = (sum(exact) / len(exact)).quantize(Decimal("0.01"), ROUND_HALF_UP)
+        cell = f"{mean} ± {statistics.pstdev(accs):.2f}"
+        assert cell in doc, (regime, cell, n)
+    assert f"n = {n})" in doc
+
+
 def test_dlgn_table_from_records(tmp_path):
     from neuralpath.experiments import dlgn
 
