@@ -781,7 +781,8 @@ def test_kernel_dtype_names_and_half_precision():
 
 
 @pytest.mark.parametrize(
-    "var, value", [("NEURALPATH_FUSED", "yes"), ("NEURALPATH_HEAP", "2"), ("NEURALPATH_THREADS", "1")]
+    "var, value",
+    [("NEURALPATH_FUSED", "yes"), ("NEURALPATH_HEAP", "2"), ("NEURALPATH_THREADS", "1"), ("NEURALPATH_BF16", "yes")],
 )
 def test_kernel_environment_switches_refuse_unknown_values(monkeypatch, var, value):
     """The kernels' environment switches take 0/1 (and auto; NEURALPATH_THREADS auto/fixed); anything else is a

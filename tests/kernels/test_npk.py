@@ -250,9 +250,22 @@ def test_bit_packed_conv_gates_give_the_same_kernel(monkeypatch):
         ("gconv", dict(channels=(4, 6), hidden=(5,), gate="soft")),  # float gates (DLNPF-style soft gates)
     ],
 )
-def test_compiled_tile_passes_equal_the_tensor_op_loop(monkeypatch, arch, kw):
+@pytest.mark.parametrize("bf16", ["0", "1"])
+def test_compiled_tile_passes_equal_the_tensor_op_loop(monkeypatch, arch, kw, bf16):
     """The conv tile loop with one compiled pass per layer (kernels/fused.py, zero-bordered buffers, per-row GEMMs)
-    against the tensor-op loop, float64, symmetric and rectangular kernels over several tiles of unequal shapes."""
+    against the tensor-op loop, float64, symmetric and rectangular kernels over several tiles of unequal shapes; with
+    NEURALPATH_BF16=1 hard gates take the bfloat16-count GEMMs (soft gates never do)."""
+    from neuralpath.kernels import npk as npk_module
+
+    monkeypatch.setenv("NEURALPATH_BF16", bf16)
+    seen = []
+    real = npk_module._pair_conv_fused
+
+    def spy(*a, **k):
+        seen.append(a[-1] if len(a) > 7 else k.get("counts", False))
+        return real(*a, **k)
+
+    monkeypatch.setattr(npk_module, "_pair_conv_fused", spy)
     kw = {"in_channels": 2, **kw}
     net = randomize_biases(npx.ConvDGN(arch, out_dim=3, image_size=6, **kw)).double()
     c = kw["in_channels"]
@@ -266,6 +279,28 @@ def test_compiled_tile_passes_equal_the_tensor_op_loop(monkeypatch, arch, kw):
         assert a.shape == b.shape
         assert (a - b).abs().max().item() <= 1e-12 * b.abs().max().item()
     assert not torch.equal(got["1"][0], got["0"][0])  # the compiled passes ran (another order of the window sums)
+    assert seen and set(seen) == {bf16 == "1" and kw.get("gate") != "soft"}
+
+
+def test_bf16_counts_agree_with_float32_overlaps(monkeypatch):
+    """Float32, a GCONV with up to 128 channels: the kernel with the overlaps as bfloat16 counts equals the float32
+    GEMMs' to float32 rounding (the float32 GEMM scales inside BLAS; the counts are exact and scaled once), and above
+    256 channels the counts are not used (a count of 257 is not a bfloat16)."""
+    from neuralpath.kernels import fused
+
+    monkeypatch.setenv("NEURALPATH_FUSED", "1")
+    torch.manual_seed(0)
+    net = randomize_biases(npx.ConvDGN("gconv", channels=(16, 32, 128), hidden=(8,), image_size=8, tied=True))
+    x = torch.rand(24, 3, 8, 8)
+    got = {}
+    for mode in ("0", "1"):
+        monkeypatch.setenv("NEURALPATH_BF16", mode)
+        got[mode] = npx.npk(net, x, block=16)
+    rel = ((got["1"] - got["0"]).abs().max() / got["0"].abs().max()).item()
+    assert 0 < rel < 1e-5 or torch.equal(got["1"], got["0"]), rel
+    assert fused.counts_in_bf16(256) and not fused.counts_in_bf16(257)
+    monkeypatch.setenv("NEURALPATH_BF16", "0")
+    assert not fused.counts_in_bf16(8)
 
 
 def test_compiled_tile_passes_fall_back_with_a_warning(monkeypatch):
@@ -280,7 +315,8 @@ def test_compiled_tile_passes_fall_back_with_a_warning(monkeypatch):
     monkeypatch.setenv("NEURALPATH_FUSED", "0")
     want = npx.npk(net, x, block=16)
     monkeypatch.setenv("NEURALPATH_FUSED", "1")
-    monkeypatch.setattr(fused, "window", lambda *a: (broken, broken))
+    monkeypatch.setattr(fused, "window", lambda *a: broken)
+    monkeypatch.setattr(fused, "window_counts", lambda *a: broken)  # the bfloat16-count pass (hard gates)
     fused.window_ops.cache_clear()
     try:
         with pytest.warns(UserWarning, match="compiled NPK tile passes unavailable"):

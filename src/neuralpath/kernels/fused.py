@@ -12,6 +12,12 @@ probe, and if that fails (no C++ compiler) the caller's tensor-op loop runs inst
 variable ``NEURALPATH_FUSED`` = ``0`` turns it off, ``1`` uses it for every tile (the tests compare both in float64).
 The window sums add in another order than the tensor-op loop's, so float32 kernels differ in rounding (~1e-7
 relative); float64 agrees to 1e-12.
+
+With hard (bit-packed) gates the overlap of a pair at a position is a count of channels, at most 256 in every
+network here: bfloat16 holds it exactly and its GEMMs accumulate in float32, so on a CPU with AVX512-BF16 units the
+overlap GEMMs run on the 0/1 gates as bfloat16 (~2.4x the float32 rate here) and the compiled pass scales the exact
+counts (:func:`counts_in_bf16`, ``NEURALPATH_BF16``; docs/PERFORMANCE.md, session 15). Float32 kernels then differ
+from the float32 GEMMs' in rounding only (BLAS applies the 1/(k^2 C) scaling in its own order), float64 to 1e-15.
 """
 
 from __future__ import annotations
@@ -32,14 +38,43 @@ def wanted(values: int) -> bool:
     return mode == "1" or (mode != "0" and values >= MIN_VALUES)
 
 
+def counts_in_bf16(max_channels: int) -> bool:
+    """Whether the conv tile loop should make its gate overlaps as bfloat16 GEMMs of the 0/1 gates: exact (each
+    overlap is a count of at most ``max_channels`` <= 256 channels, and bfloat16 holds every integer up to 256; the
+    GEMM accumulates in float32), and ~2.4x the float32 rate on a CPU with AVX512-BF16 units (docs/PERFORMANCE.md,
+    session 15). ``NEURALPATH_BF16`` = ``auto`` (default: where the CPU has those units), ``0`` never, ``1`` always
+    (exact everywhere, slow without the units; the tests compare it with ``0`` bit for bit)."""
+    mode = bf16_mode()
+    if mode == "0" or max_channels > 256:
+        return False
+    return mode == "1" or _bf16_units()
+
+
+def bf16_mode() -> str:
+    """``NEURALPATH_BF16``: auto, 0 or 1 (anything else is a one-line error)."""
+    return env_choice("NEURALPATH_BF16", ("auto", "0", "1"), "auto")
+
+
 @functools.cache
-def window_ops(h: int, w: int, k: int, pad: int, dtype: torch.dtype):
-    """:func:`window`'s compiled pass, checked on a tiny probe (which also compiles it); None where it does not
-    compile, after one warning."""
-    op = window(h, w, k, pad)
+def _bf16_units() -> bool:
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported())  # type: ignore[attr-defined]
+    except Exception:  # noqa: BLE001 - a torch without the query: assume no units
+        return False
+
+
+@functools.cache
+def window_ops(h: int, w: int, k: int, pad: int, dtype: torch.dtype, counts: bool = False):
+    """:func:`window` 's compiled pass (:func:`window_counts` 's with ``counts``), checked on a tiny probe (which also
+    compiles it); None where it does not compile, after one warning."""
+    op = window_counts(h, w, k, pad) if counts else window(h, w, k, pad)
     try:
         shape = (h + 2 * pad, w + 2 * pad, 2, 3)  # a, b = 2, 3: sizes the compiled code keeps symbolic
-        op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), torch.zeros((), dtype=dtype))
+        if counts:
+            c = torch.ones((h, w, 2, 3), dtype=torch.bfloat16)
+            op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), c, *torch.zeros(2, dtype=dtype))
+        else:
+            op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), torch.zeros((), dtype=dtype))
     except Exception as e:  # noqa: BLE001 - any compiler failure means: use the tensor-op loop
         warnings.warn(
             f"neuralpath: compiled NPK tile passes unavailable ({type(e).__name__}: {e}); using tensor ops (slower)",
@@ -65,3 +100,21 @@ def window(h: int, w: int, k: int, pad: int):
         o[pad : pad + h, pad : pad + w].mul_(s + bias)
 
     return torch.compile(window_mul, dynamic=True)
+
+
+@functools.cache
+def window_counts(h: int, w: int, k: int, pad: int):
+    """Compiled window_counts(t, o, c, bias, alpha): sets o's interior to (window sum of t + bias) * (c * alpha),
+    with c the (H, W, a, b) bfloat16 overlap counts; the same arithmetic, in the same order, as :func:`window` on
+    an o that holds c * alpha (what the float32 GEMM with ``alpha`` writes), so the two agree bit for bit."""
+    off = pad - k // 2
+
+    def window_counts(t, o, c, bias, alpha):
+        s = t[off : off + h, off : off + w]
+        for i in range(k):
+            for j in range(k):
+                if i or j:
+                    s = s + t[off + i : off + i + h, off + j : off + j + w]
+        o[pad : pad + h, pad : pad + w] = (c.to(t.dtype) * alpha) * (s + bias)
+
+    return torch.compile(window_counts, dynamic=True)

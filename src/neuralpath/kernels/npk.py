@@ -160,20 +160,21 @@ def _unpack_pm(bits, dtype, out=None):
     return out
 
 
-def _conv_gates_pm(e, l, bufs, side):
+def _conv_gates_pm(e, l, bufs, side, dtype=None):
     """Layer l's position-major gates (H*W, n, C') of one side of a tile, C' = C or C padded to a multiple of 8:
-    the float copy, or the bit-packed one unpacked into a buffer kept in ``bufs`` (side 1, the tile row, is unpacked
-    once per row block)."""
+    the float copy, or the bit-packed one unpacked (as ``dtype``, default the input's) into a buffer kept in
+    ``bufs`` (side 1, the tile row, is unpacked once per row block)."""
     if "g_pm" in e:
         return e["g_pm"][l]
     bits = e["g_bits"][l]
+    dtype = dtype or e["x_pm"].dtype
     key = (side, l)
     buf = bufs.get(key)
-    if side == 1 and buf is not None and bufs.get(("token", l)) is e["token"]:
+    if side == 1 and buf is not None and buf.dtype == dtype and bufs.get(("token", l)) is e["token"]:
         return buf
     shape = (bits.shape[0], bits.shape[1], 8 * bits.shape[2])
-    if buf is None or tuple(buf.shape) != shape:
-        buf = bufs[key] = torch.empty(shape, dtype=e["x_pm"].dtype, device=bits.device)
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != dtype:
+        buf = bufs[key] = torch.empty(shape, dtype=dtype, device=bits.device)
     if side == 1:
         bufs[("token", l)] = e["token"]
     return _unpack_pm(bits, buf.dtype, out=buf)
@@ -273,6 +274,7 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
     """The conv tile loop: the compiled one (:func:`_pair_conv_fused`) for large tiles on the CPU where it compiles,
     else :func:`_pair_conv_ops`."""
     x1, x2 = e1["x_pm"], e2["x_pm"]
+    fused.bf16_mode()  # a bad NEURALPATH_BF16 is an error whichever loop runs
     convs = [k for _, kind, k, _ in steps if kind == "conv"]
     first_flat = next((i for i, s in enumerate(steps) if s[0] in ("flatten", "gap")), len(steps))
     fusable = (
@@ -283,17 +285,21 @@ def _pair_conv(hw, e1, e2, steps, bufs=None):
     )
     if fusable:
         pad = max(k // 2 for k in convs)
-        ops = {k: fused.window_ops(hw[0], hw[1], k, pad, x1.dtype) for k in set(convs)}
+        # hard gates (bit-packed): the overlaps are channel counts, exact as bfloat16 GEMMs where those are fast
+        counts = "g_bits" in e1 and "g_bits" in e2 and fused.counts_in_bf16(max(e1["chans"][: len(convs)]))
+        ops = {k: fused.window_ops(hw[0], hw[1], k, pad, x1.dtype, counts) for k in set(convs)}
         if all(o is not None for o in ops.values()):
-            return _pair_conv_fused(hw, pad, ops, e1, e2, steps, {} if bufs is None else bufs)
+            return _pair_conv_fused(hw, pad, ops, e1, e2, steps, {} if bufs is None else bufs, counts)
     return _pair_conv_ops(hw, e1, e2, steps, bufs)
 
 
-def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs):
+def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs, counts=False):
     """The conv tile loop with one compiled pass per conv layer (kernels/fused.py): the tile T lives in a
     zero-bordered buffer (H + 2 pad, W + 2 pad, a, b); per layer the overlap GEMMs write the interior of the other
     buffer (one batched GEMM per row of positions), then (window sum of T + bias) * overlap is written over it and the
-    two buffers swap. Same arithmetic as :func:`_pair_conv_ops` (the same 1/k^2 and 1/C folding)."""
+    two buffers swap. Same arithmetic as :func:`_pair_conv_ops` (the same 1/k^2 and 1/C folding). With ``counts``
+    the GEMMs take the 0/1 gates as bfloat16 and write the exact counts to a bfloat16 buffer, which the pass scales
+    (the same float32 values as the GEMM's own scaling: bit for bit the same kernel)."""
     h, w = hw
     x1, x2 = e1["x_pm"], e2["x_pm"]
     a, b_ = x1.shape[1], x2.shape[1]
@@ -328,12 +334,24 @@ def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs):
             log_s += math.log(k * k)
             bias = b * math.exp(-log_s) * k * k if b else 0.0
             width = e1["chans"][l] if "chans" in e1 else e1["g_pm"][l].shape[2]
-            g1, g2 = _conv_gates_pm(e1, l, bufs, 1), _conv_gates_pm(e2, l, bufs, 2)
+            lowp = torch.bfloat16 if counts else None
+            g1, g2 = _conv_gates_pm(e1, l, bufs, 1, lowp), _conv_gates_pm(e2, l, bufs, 2, lowp)
             g1, g2 = g1.view(h, w, a, -1), g2.view(h, w, b_, -1)
-            for i in range(h):
-                row = op[pad + i, pad : pad + w]
-                torch.baddbmm(row, g1[i], g2[i].transpose(1, 2), beta=0.0, alpha=1.0 / (k * k * width), out=row)
-            ops[k](tp, op, torch.tensor(bias, dtype=tp.dtype))
+            if counts:
+                size = h * w * a * b_
+                if "counts" not in bufs or bufs["counts"].numel() < size:
+                    bufs["counts"] = torch.empty(size, dtype=torch.bfloat16, device=tp.device)
+                c = bufs["counts"][:size].view(h, w, a, b_)
+                for i in range(h):
+                    torch.bmm(g1[i], g2[i].transpose(1, 2), out=c[i])
+                ops[k](
+                    tp, op, c, torch.tensor(bias, dtype=tp.dtype), torch.tensor(1.0 / (k * k * width), dtype=tp.dtype)
+                )
+            else:
+                for i in range(h):
+                    row = op[pad + i, pad : pad + w]
+                    torch.baddbmm(row, g1[i], g2[i].transpose(1, 2), beta=0.0, alpha=1.0 / (k * k * width), out=row)
+                ops[k](tp, op, torch.tensor(bias, dtype=tp.dtype))
             tp, op = op, tp
             log_s += math.log(width)
             continue
