@@ -72,7 +72,8 @@ def window_ops(h: int, w: int, k: int, pad: int, dtype: torch.dtype, counts: boo
         shape = (h + 2 * pad, w + 2 * pad, 2, 3)  # a, b = 2, 3: sizes the compiled code keeps symbolic
         if counts:
             c = torch.ones((h, w, 2, 3), dtype=torch.bfloat16)
-            op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), c, *torch.zeros(2, dtype=dtype))
+            zero = torch.zeros((), dtype=dtype)
+            op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), c, zero, zero)
         else:
             op(torch.zeros(shape, dtype=dtype), torch.ones(shape, dtype=dtype), torch.zeros((), dtype=dtype))
     except Exception as e:  # noqa: BLE001 - any compiler failure means: use the tensor-op loop
