@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any
 
 import torch
 
@@ -67,7 +68,7 @@ def _bf16_units() -> bool:
 def window_ops(h: int, w: int, k: int, pad: int, dtype: torch.dtype, counts: bool = False):
     """:func:`window` 's compiled pass (:func:`window_counts` 's with ``counts``), checked on a tiny probe (which also
     compiles it); None where it does not compile, after one warning."""
-    op = window_counts(h, w, k, pad) if counts else window(h, w, k, pad)
+    op: Any = window_counts(h, w, k, pad) if counts else window(h, w, k, pad)  # two signatures
     try:
         shape = (h + 2 * pad, w + 2 * pad, 2, 3)  # a, b = 2, 3: sizes the compiled code keeps symbolic
         if counts:
