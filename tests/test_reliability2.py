@@ -257,6 +257,7 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
     assert not journal.exists()  # another kernel at the same name: the stale partial and journal are discarded
     side = json.loads(out.with_suffix(".json").read_text())
     assert side["dataset"] == "mnist" and len(side["indices"]) == 20 and len(side["labels"]) == 20
+    assert side["arithmetic"]["fused"] == "auto" and isinstance(side["arithmetic"]["bf16_counts"], bool)
     x, y = datasets.load("mnist", "train", root=mnist_root)
     assert [int(v) for v in y[side["indices"]]] == side["labels"]
 

@@ -399,7 +399,13 @@ def kernel_npk(block, out, normalize, **kw):
         if distributed.is_main():
             save_npy(out, K)
     if distributed.is_main():
-        _write_sidecar(out, dict(side, kernel="npk", normalize=normalize))
+        import torch
+
+        from .kernels import fused
+
+        # what moves float32 values at rounding between machines and settings (kernels/fused.py)
+        arith = dict(torch=torch.__version__, fused=fused.fused_mode(), bf16_counts=fused.counts_in_bf16(256))
+        _write_sidecar(out, dict(side, kernel="npk", normalize=normalize, arithmetic=arith))
         click.echo(f"NPK ({len(x)} x {len(x)}) written to {path}; rows described in {Path(out).with_suffix('.json')}")
 
 

@@ -33,9 +33,14 @@ from ..errors import env_choice
 MIN_VALUES = 1 << 22  # pair-position values per tile (16 MB in float32) from which fusing pays for its compile
 
 
+def fused_mode() -> str:
+    """``NEURALPATH_FUSED``: auto, 0 or 1 (anything else is a one-line error)."""
+    return env_choice("NEURALPATH_FUSED", ("auto", "0", "1"), "auto")
+
+
 def wanted(values: int) -> bool:
     """Whether a tile of ``values`` pair-position values should take the compiled passes (if they compile)."""
-    mode = env_choice("NEURALPATH_FUSED", ("auto", "0", "1"), "auto")
+    mode = fused_mode()
     return mode == "1" or (mode != "0" and values >= MIN_VALUES)
 
 
