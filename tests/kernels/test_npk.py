@@ -324,3 +324,30 @@ def test_compiled_tile_passes_fall_back_with_a_warning(monkeypatch):
     finally:
         fused.window_ops.cache_clear()
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fc_overlaps_in_bf16_give_the_same_kernel_bit_for_bit(monkeypatch, dtype):
+    """Hard dense gates of a power-of-two width <= 256 take bfloat16 overlap GEMMs (g / width and every count are
+    exact there): the kernel is the float one bit for bit, symmetric and rectangular. Soft gates, other widths and
+    widths above 256 keep the float GEMMs."""
+    from neuralpath.kernels import npk as npk_module
+
+    torch.manual_seed(0)
+    nets = {
+        "hard 64": (randomize_biases(npx.FCDGN(in_dim=7, width=64, depth=4, out_dim=2, tied=True)), True),
+        "hard 48": (randomize_biases(npx.FCDGN(in_dim=7, width=48, depth=3, out_dim=2, tied=True)), False),
+        "hard 512": (npx.FCDGN(in_dim=7, width=512, depth=2, out_dim=2, tied=True), False),
+        "soft 64": (randomize_biases(npx.FCDGN(in_dim=7, width=64, depth=3, out_dim=2, gate="soft")), False),
+    }
+    x, x2 = torch.randn(70, 7, dtype=dtype), torch.randn(33, 7, dtype=dtype)
+    for name, (net, takes) in nets.items():
+        net = net.to(dtype)
+        got = {}
+        for mode in ("0", "1"):
+            monkeypatch.setenv("NEURALPATH_BF16", mode)
+            f = npk_module.featurize(net, x[:4])
+            assert any(c is not None for c in f[2]["bf16"]) == (takes and mode == "1"), name
+            got[mode] = npx.npk(net, x, block=32), npx.npk(net, x, x2, block=32)
+        for a, b in zip(got["1"], got["0"]):
+            assert torch.equal(a, b), name
