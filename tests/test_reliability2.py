@@ -1,5 +1,6 @@
 """Reliability, round two: no silent wrong result, no traceback, no debris (docs/RELIABILITY.md lists the classes)."""
 
+import dataclasses
 import json
 import os
 import re
@@ -260,6 +261,33 @@ def test_killed_kernel_leaves_no_partial_and_a_rerun_cleans_stale_ones(cli, tmp_
     assert side["arithmetic"]["fused"] == "auto" and isinstance(side["arithmetic"]["bf16_counts"], bool)
     x, y = datasets.load("mnist", "train", root=mnist_root)
     assert [int(v) for v in y[side["indices"]]] == side["labels"]
+
+
+def test_extending_a_finished_run_without_its_state_is_refused_and_keeps_its_records(tmp_path):
+    """Session 15: a finished run whose state file is gone (records restored from docs/results, or checkpoints
+    deleted) asked for more epochs with --allow-change epochs was retrained from epoch 1 without a word, and its
+    records (result.json first) replaced. Now a one-line refusal before anything is touched."""
+    cfg = TrainConfig(dataset="synthetic", regime="relu", width=16, depth=3, epochs=2)
+    out = tmp_path / "run"
+    train(cfg, out, progress=False, log=lambda *_: None)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".pt"}
+    for p in out.glob("*.pt"):
+        p.unlink()
+    with pytest.raises(NeuralpathError, match=r"finished run of 2 epochs whose saved state .*last\.pt\) is gone"):
+        train(dataclasses.replace(cfg, epochs=4), out, resume=True, allow_change=("epochs",), progress=False)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # with its state the same request continues it
+    out2 = tmp_path / "run2"
+    train(cfg, out2, progress=False, log=lambda *_: None)
+    r = train(
+        dataclasses.replace(cfg, epochs=4),
+        out2,
+        resume=True,
+        allow_change=("epochs",),
+        progress=False,
+        log=lambda *_: None,
+    )
+    assert r["epochs"] == 4 and r.get("extended") is True
 
 
 def test_nan_stop_message_says_what_is_on_disk(tmp_path):

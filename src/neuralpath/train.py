@@ -864,6 +864,13 @@ def train_many(
                     f"warning: {folders[i].path} started on data with digest {was}; the data decoded now has "
                     f"{data.digest} (another Pillow or copy?): the run continues on the data of now"
                 )
+        if extend and not Path(state_path).exists():  # nothing to continue from: a fresh start would replace records
+            f = folders[extend[0]]
+            raise NeuralpathError(
+                f"{f.path} is a finished run of {f.result().get('epochs', '?')} epochs whose saved state "
+                f"({state_path}) is gone, so it cannot be trained for more epochs; train the longer run in another "
+                "--out"
+            )
         for i in extend:  # a finished run asked for more epochs: continue from its state
             folders[i].file("result.json").unlink()
         specs = [run_spec(cfgs[i], data, outs[i]) for i in todo]
