@@ -112,8 +112,8 @@ def window(h: int, w: int, k: int, pad: int):
 @functools.cache
 def window_counts(h: int, w: int, k: int, pad: int):
     """Compiled window_counts(t, o, c, bias, alpha): sets o's interior to (window sum of t + bias) * (c * alpha),
-    with c the (H, W, a, b) bfloat16 overlap counts; the same arithmetic, in the same order, as :func:`window` on
-    an o that holds c * alpha (what the float32 GEMM with ``alpha`` writes), so the two agree bit for bit."""
+    with c the (H, W, a, b) bfloat16 overlap counts: :func:`window` 's arithmetic on an o that holds c * alpha
+    rounded once (the float32 GEMM with ``alpha`` rounds in BLAS's own order: the two differ at rounding)."""
     off = pad - k // 2
 
     def window_counts(t, o, c, bias, alpha):

@@ -319,7 +319,7 @@ def _pair_conv_fused(hw, pad, ops, e1, e2, steps, bufs, counts=False):
     buffer (one batched GEMM per row of positions), then (window sum of T + bias) * overlap is written over it and the
     two buffers swap. Same arithmetic as :func:`_pair_conv_ops` (the same 1/k^2 and 1/C folding). With ``counts``
     the GEMMs take the 0/1 gates as bfloat16 and write the exact counts to a bfloat16 buffer, which the pass scales
-    (the same float32 values as the GEMM's own scaling: bit for bit the same kernel)."""
+    (count x scale rounded once; BLAS applies ``alpha`` in its own order, so float32 kernels differ at rounding)."""
     h, w = hw
     x1, x2 = e1["x_pm"], e2["x_pm"]
     a, b_ = x1.shape[1], x2.shape[1]
