@@ -96,15 +96,9 @@ def window(h: int, w: int, k: int, pad: int):
     """Compiled window_mul(t, o, bias) for an H x W map with a k x k window, on buffers bordered by ``pad`` >= k//2
     zeros: sets o's interior to (window sum of t + bias) * o's interior. ``bias`` is a 0-dim tensor (a Python float
     would compile once per value)."""
-    off = pad - k // 2
 
     def window_mul(t, o, bias):
-        s = t[off : off + h, off : off + w]
-        for i in range(k):
-            for j in range(k):
-                if i or j:
-                    s = s + t[off + i : off + i + h, off + j : off + j + w]
-        o[pad : pad + h, pad : pad + w].mul_(s + bias)
+        o[pad : pad + h, pad : pad + w].mul_(_window_sum(t, h, w, k, pad) + bias)
 
     return torch.compile(window_mul, dynamic=True)
 
@@ -114,14 +108,20 @@ def window_counts(h: int, w: int, k: int, pad: int):
     """Compiled window_counts(t, o, c, bias, alpha): sets o's interior to (window sum of t + bias) * (c * alpha),
     with c the (H, W, a, b) bfloat16 overlap counts: :func:`window` 's arithmetic on an o that holds c * alpha
     rounded once (the float32 GEMM with ``alpha`` rounds in BLAS's own order: the two differ at rounding)."""
-    off = pad - k // 2
 
     def window_counts(t, o, c, bias, alpha):
-        s = t[off : off + h, off : off + w]
-        for i in range(k):
-            for j in range(k):
-                if i or j:
-                    s = s + t[off + i : off + i + h, off + j : off + j + w]
-        o[pad : pad + h, pad : pad + w] = (c.to(t.dtype) * alpha) * (s + bias)
+        o[pad : pad + h, pad : pad + w] = (c.to(t.dtype) * alpha) * (_window_sum(t, h, w, k, pad) + bias)
 
     return torch.compile(window_counts, dynamic=True)
+
+
+def _window_sum(t, h: int, w: int, k: int, pad: int):
+    """The k x k window sums of the interior of t, bordered by ``pad`` >= k//2 zeros: k^2 shifted reads, no masks
+    (traced into the compiled passes above)."""
+    off = pad - k // 2
+    s = t[off : off + h, off : off + w]
+    for i in range(k):
+        for j in range(k):
+            if i or j:
+                s = s + t[off + i : off + i + h, off + j : off + j + w]
+    return s

@@ -128,12 +128,13 @@ def featurize(net: DGN, x, compact: bool = False):
     gates = net.gates(x)
     z = net.value_in(net._prepare(x))
     extra: dict[str, Any] = {"scaled": [g / g.shape[1] if g.dim() == 2 else None for g in gates], "token": object()}
-    # hard dense gates of a power-of-two width <= 256: g / width and the counts of an overlap are exact in bfloat16,
-    # whose GEMMs are ~2x faster where the CPU has the units (kernels/fused.py): the same kernel, bit for bit
-    extra["bf16"] = [
-        (sc.bfloat16(), g.bfloat16()) if sc is not None and _exact_in_bf16(g) else None
-        for sc, g in zip(extra["scaled"], gates)
-    ]
+    if z.dim() == 2:  # FC nets (the only tile loop that reads them): bfloat16 copies of gates exact there
+        # hard dense gates of a power-of-two width <= 256: g / width and the counts of an overlap are exact in
+        # bfloat16, whose GEMMs are ~2x faster where the CPU has the units (kernels/fused.py): the same kernel
+        extra["bf16"] = [
+            (sc.bfloat16(), g.bfloat16()) if sc is not None and _exact_in_bf16(g) else None
+            for sc, g in zip(extra["scaled"], gates)
+        ]
     if z.dim() == 4:  # conv nets: position-major copies (positions, inputs, channels) for per-position GEMMs
         extra["x_pm"] = _pm(z)
         if compact:
@@ -584,7 +585,7 @@ def npk(
     f0 = featurize(net, x1[:1])
     item = torch.empty((), dtype=dt).element_size()
     n_units = sum(g.numel() for g in f0[1]) + x1[:1].numel()
-    per_input = n_units * item + sum(4 * c[1].numel() for c in f0[2]["bf16"] if c is not None)  # + bf16 copies
+    per_input = n_units * item + sum(4 * c[1].numel() for c in f0[2].get("bf16", ()) if c is not None)  # + bf16
     compact = False
     if "x_pm" in f0[2]:  # conv: a tile holds H*W values per pair; keep it near 256 MB
         per_pair = f0[2]["x_pm"].shape[0] * item
