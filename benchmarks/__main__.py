@@ -22,6 +22,7 @@
     python -m benchmarks resnetnpk NPK of 1,000 inputs through a ResNet-18-sized CIFAR ResNet, vs its overlaps
     python -m benchmarks thpstep  GCONV optimiser steps under the process's THP_MEM_ALLOC_ENABLE (run it with 0 and 1)
     python -m benchmarks dlnpfvariants  DLNPF step: eager vs grouped feature+value convs vs torch.compile, vs ReLU
+    python -m benchmarks fcbackward  the fc-adam row's ensemble steps: autograd's backward vs a hand-written one
 Each prints a JSON line; docs/PERFORMANCE.md records the figures.
 """
 
@@ -451,6 +452,132 @@ def _step_gemms_s(ens, repeat, batch=32):
     return min(timeit(gemms, 20, warmup=2) for _ in range(max(repeat, 5)))
 
 
+def _manual_fc_step(ens, x, y, idx, batch=32):
+    """One training step of an FCStack with a hand-written backward (#18 item 4's idea: no autograd graph, the
+    gates known): the same products as autograd's (forward ``baddbmm``, weight gradient ``h^T @ d``, input gradient
+    ``d @ W^T``), the softmax cross-entropy gradient (softmax - onehot) / batch, the soft gates' derivative
+    (1 + eps) beta s (1 - s) and the feature network's ReLU backward written out. Leaves the gradients in ``.grad``."""
+    R, nt, nf, ns = ens.R, ens.nt, ens.nf, ens.ns
+    flat = idx.reshape(-1)
+    xs = x.index_select(0, flat).view(R, batch, -1)[ens.order]
+    yb = y.index_select(0, flat).view(R, batch)[ens.order]
+    with torch.no_grad():
+        if nf:
+            fg = ens._table[torch.arange(nf)[:, None], idx[ens.order][nt : nt + nf]]
+        hs, pvs, gs, qs, sg = [xs], [], [], [], []
+        h, fs = xs, (xs[nt + nf :] if ns else None)
+        for l in range(ens.depth - 1):
+            w, b = ens.value[l]
+            pv = torch.baddbmm(b[:, None, :], h, w)
+            parts = []
+            if nt:
+                parts.append((pv[:nt] > 0).to(pv.dtype))
+            if nf:
+                parts.append(fg[:, :, l].to(pv.dtype))
+            if ns:
+                wf, bf = ens.soft[l]
+                q = torch.baddbmm(bf[:, None, :], fs, wf)
+                s = torch.sigmoid(ens.beta * q)
+                parts.append((1.0 + ens.eps) * s)
+                qs.append(q)
+                sg.append(s)
+                fs = torch.relu(q)
+            g = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+            h = pv * g
+            pvs.append(pv)
+            gs.append(g)
+            hs.append(h)
+        w, b = ens.value[-1]
+        d = torch.softmax(torch.baddbmm(b[:, None, :], h, w), -1)
+        d.view(R * batch, -1)[torch.arange(R * batch), yb.reshape(-1)] -= 1.0
+        d.div_(batch)
+        w.grad, b.grad = torch.bmm(hs[-1].transpose(1, 2), d), d.sum(1)
+        dh = torch.bmm(d, w.transpose(1, 2))
+        dq_next = None
+        for l in range(ens.depth - 2, -1, -1):
+            w, b = ens.value[l]
+            dpv = dh * gs[l]
+            if ns:
+                s = sg[l]
+                dq = dh[nt + nf :] * pvs[l][nt + nf :] * ((1.0 + ens.eps) * ens.beta) * s * (1 - s)
+                if dq_next is not None:
+                    dq += torch.bmm(dq_next, ens.soft[l + 1][0].transpose(1, 2)) * (qs[l] > 0)
+                wf, bf = ens.soft[l]
+                fin = xs[nt + nf :] if l == 0 else torch.relu(qs[l - 1])
+                wf.grad, bf.grad = torch.bmm(fin.transpose(1, 2), dq), dq.sum(1)
+                dq_next = dq
+            w.grad, b.grad = torch.bmm(hs[l].transpose(1, 2), dpv), dpv.sum(1)
+            if l:
+                dh = torch.bmm(dpv, w.transpose(1, 2))
+
+
+def bench_fcbackward(args):
+    """#18 item 4's idea, measured: the fc-adam row's two ensemble steps (FCStack, fused Adam, batch 32) with
+    autograd's backward and with the hand-written one of ``_manual_fc_step``, in interleaved rounds of ``--n`` steps
+    on the same batches (``--repeat`` rounds after one warm-up round); first the two gradients of one batch compared."""
+    import torch.nn.functional as F
+
+    from neuralpath.stacks import FCStack
+
+    x = mnist(60000).flatten(1)
+    y = torch.randint(0, 10, (60000,), generator=torch.Generator().manual_seed(0))
+    steps, batch = args.n or 100, 32
+    gen = torch.Generator().manual_seed(1)
+    phases = []
+    for regs, seeds in _row_phases():
+        stacks = []
+        for _ in range(2):
+            ens = FCStack(_make_nets(regs, seeds))
+            ens.cache_frozen_gates(x, None)
+            stacks.append((ens, _opt_for(ens.parameters(), "adam")))
+        (ea, oa), (em, om) = stacks
+
+        def auto(idx, ens=ea, opt=oa):
+            R, flat = ens.R, idx.reshape(-1)
+            xb, yb = x.index_select(0, flat).view(R, batch, -1), y.index_select(0, flat).view(R, batch)
+            out = ens.forward(xb, idx)
+            loss = F.cross_entropy(out.reshape(R * batch, -1), yb.reshape(-1), reduction="sum") / batch
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+
+        def manual(idx, ens=em, opt=om):
+            opt.zero_grad(set_to_none=True)
+            _manual_fc_step(ens, x, y, idx, batch)
+
+        idx = torch.randint(0, len(x), (ea.R, batch), generator=gen)
+        auto(idx)
+        manual(idx)
+        rel = max(
+            ((a.grad - m.grad).abs().max() / a.grad.abs().max()).item()
+            for a, m in zip(ea.parameters(), em.parameters())
+        )
+        rounds = []
+        for r in range(args.repeat + 1):
+            batches = [torch.randint(0, len(x), (ea.R, batch), generator=gen) for _ in range(steps)]
+            t = {}
+            for name, fn, opt in (("autograd", auto, oa), ("manual", manual, om)):
+                t0 = time.perf_counter()
+                for i in batches:
+                    fn(i)
+                    opt.step()
+                t[name] = (time.perf_counter() - t0) / steps
+            if r:
+                rounds.append(t)
+        med = {k: statistics.median(t[k] for t in rounds) for k in ("autograd", "manual")}
+        phases.append(
+            dict(
+                runs=len(regs),
+                max_rel_grad_diff=rel,
+                autograd_step_s=med["autograd"],
+                manual_step_s=med["manual"],
+                speedup=med["autograd"] / med["manual"],
+                rounds_speedup=[t["autograd"] / t["manual"] for t in rounds],
+            )
+        )
+        print(json.dumps(phases[-1]), file=sys.stderr, flush=True)
+    return dict(bench="fcbackward", steps_per_round=steps, phases=phases)
+
+
 def bench_roofline(args):
     """Lower bound on the fc-adam row at the paper's budget on this machine, from its measured peaks: the row's GEMM
     FLOPs at the rate of one large GEMM plus the Adam traffic at the measured memory bandwidth, beside the measured
@@ -792,6 +919,8 @@ def bench_convntk(args):
     ours = npx.ntk(make(), x, params="all")
     diff = (ours - npx.ntk(make(), x, params="all", method="jacobian")).abs().max().item()
     fl = _conv_ntk_flops(net, n)
+    rate = _gemm_rate()
+    floor = _conv_ntk_floor_flops(net, n)
     rec = dict(
         bench="convntk",
         n=n,
@@ -801,6 +930,11 @@ def bench_convntk(args):
         max_abs_diff=diff,
         flops=fl,
         structured_gflops=sum(v for k, v in fl.items() if k in ("signals", "formation", "contraction")) / ts / 1e9,
+        large_gemm_gflops=rate,
+        floor_gflop=floor / 1e9,
+        floor_s=floor / rate / 1e9,
+        structured_over_floor=ts / (floor / rate / 1e9),
+        jacobian_over_floor=tj / (floor / rate / 1e9),  # the largest speed-up over torch.func any method could show
     )
     py = _peer_python()
     if not py:
@@ -833,6 +967,35 @@ def bench_convntk(args):
         )
         rec["neural_tangents"] = peer
     return rec
+
+
+def _conv_ntk_floor_flops(net, n):
+    """A lower bound on the FLOPs of the conv NTK (params = all, traced) of n inputs by any of the known routes
+    (ours, torch.func's Jacobian contraction, neural-tangents' three): the forward pass (torch's FLOP counter), the k
+    backward signals through every layer's adjoint but the first, and per conv layer the cheaper of the two
+    contractions over the n(n+1)/2 pairs of a symmetric kernel, per-example weight gradients (formed once per input,
+    then <G, G'>) or patch Gram x signal Gram (nothing formed per input); dense layers at the structured
+    (fan_in + k fan_out) per pair."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    k, hw, pairs = net.out_dim, net.image_size**2, n * (n + 1) / 2
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        net(torch.zeros(2, net.in_channels, net.image_size, net.image_size))
+    total = fc.get_total_flops() / 2 * n
+    for i, layer in enumerate(net.value_layers):
+        if isinstance(layer, torch.nn.Conv2d):
+            w, co = layer.weight.numel(), layer.out_channels
+            if i > 0:
+                total += 2.0 * n * k * w * hw
+            by_gradients = 2.0 * n * k * w * hw + 2.0 * pairs * k * (w + co)
+            by_patch_grams = 2.0 * pairs * hw * hw * (w // co + k * co)
+            total += min(by_gradients, by_patch_grams)
+        else:
+            fan_in, fan_out = layer.weight.shape[1], layer.weight.shape[0]
+            if i > 0:
+                total += 2.0 * n * k * fan_in * fan_out
+            total += 2.0 * pairs * (fan_in + k * fan_out)
+    return total
 
 
 def _conv_ntk_flops(net, n, pairs=None):
@@ -1105,6 +1268,7 @@ def main():
             "thpstep",
             "convratio",
             "dlnpfvariants",
+            "fcbackward",
         ],
     )
     p.add_argument("--arch", default=None, help="convstep: gconv or vconv only")
