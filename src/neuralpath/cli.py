@@ -413,9 +413,11 @@ def kernel_npk(block, out, normalize, **kw):
 @_kernel_options
 @click.option("--params", default="value", show_default=True, help="value | feature | all")
 def kernel_ntk(block, out, params, **kw):
-    """Empirical NTK (structured, summed over outputs), written to --out (.npy)."""
+    """Empirical NTK (summed over outputs), written to --out (.npy): structured for the project's networks, by
+    per-example Jacobians in tiles for a --module network."""
     from .errors import check_choice
     from .kernels.ntk import PARAMS, ntk
+    from .nets.base import DGN
 
     check_choice("--params", params, PARAMS)
     net, x, side = _kernel_setup(**kw)
@@ -423,7 +425,8 @@ def kernel_ntk(block, out, params, **kw):
     from . import distributed
 
     if distributed.is_main():
-        _write_sidecar(out, dict(side, kernel="ntk", params=params))
+        method = "structured" if isinstance(net, DGN) else "jacobian"
+        _write_sidecar(out, dict(side, kernel="ntk", params=params, method=method))
         click.echo(
             f"NTK ({len(x)} x {len(x)}, params={params}) written to {path}; rows described in "
             f"{Path(out).with_suffix('.json')}"

@@ -1,6 +1,7 @@
 """Any ReLU network: the path algebra of from_module checked against explicit path enumeration (float64), the DGN of
 a model, its regimes through the training engine, the CLI with --module, and clear refusals."""
 
+import json
 import textwrap
 
 import pytest
@@ -374,6 +375,27 @@ def test_cli_kernel_fit_and_npk_with_a_user_module(tmp_path, cli, mnist_root):
         env=env,
     )
     assert r.returncode == 0 and "NPK + KRR: test accuracy" in r.stdout, r.stderr
+    r = cli(
+        "kernel",
+        "ntk",
+        "--module",
+        "usernet:make",
+        "--weights",
+        tmp_path / "w.pt",
+        "--num-inputs",
+        "12",
+        "--data-root",
+        mnist_root,
+        "--dtype",
+        "float64",
+        "--out",
+        tmp_path / "N.npy",
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    N = np.load(tmp_path / "N.npy")
+    assert N.shape == (12, 12) and np.array_equal(N, N.T) and (np.linalg.eigvalsh(N) > -1e-8 * N.max()).all()
+    assert json.loads((tmp_path / "N.json").read_text())["method"] == "jacobian"
     r = cli("kernel", "npk", "--module", "usernet:nope", "--out", tmp_path / "K2.npy", env=env)
     assert r.returncode == 1 and "cannot import" in r.stderr and "Traceback" not in r.stderr
 

@@ -93,7 +93,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="method='fast'"):
         npx.ntk(net, x, method="fast")
     with pytest.raises(NeuralpathError, match="out="):
-        npx.ntk(net, x, method="jacobian", out="k.npy")
+        npx.ntk(net, x, method="vp", out="k.npy")
+    with pytest.raises(NeuralpathError, match="out="):
+        npx.ntk(net, x, method="jacobian", trace=False, out="k.npy")
 
 
 class TestNTKBattery(KernelTestBase):  # tolerances from neuralpath.testing.TOL (float64: 1e-10)
@@ -118,3 +120,67 @@ def test_featurising_in_chunks_changes_nothing(net, monkeypatch):
     chunked = npx.ntk(net, x1, x2, params="all", trace=False), npx.ntk(net, x1, diag=True, params="all", block=64)
     for a, b in zip(whole, chunked):
         assert (a - b).abs().max().item() <= 1e-12 * a.abs().max().item()
+
+
+def test_blocked_jacobian_tiles_and_stream_equal_the_whole_jacobian(tmp_path, monkeypatch):
+    """The traced jacobian method runs tile by tile through the Gram engine (memory per tile): with tiles of one or
+    two inputs (forced by the per-tile budget), symmetric and cross, in memory and streamed to a file, it equals
+    the per-output kernel's trace (all Jacobians at once) and the structured kernel (float64)."""
+    import numpy as np
+
+    import neuralpath.kernels.ntk as ntk_mod
+
+    net = nets()[5]
+    x1, x2 = xs(net, 5, 0), xs(net, 3, 1)
+    whole = npx.ntk(net, x1, params="all", method="jacobian", trace=False).diagonal(dim1=2, dim2=3).sum(-1)
+    whole12 = npx.ntk(net, x1, x2, params="all", method="jacobian", trace=False).diagonal(dim1=2, dim2=3).sum(-1)
+    per_input = net.out_dim * sum(p.numel() for p in net.parameters()) * 8
+    monkeypatch.setattr(ntk_mod, "_JAC_TILE_BYTES", 2 * 2 * per_input)  # tiles of 2 inputs
+    assert ntk_mod._jacobian_block(net, ntk_mod._param_dict(net, "all"), 256) == (2, per_input)
+    K = npx.ntk(net, x1, params="all", method="jacobian")
+    assert torch.allclose(K, whole, rtol=1e-12, atol=1e-14) and torch.equal(K, K.T)
+    assert torch.allclose(npx.ntk(net, x1, x2, params="all", method="jacobian"), whole12, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(npx.ntk(net, x1, params="all"), K, rtol=1e-10, atol=1e-12)
+    path = npx.ntk(net, x1, params="all", method="jacobian", out=tmp_path / "k.npy")
+    assert np.array_equal(np.load(path), K.numpy())
+    monkeypatch.setattr(ntk_mod, "_JAC_TILE_BYTES", 1)  # below one input: tiles of one
+    assert torch.allclose(npx.ntk(net, x1, params="all", method="jacobian", block=64), whole, rtol=1e-12, atol=1e-14)
+
+
+def test_jacobian_paths_refuse_what_does_not_fit_before_any_work(monkeypatch):
+    """A model whose Jacobians cannot fit is refused in one line naming the size, instead of being killed by the
+    kernel's out-of-memory handler part way (the any-network NTK of a large model used to try)."""
+    import neuralpath.kernels.gram as gram_mod
+
+    net = nets()[5]
+    x = xs(net, 4, 0)
+    per_input = net.out_dim * sum(p.numel() for p in net.parameters()) * 8
+    monkeypatch.setattr(gram_mod, "_avail_memory", lambda: 5 * per_input)
+    with pytest.raises(NeuralpathError, match=r"GiB per input .* more than the .* GiB available"):
+        npx.ntk(net, x, params="all", method="jacobian")
+    monkeypatch.setattr(gram_mod, "_avail_memory", lambda: 10 * per_input)
+    assert npx.ntk(net, x, params="all", method="jacobian").shape == (4, 4)  # tiles of one input fit
+    with pytest.raises(NeuralpathError, match="per-output NTK of 4 inputs holds their Jacobians at once"):
+        npx.ntk(net, x, params="all", method="jacobian", trace=False)
+    with pytest.raises(NeuralpathError, match="NTK-vector products of 4 inputs"):
+        npx.ntk(net, x, params="all", method="vp")
+
+
+def test_any_network_ntk_is_blocked_and_streams(tmp_path, monkeypatch):
+    """An any-network DGN's NTK (the jacobian method) in tiles equals the whole Jacobians' contraction; a stream
+    resumes under its identity."""
+    import numpy as np
+
+    import neuralpath.kernels.ntk as ntk_mod
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(3 * 16, 2)
+    ).double()
+    x = torch.rand(5, 2, 4, 4, dtype=F64)
+    d = npx.from_module(model, x[:2])
+    whole = npx.ntk(d, x, method="jacobian", trace=False).diagonal(dim1=2, dim2=3).sum(-1)
+    monkeypatch.setattr(ntk_mod, "_JAC_TILE_BYTES", 4 * 2 * sum(p.numel() for p in model.parameters()) * 8)
+    K = npx.ntk(d, x)  # the structured default falls back to the jacobian method for any-network DGNs
+    assert torch.allclose(K, whole, rtol=1e-12, atol=1e-14)
+    assert np.array_equal(np.load(npx.ntk(d, x, out=tmp_path / "k.npy")), K.numpy())

@@ -19,8 +19,10 @@ O((n1 + n2) k [FP]) for the signals plus O(n1 n2 k sum_l (fan_in_l + fan_out_l))
 O(n1 n2 k P_l) (conv) for the contractions; memory O(b k sum_l width_l) per tile. Pick it always for FC and for
 conv nets: it never materialises a full Jacobian.
 
-``jacobian``. torch.func ``vmap(jacrev)`` per-example Jacobians, contracted: time N O [FP] + N^2 O^2 P, memory
-N O P. The reference; pick it only for small nets or to check.
+``jacobian``. torch.func ``vmap(jacrev)`` per-example Jacobians, contracted: time N O [FP] + N^2 O^2 P. The
+reference, and the method of any-network DGNs (``from_module``). The traced kernel runs through the blocked Gram
+engine (tiles whose two blocks of Jacobians take at most 2 GiB; streams to ``out=``), so its memory is a tile's;
+the per-output kernel (``trace=False``) holds all N O P Jacobian entries and is refused where they do not fit.
 
 ``vp``. NTK-vector products (torch.func vjp then jvp): J(x2)^T is formed by vjp on the n2 k output directions and
 pushed through jvp at x1; time O(n2 k ([FP] + n1 [FP])), memory O(n2 k P). Useful when P is large and n small.
@@ -225,6 +227,57 @@ def _ntk_jacobian(net, x1, x2, params, trace, biases=True) -> Any:
     return K
 
 
+_JAC_TILE_BYTES = 2 << 30  # per-example Jacobians of one tile (both sides) in the blocked jacobian method
+
+
+def _jacobian_features(net, p, x):
+    """Per-example Jacobians of x as (n, k * P_name) per parameter (views of ``vmap(jacrev)``'s output)."""
+    j = vmap(jacrev(_fn(net)), (None, 0))(p, x)
+    return [j[name].detach().reshape(len(x), -1) for name in p]
+
+
+def _pair_jacobian(f1, f2):
+    """Traced NTK of two blocks of per-example Jacobians: sum over parameters and outputs of J(x) . J(x')."""
+    K = None
+    for a, b in zip(f1, f2):
+        K = a @ b.T if K is None else K.addmm_(a, b.T)
+    return K
+
+
+def _jacobian_block(net, p, block):
+    """(rows per tile, bytes of one input's Jacobians) of the blocked jacobian method: the tile's two blocks of
+    per-example Jacobians (k x P floats each) within _JAC_TILE_BYTES, and at least one row. Refuses, before any work,
+    a network whose one-input Jacobians (with the transforms' own copy) do not fit in the available memory."""
+    from .gram import _avail_memory
+
+    itemsize = next(iter(p.values())).element_size() if p else 4
+    per_input = net.out_dim * sum(v.numel() for v in p.values()) * itemsize
+    avail = _avail_memory()
+    if 6 * per_input > avail:
+        raise NeuralpathError(
+            f"the NTK by per-example Jacobians needs {per_input / 2**30:.2f} GiB per input ({net.out_dim} outputs x "
+            f"{per_input // itemsize // net.out_dim:,} parameters) and about 6x that at once, more than the "
+            f"{avail / 2**30:.1f} GiB available; pick fewer parameters (params='value' or 'feature') or a smaller model"
+        )
+    return max(1, min(block, _JAC_TILE_BYTES // (2 * per_input))), per_input
+
+
+def _check_jacobian_memory(net, p, n, what):
+    """Refuse, before any work, an in-memory Jacobian path (untraced or NTK-vector products) whose per-example
+    Jacobians of n inputs would not fit."""
+    from .gram import _avail_memory
+
+    itemsize = next(iter(p.values())).element_size() if p else 4
+    need = 2 * n * net.out_dim * sum(v.numel() for v in p.values()) * itemsize
+    avail = _avail_memory()
+    if need > avail // 2:
+        raise NeuralpathError(
+            f"{what} of {n:,} inputs holds their Jacobians at once, about {need / 2**30:.1f} GiB, more than half "
+            f"of the {avail / 2**30:.1f} GiB available; compute the traced kernel (trace=True: blocked), fewer inputs "
+            "per call, or fewer parameters"
+        )
+
+
 def _ntk_vp(net, x1, x2, params, trace, biases=True):
     p = _param_dict(net, params, biases)
     f = _fn(net)
@@ -333,8 +386,31 @@ def ntk(
             feature_bytes_per_input=per_input,
             **tiles,
         )
+    if method == "jacobian" and trace:  # blocked through the Gram engine: memory per tile, streams to out=
+        p = _param_dict(net, params, biases)
+        blk, per_input = _jacobian_block(net, p, block)
+        what = dict(kernel="ntk", params=params, biases=biases, method="jacobian")
+        tiles = tiling(net, block=blk, out=out, dtype=dt, progress=progress, **what)
+        return gram(
+            lambda x: _jacobian_features(net, p, x),
+            _pair_jacobian,
+            x1,
+            x2,
+            desc="NTK",
+            feature_bytes_per_input=per_input,
+            **tiles,
+        )
     if out is not None:
-        raise NeuralpathError(f"out= is supported by method='structured' only, not {method!r}")
+        raise NeuralpathError(
+            f"out= streams the traced kernel (trace=True) of method 'structured' or 'jacobian', not {method!r}"
+            + ("" if trace else " with trace=False")
+        )
+    _check_jacobian_memory(
+        net,
+        _param_dict(net, params, biases),
+        len(x1) + (0 if x2 is None else len(x2)) if method == "jacobian" else n2,
+        "the per-output NTK" if method == "jacobian" else "the NTK by NTK-vector products",
+    )
     with exact():
         K = (_ntk_jacobian if method == "jacobian" else _ntk_vp)(net, x1, x2, params, trace, biases)
     return K.diagonal(dim1=2, dim2=3).sum(-1) if trace else K
