@@ -244,14 +244,19 @@ def _pair_jacobian(f1, f2):
     return K
 
 
+def _jacobian_bytes(net, p):
+    """(bytes of one input's Jacobians, k x P entries, and the bytes of one entry) for the parameters p."""
+    itemsize = next(iter(p.values())).element_size() if p else 4
+    return net.out_dim * sum(v.numel() for v in p.values()) * itemsize, itemsize
+
+
 def _jacobian_block(net, p, block):
     """(rows per tile, bytes of one input's Jacobians) of the blocked jacobian method: the tile's two blocks of
     per-example Jacobians (k x P floats each) within _JAC_TILE_BYTES, and at least one row. Refuses, before any work,
     a network whose one-input Jacobians (with the transforms' own copy) do not fit in the available memory."""
     from .gram import _avail_memory
 
-    itemsize = next(iter(p.values())).element_size() if p else 4
-    per_input = net.out_dim * sum(v.numel() for v in p.values()) * itemsize
+    per_input, itemsize = _jacobian_bytes(net, p)
     avail = _avail_memory()
     if 6 * per_input > avail:
         raise NeuralpathError(
@@ -267,8 +272,7 @@ def _check_jacobian_memory(net, p, n, what):
     Jacobians of n inputs would not fit."""
     from .gram import _avail_memory
 
-    itemsize = next(iter(p.values())).element_size() if p else 4
-    need = 2 * n * net.out_dim * sum(v.numel() for v in p.values()) * itemsize
+    need = 2 * n * _jacobian_bytes(net, p)[0]
     avail = _avail_memory()
     if need > avail // 2:
         raise NeuralpathError(
